@@ -1,0 +1,229 @@
+//! `kv`: a TCP service on smoltcp over virtio-net that keeps one running total for the guest.
+//!
+//! Arguments: `ip=ADDR/PREFIX port=P [gw=ADDR] [sockets=K]`
+//! - `ip`: the guest's IPv4 address and prefix length, e.g. `ip=10.0.0.2/24` (required)
+//! - `port`: the TCP port to listen on (required)
+//! - `gw`: default IPv4 gateway (optional)
+//! - `sockets`: listening sockets, i.e. concurrent connections (default 4, 1..=64), so a
+//!   reconnect is accepted while another connection is still open
+//!
+//! Protocol: the client sends lines `{k}\n` (k a decimal u64, a trailing `\r` is ignored);
+//! for each, the server adds k to the guest-wide total (wrapping) and replies `{k} {total}\n`.
+//! A malformed line gets `error\n`. Prints `kv listening on ADDR:P` when ready, runs until the
+//! VM is killed. ICMP echo (ping) is answered by the stack. Only vCPU 0 works.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+use core::fmt::Write;
+use core::net::Ipv4Addr;
+
+use guest_rt::abi::DeviceKind;
+use guest_rt::args::{key_value, parse_u64};
+use guest_rt::virtio::net::VirtioNet;
+use guest_rt::{println, Ctx};
+use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
+use smoltcp::socket::tcp;
+use smoltcp::time::Instant;
+use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
+
+guest_rt::entry!(main);
+
+/// Longest accepted line (u64::MAX has 20 digits).
+const MAX_LINE: usize = 32;
+/// Stop reading from a connection while this many reply bytes wait for send-buffer room.
+const MAX_PENDING_OUT: usize = 64 * 1024;
+const SOCKET_BUFFER: usize = 16 * 1024;
+
+struct Params {
+    ip: Ipv4Addr,
+    prefix: u8,
+    port: u16,
+    gw: Option<Ipv4Addr>,
+    sockets: usize,
+}
+
+fn usage(msg: &str) -> ! {
+    println!("kv: {msg}; usage: kv ip=ADDR/PREFIX port=P [gw=ADDR] [sockets=K]");
+    guest_rt::exit(2)
+}
+
+fn parse(ctx: &Ctx) -> Params {
+    let (mut ip, mut port, mut gw, mut sockets) = (None, None, None, 4usize);
+    for arg in ctx.args() {
+        match key_value(arg) {
+            ("ip", Some(v)) => {
+                let (addr, prefix) = v
+                    .split_once('/')
+                    .unwrap_or_else(|| usage("ip needs /PREFIX"));
+                let addr: Ipv4Addr = addr.parse().unwrap_or_else(|_| usage("bad ip address"));
+                let prefix = parse_u64(prefix)
+                    .filter(|p| *p <= 32)
+                    .unwrap_or_else(|| usage("bad prefix"));
+                ip = Some((addr, prefix as u8));
+            }
+            ("port", Some(v)) => {
+                port = Some(
+                    parse_u64(v)
+                        .filter(|p| (1..=65535).contains(p))
+                        .unwrap_or_else(|| usage("bad port")) as u16,
+                )
+            }
+            ("gw", Some(v)) => {
+                gw = Some(v.parse().unwrap_or_else(|_| usage("bad gateway address")))
+            }
+            ("sockets", Some(v)) => {
+                sockets = parse_u64(v)
+                    .filter(|k| (1..=64).contains(k))
+                    .unwrap_or_else(|| usage("bad sockets")) as usize
+            }
+            _ => usage("unknown argument"),
+        }
+    }
+    let (ip, prefix) = ip.unwrap_or_else(|| usage("missing ip="));
+    let port = port.unwrap_or_else(|| usage("missing port="));
+    Params {
+        ip,
+        prefix,
+        port,
+        gw,
+        sockets,
+    }
+}
+
+/// Per-connection protocol state.
+#[derive(Default)]
+struct Conn {
+    line: Vec<u8>,
+    /// The current line is too long; answer `error` at its end.
+    overlong: bool,
+    /// Replies not yet accepted by the socket's send buffer.
+    out: String,
+}
+
+impl Conn {
+    fn reset(&mut self) {
+        self.line.clear();
+        self.overlong = false;
+        self.out.clear();
+    }
+
+    /// Consumes received bytes, appending a reply per complete line.
+    fn input(&mut self, data: &[u8], total: &mut u64) {
+        for &byte in data {
+            if byte != b'\n' {
+                if self.line.len() < MAX_LINE {
+                    self.line.push(byte);
+                } else {
+                    self.overlong = true;
+                }
+                continue;
+            }
+            let line = self.line.strip_suffix(b"\r").unwrap_or(&self.line);
+            match parse_line(line) {
+                Some(k) if !self.overlong => {
+                    *total = total.wrapping_add(k);
+                    let _ = writeln!(self.out, "{k} {total}");
+                }
+                _ => self.out.push_str("error\n"),
+            }
+            self.line.clear();
+            self.overlong = false;
+        }
+    }
+}
+
+/// A line is a non-empty run of decimal digits that fits a u64.
+fn parse_line(line: &[u8]) -> Option<u64> {
+    if line.is_empty() || !line.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    core::str::from_utf8(line).ok()?.parse().ok()
+}
+
+fn now() -> Instant {
+    Instant::from_micros(guest_rt::clock::now_us() as i64)
+}
+
+fn main(ctx: &Ctx) {
+    if !ctx.is_boot_vcpu() {
+        return;
+    }
+    let p = parse(ctx);
+    let Some(dev) = ctx.device(DeviceKind::VirtioNet, 0) else {
+        println!("kv: no virtio-net device attached");
+        guest_rt::exit(1)
+    };
+    // SAFETY: the window comes from the boot block and only vCPU 0 drives it.
+    let mut net = match unsafe { VirtioNet::new(dev.mmio_base) } {
+        Ok(net) => net,
+        Err(e) => {
+            println!("kv: virtio-net: {e}");
+            guest_rt::exit(1)
+        }
+    };
+
+    let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(net.mac())));
+    config.random_seed = guest_rt::clock::rdtsc();
+    let mut iface = Interface::new(config, &mut net, now());
+    iface.update_ip_addrs(|addrs| {
+        addrs
+            .push(IpCidr::new(IpAddress::Ipv4(p.ip), p.prefix))
+            .expect("one address fits");
+    });
+    if let Some(gw) = p.gw {
+        iface
+            .routes_mut()
+            .add_default_ipv4_route(gw)
+            .expect("route table has room");
+    }
+
+    let mut sockets = SocketSet::new(Vec::new());
+    let mut conns: Vec<(SocketHandle, Conn)> = Vec::new();
+    for _ in 0..p.sockets {
+        let rx = tcp::SocketBuffer::new(vec![0; SOCKET_BUFFER]);
+        let tx = tcp::SocketBuffer::new(vec![0; SOCKET_BUFFER]);
+        conns.push((sockets.add(tcp::Socket::new(rx, tx)), Conn::default()));
+    }
+
+    let mut total: u64 = 0;
+    let mut announced = false;
+    let mut buf = [0u8; 2048];
+    loop {
+        iface.poll(now(), &mut net, &mut sockets);
+        for (handle, conn) in conns.iter_mut() {
+            let socket = sockets.get_mut::<tcp::Socket>(*handle);
+            if !socket.is_open() {
+                conn.reset();
+                socket.listen(p.port).expect("listen on a closed socket");
+                continue;
+            }
+            while conn.out.len() < MAX_PENDING_OUT && socket.can_recv() {
+                match socket.recv_slice(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => conn.input(&buf[..n], &mut total),
+                }
+            }
+            if !conn.out.is_empty() && socket.can_send() {
+                if let Ok(sent) = socket.send_slice(conn.out.as_bytes()) {
+                    conn.out.drain(..sent);
+                }
+            }
+            // The peer has closed its side and everything is answered: close ours.
+            if !socket.may_recv() && socket.may_send() && conn.out.is_empty() {
+                socket.close();
+            }
+        }
+        if !announced {
+            announced = true;
+            println!("kv listening on {}:{}", p.ip, p.port);
+        }
+        // Send what this round produced, then one notification per queue.
+        iface.poll(now(), &mut net, &mut sockets);
+        net.flush();
+    }
+}

@@ -1,0 +1,52 @@
+//! x86 port I/O. The VMM sets IOPL=3, so these work at CPL3. Each one is a VM exit.
+use core::arch::asm;
+
+/// Writes one byte to `port`.
+#[inline]
+pub fn outb(port: u16, value: u8) {
+    // SAFETY: port I/O has no memory effects; IOPL=3 makes it legal at CPL3.
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+    }
+}
+
+/// Writes a 32-bit value to `port`.
+#[inline]
+pub fn outl(port: u16, value: u32) {
+    // SAFETY: as in `outb`.
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
+    }
+}
+
+/// Reads one byte from `port`.
+#[inline]
+pub fn inb(port: u16) -> u8 {
+    let value: u8;
+    // SAFETY: as in `outb`.
+    unsafe {
+        asm!("in al, dx", out("al") value, in("dx") port, options(nomem, nostack, preserves_flags))
+    }
+    value
+}
+
+/// Writes `bytes` to `port` with `rep outsb`: a single VM exit when the slice does not cross
+/// a page boundary (KVM's string I/O moves at most a page per exit), so callers that care
+/// keep their buffers within one page.
+#[inline]
+pub fn outsb(port: u16, bytes: &[u8]) {
+    if bytes.is_empty() {
+        return;
+    }
+    // SAFETY: `rep outsb` reads exactly `bytes.len()` bytes starting at `bytes.as_ptr()`, which
+    // the slice guarantees readable. DF is clear per the ABI (and the Rust ABI).
+    unsafe {
+        asm!(
+            "rep outsb",
+            in("dx") port,
+            inout("rsi") bytes.as_ptr() => _,
+            inout("rcx") bytes.len() => _,
+            options(readonly, nostack, preserves_flags)
+        )
+    }
+}

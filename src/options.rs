@@ -1,0 +1,155 @@
+//! Command-line options shared by the commands that start a VM, and their parsing.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+/// The VM flags of `ftvmm run` (and of the replicated roles).
+#[derive(Args, Debug, Clone)]
+pub struct RunArgs {
+    /// The payload: a path to a static x86-64 ELF, or `builtin:NAME`.
+    #[arg(long)]
+    pub payload: String,
+    /// Guest RAM, e.g. 256M or 2G (64M..64G).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub mem: u64,
+    /// Number of vCPUs; every one enters the payload with its id.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u32,
+    /// A raw disk image attached as virtio-blk.
+    #[arg(long)]
+    pub disk: Option<PathBuf>,
+    /// A virtio-net device on a tap: tap=NAME[,mac=MAC][,bridge=BR].
+    #[arg(long, value_parser = parse_net)]
+    pub net: Option<NetSpec>,
+    /// Where the guest's console goes: stdio or file:PATH.
+    #[arg(long, default_value = "stdio", value_parser = parse_console)]
+    pub console: ConsoleSpec,
+    /// The KVM device to use.
+    #[arg(long, default_value = "/dev/kvm", hide = true)]
+    pub kvm_device: PathBuf,
+    /// Arguments handed to the payload.
+    #[arg(last = true)]
+    pub args: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConsoleSpec {
+    Stdio,
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetSpec {
+    pub tap: String,
+    pub mac: [u8; 6],
+    pub bridge: Option<String>,
+}
+
+/// The MAC a guest gets when none is given (locally administered).
+pub const DEFAULT_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
+
+/// Parses `64M`, `2G`, `1048576`, `512k` (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (digits, unit) = t
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((t, ""), |i| t.split_at(i));
+    let shift = match unit
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        _ => return Err(format!("bad size '{s}': use a number with K, M or G")),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("bad size '{s}': use a number with K, M or G"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("size '{s}' is too large"))
+}
+
+fn parse_console(s: &str) -> Result<ConsoleSpec, String> {
+    match s {
+        "stdio" => Ok(ConsoleSpec::Stdio),
+        _ => match s.strip_prefix("file:") {
+            Some(p) if !p.is_empty() => Ok(ConsoleSpec::File(PathBuf::from(p))),
+            _ => Err(format!("bad console '{s}': use stdio or file:PATH")),
+        },
+    }
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let mut mac = [0u8; 6];
+    if parts.len() != 6 {
+        return Err(format!("bad MAC '{s}'"));
+    }
+    for (b, p) in mac.iter_mut().zip(parts) {
+        *b = u8::from_str_radix(p, 16).map_err(|_| format!("bad MAC '{s}'"))?;
+    }
+    Ok(mac)
+}
+
+fn parse_net(s: &str) -> Result<NetSpec, String> {
+    let mut tap = None;
+    let mut mac = DEFAULT_MAC;
+    let mut bridge = None;
+    for kv in s.split(',') {
+        match kv.split_once('=') {
+            Some(("tap", v)) if !v.is_empty() => tap = Some(v.to_string()),
+            Some(("mac", v)) => mac = parse_mac(v)?,
+            Some(("bridge", v)) if !v.is_empty() => bridge = Some(v.to_string()),
+            _ => {
+                return Err(format!(
+                    "bad --net '{s}': use tap=NAME[,mac=MAC][,bridge=BR]"
+                ))
+            }
+        }
+    }
+    let tap = tap.ok_or_else(|| format!("bad --net '{s}': tap=NAME is required"))?;
+    Ok(NetSpec { tap, mac, bridge })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("512k"), Ok(512 << 10));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("99999999999G").is_err());
+    }
+
+    #[test]
+    fn net_specs() {
+        let n = parse_net("tap=ft0,mac=02:00:00:00:00:01,bridge=br0").unwrap();
+        assert_eq!(n.tap, "ft0");
+        assert_eq!(n.mac, [2, 0, 0, 0, 0, 1]);
+        assert_eq!(n.bridge.as_deref(), Some("br0"));
+        assert_eq!(parse_net("tap=x").unwrap().mac, DEFAULT_MAC);
+        assert!(parse_net("mac=02:00:00:00:00:01").is_err());
+        assert!(parse_net("tap=x,mac=zz").is_err());
+        assert!(parse_net("tap=x,speed=10").is_err());
+    }
+
+    #[test]
+    fn consoles() {
+        assert_eq!(parse_console("stdio"), Ok(ConsoleSpec::Stdio));
+        assert_eq!(
+            parse_console("file:/tmp/c"),
+            Ok(ConsoleSpec::File("/tmp/c".into()))
+        );
+        assert!(parse_console("tty").is_err());
+    }
+}

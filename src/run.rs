@@ -1,0 +1,91 @@
+//! `ftvmm run`: boot a payload and run it to completion.
+
+use std::process::ExitCode;
+
+use vmm::builder::HostIo;
+use vmm::devices::console::{FileConsole, StdoutConsole};
+use vmm::devices::virtio::blk::RawFileBackend;
+use vmm::devices::virtio::tap::Tap;
+use vmm::devices::ConsoleSink;
+use vmm::{VmConfig, VmOutcome, Vmm};
+
+use crate::options::{ConsoleSpec, RunArgs};
+use crate::{payloads, EXIT_GUEST_FAULT};
+
+/// An error of ftvmm itself, printed as one line.
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// Reads the payload named by `--payload`.
+pub fn load_payload(spec: &str) -> Result<Vec<u8>, Error> {
+    match spec.strip_prefix("builtin:") {
+        Some(name) => payloads::builtin(name).map(<[u8]>::to_vec).ok_or_else(|| {
+            format!(
+                "unknown builtin payload '{name}' (builtins: {})",
+                payloads::NAMES.join(", ")
+            )
+            .into()
+        }),
+        None => std::fs::read(spec).map_err(|e| format!("cannot read payload {spec}: {e}").into()),
+    }
+}
+
+pub fn console_sink(spec: &ConsoleSpec) -> Result<Box<dyn ConsoleSink>, Error> {
+    Ok(match spec {
+        ConsoleSpec::Stdio => Box::new(StdoutConsole),
+        ConsoleSpec::File(path) => Box::new(
+            FileConsole::create(path, 0)
+                .map_err(|e| format!("cannot create console file {}: {e}", path.display()))?,
+        ),
+    })
+}
+
+pub fn vm_config(args: &RunArgs) -> VmConfig {
+    VmConfig {
+        mem_size: args.mem,
+        vcpus: args.vcpus,
+        args: args.args.clone(),
+    }
+}
+
+/// Maps how the guest ended to this process's exit status.
+pub fn exit_status(outcome: VmOutcome) -> ExitCode {
+    match outcome {
+        VmOutcome::Exited(code) => ExitCode::from(code as u8),
+        VmOutcome::Fault(reason) => {
+            eprintln!("ftvmm: guest fault: {reason}");
+            ExitCode::from(EXIT_GUEST_FAULT)
+        }
+    }
+}
+
+/// Opens the host resources the VM flags name: console, disk image, tap.
+pub fn host_io(args: &RunArgs) -> Result<HostIo, Error> {
+    let disk = match &args.disk {
+        Some(path) => Some(Box::new(RawFileBackend::open(path)?) as _),
+        None => None,
+    };
+    let net = match &args.net {
+        Some(spec) => {
+            let tap = Tap::open(&spec.tap)?;
+            if let Some(bridge) = &spec.bridge {
+                tap.enslave(bridge)?;
+            }
+            Some((tap, spec.mac))
+        }
+        None => None,
+    };
+    Ok(HostIo {
+        kvm_path: args.kvm_device.clone(),
+        console: console_sink(&args.console)?,
+        disk,
+        net,
+    })
+}
+
+pub fn run(args: &RunArgs) -> Result<ExitCode, Error> {
+    let payload = load_payload(&args.payload)?;
+    let io = host_io(args)?;
+    let mut vmm = Vmm::boot_payload(&vm_config(args), &payload, io)?;
+    vmm.start()?;
+    Ok(exit_status(vmm.wait()))
+}

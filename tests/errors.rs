@@ -1,0 +1,140 @@
+//! Bad input gets one clear line on stderr and a non-zero exit, never a panic or a hang.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// Runs ftvmm expecting failure with `status`; returns its stderr after checking it is a
+/// single `ftvmm: ...` line (tracing may add nothing at the default level).
+fn fails(args: &[&str], status: i32) -> String {
+    let out = ftvmm(args, LIMIT);
+    let err = stderr_of(&out);
+    assert_eq!(out.status.code(), Some(status), "stderr: {err}");
+    assert!(!err.contains("panicked"), "ftvmm panicked: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(err.starts_with("ftvmm: "), "{err}");
+    err
+}
+
+#[test]
+fn missing_kvm_device() {
+    let err = fails(
+        &[
+            "run",
+            "--kvm-device",
+            "/nonexistent/kvm",
+            "--payload",
+            "builtin:seq",
+            "--",
+            "1",
+        ],
+        EXIT_FTVMM_ERROR,
+    );
+    assert!(err.contains("cannot open /nonexistent/kvm"), "{err}");
+}
+
+#[test]
+fn unusable_kvm_device() {
+    // A file that is not KVM: opening works, the KVM ioctls do not.
+    let s = Scratch::new("badkvm");
+    let fake = s.path("kvm");
+    write_file(&fake, b"");
+    let err = fails(
+        &[
+            "run",
+            "--kvm-device",
+            fake.to_str().unwrap(),
+            "--payload",
+            "builtin:seq",
+            "--",
+            "1",
+        ],
+        EXIT_FTVMM_ERROR,
+    );
+    assert!(err.contains("not a usable KVM device"), "{err}");
+}
+
+#[test]
+fn not_an_elf() {
+    let s = Scratch::new("notelf");
+    let p = s.path("payload");
+    write_file(&p, b"#!/bin/sh\necho hello\n");
+    let err = fails(&["run", "--payload", p.to_str().unwrap()], EXIT_FTVMM_ERROR);
+    assert!(err.contains("not an ELF"), "{err}");
+}
+
+#[test]
+fn elf_of_the_wrong_kind() {
+    let s = Scratch::new("wrongelf");
+    let p = s.path("payload");
+    let mut e = elf_with_code(&[0xeb, 0xfe], 0x40_0000);
+    e[4] = 1; // ELFCLASS32
+    write_file(&p, &e);
+    let err = fails(&["run", "--payload", p.to_str().unwrap()], EXIT_FTVMM_ERROR);
+    assert!(err.contains("not a 64-bit"), "{err}");
+    let mut e = elf_with_code(&[0xeb, 0xfe], 0x40_0000);
+    e[18] = 183; // aarch64
+    write_file(&p, &e);
+    let err = fails(&["run", "--payload", p.to_str().unwrap()], EXIT_FTVMM_ERROR);
+    assert!(err.contains("machine is not x86-64"), "{err}");
+}
+
+#[test]
+fn segments_outside_guest_memory() {
+    let s = Scratch::new("bigseg");
+    let p = s.path("payload");
+    // Loads at 1 GiB in a 256 MiB guest.
+    write_file(&p, &elf_with_code(&[0xeb, 0xfe], 0x4000_0000));
+    let err = fails(&["run", "--payload", p.to_str().unwrap()], EXIT_FTVMM_ERROR);
+    assert!(err.contains("outside guest RAM"), "{err}");
+}
+
+#[test]
+fn impossible_memory_sizes() {
+    for mem in ["1M", "65G", "100T", "12X", "257M"] {
+        let out = ftvmm(
+            &["run", "--mem", mem, "--payload", "builtin:seq", "--", "1"],
+            LIMIT,
+        );
+        let err = stderr_of(&out);
+        assert_ne!(out.status.code(), Some(0), "--mem {mem} accepted");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(err.contains("size"), "--mem {mem}: {err}");
+    }
+}
+
+#[test]
+fn unknown_builtin() {
+    let err = fails(&["run", "--payload", "builtin:nope"], EXIT_FTVMM_ERROR);
+    assert!(err.contains("unknown builtin payload 'nope'"), "{err}");
+    assert!(err.contains("seq"), "lists the builtins: {err}");
+}
+
+#[test]
+fn missing_payload_file() {
+    let err = fails(
+        &["run", "--payload", "/nonexistent/payload"],
+        EXIT_FTVMM_ERROR,
+    );
+    assert!(
+        err.contains("cannot read payload /nonexistent/payload"),
+        "{err}"
+    );
+}
+
+#[test]
+fn guest_triple_fault_reports_registers() {
+    let s = Scratch::new("fault");
+    let p = s.path("payload");
+    // mov rax, 0x1234; ud2 (no IDT: the #UD cannot be delivered and the vCPU shuts down)
+    let code = [0x48, 0xc7, 0xc0, 0x34, 0x12, 0, 0, 0x0f, 0x0b];
+    write_file(&p, &elf_with_code(&code, 0x40_0000));
+    let err = fails(&["run", "--payload", p.to_str().unwrap()], EXIT_GUEST_FAULT);
+    assert!(err.contains("triple fault"), "{err}");
+    assert!(err.contains("rip=0x400007"), "{err}");
+    assert!(err.contains("rax=0x1234"), "{err}");
+}

@@ -1,0 +1,248 @@
+//! Wires a VM from its configuration: memory, KVM VM, devices on the buses, payload boot,
+//! vCPUs; and runs it.
+
+use std::os::unix::thread::JoinHandleExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use guest_abi::{DeviceInfo, DeviceKind, MMIO_BASE, MMIO_DEVICE_SIZE, MMIO_FIRST_IRQ, PORT_UART};
+use serde::{Deserialize, Serialize};
+
+use crate::boot::{self, BootError, BootParams};
+use crate::bus::Bus;
+use crate::devices::serial::{SerialDevice, SerialDeviceState};
+use crate::devices::virtio::blk::Block;
+use crate::devices::virtio::blk::BlockState;
+use crate::devices::virtio::mmio::MmioState;
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::net::NetState;
+use crate::devices::virtio::net::{Net, NetError};
+use crate::devices::virtio::tap::Tap;
+use crate::devices::virtio::VirtioDevice;
+use crate::devices::{BlockBackend, ConsoleSink, GuestMemory};
+use crate::memory::{self, MemoryError};
+use crate::vcpu::{self, RunControl, Vcpu, VcpuError, VmOutcome};
+use crate::vm::{Vm, VmError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error("vCPU count {0} is outside 1..=64")]
+    BadVcpus(u32),
+    #[error("cannot create the UART: {0}")]
+    Serial(std::io::Error),
+    #[error("cannot start a vCPU thread: {0}")]
+    Thread(std::io::Error),
+    #[error("cannot create the network device: {0}")]
+    Net(#[from] NetError),
+}
+
+/// What a VM is made of; both nodes of a replicated pair must agree on it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfig {
+    pub mem_size: u64,
+    pub vcpus: u32,
+    /// Arguments handed to the payload.
+    pub args: Vec<String>,
+}
+
+/// Host resources a VM uses that are not part of its configuration.
+pub struct HostIo {
+    /// The KVM device to open (normally /dev/kvm).
+    pub kvm_path: PathBuf,
+    /// Where the UART's output goes.
+    pub console: Box<dyn ConsoleSink>,
+    /// The image behind the virtio-blk device, if the VM has a disk.
+    pub disk: Option<Box<dyn BlockBackend>>,
+    /// The tap and MAC of the virtio-net device, if the VM has a NIC.
+    pub net: Option<(Tap, [u8; 6])>,
+}
+
+/// The virtio-mmio window (and legacy IRQ) of each device slot; fixed, so that a device keeps
+/// its address whatever else is attached.
+const SLOT_DISK: u64 = 0;
+const SLOT_NET: u64 = 1;
+
+fn slot_info(kind: DeviceKind, slot: u64) -> DeviceInfo {
+    DeviceInfo {
+        kind: kind as u32,
+        irq: MMIO_FIRST_IRQ + slot as u32,
+        mmio_base: MMIO_BASE + slot * MMIO_DEVICE_SIZE,
+    }
+}
+
+/// Puts `device` behind a virtio-mmio transport in `slot` of the bus.
+fn attach<D: VirtioDevice + 'static>(
+    bus: &mut Bus,
+    mem: &GuestMemory,
+    slot: u64,
+    device: D,
+) -> Arc<Mutex<MmioTransport<D>>> {
+    let transport = Arc::new(Mutex::new(MmioTransport::new(device, mem.clone())));
+    bus.add_mmio(
+        MMIO_BASE + slot * MMIO_DEVICE_SIZE,
+        MMIO_DEVICE_SIZE,
+        transport.clone(),
+    );
+    transport
+}
+
+/// The saved state of every device of a VM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeviceStates {
+    pub serial: SerialDeviceState,
+    pub disk: Option<MmioState<BlockState>>,
+    pub net: Option<MmioState<NetState>>,
+}
+
+/// Locks a device whose lock a panicking thread may have poisoned; its registers stay valid.
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A built VM with its vCPU threads.
+pub struct Vmm {
+    vm: Vm,
+    vcpus: Vec<Arc<Mutex<Vcpu>>>,
+    threads: Vec<JoinHandle<()>>,
+    control: Arc<RunControl>,
+    bus: Arc<Bus>,
+    serial: Arc<Mutex<SerialDevice>>,
+    disk: Option<Arc<Mutex<MmioTransport<Block>>>>,
+    net: Option<Arc<Mutex<MmioTransport<Net>>>>,
+}
+
+impl Vmm {
+    /// Builds a VM and boots `payload` (an ELF image) into it; the vCPUs start with [`Vmm::start`].
+    pub fn boot_payload(config: &VmConfig, payload: &[u8], io: HostIo) -> Result<Self, BuildError> {
+        if !(1..=64).contains(&config.vcpus) {
+            return Err(BuildError::BadVcpus(config.vcpus));
+        }
+        // Check the payload before allocating anything, so bad input fails fast.
+        memory::check_mem_size(config.mem_size)?;
+        boot::check_payload(payload, config.mem_size)?;
+        let mem = memory::create_guest_memory(config.mem_size)?;
+        let vm = Vm::new(&io.kvm_path, mem)?;
+        let vcpus = (0..config.vcpus)
+            .map(|id| Vcpu::new(&vm, id))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut bus = Bus::default();
+        let serial = SerialDevice::new(io.console).map_err(BuildError::Serial)?;
+        let serial = Arc::new(Mutex::new(serial));
+        bus.add_pio(PORT_UART, 8, serial.clone());
+        let mut devices = Vec::new();
+        let disk = io.disk.map(|backend| {
+            devices.push(slot_info(DeviceKind::VirtioBlk, SLOT_DISK));
+            let block = Block::new(backend, false, "ftvmm-disk");
+            attach(&mut bus, vm.memory(), SLOT_DISK, block)
+        });
+        let net = match io.net {
+            Some((tap, mac)) => {
+                devices.push(slot_info(DeviceKind::VirtioNet, SLOT_NET));
+                Some(attach(
+                    &mut bus,
+                    vm.memory(),
+                    SLOT_NET,
+                    Net::with_tap(mac, tap)?,
+                ))
+            }
+            None => None,
+        };
+        let params = BootParams {
+            vcpus: config.vcpus,
+            tsc_khz: u64::from(vcpus[0].tsc_khz()?),
+            devices,
+            args: config.args.clone(),
+        };
+        let entries = boot::load_payload(vm.memory(), config.mem_size, payload, &params)?;
+        for (vcpu, entry) in vcpus.iter().zip(&entries) {
+            vcpu.enter_payload(entry)?;
+        }
+        Ok(Self {
+            vm,
+            vcpus: vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect(),
+            threads: Vec::new(),
+            control: Arc::new(RunControl::default()),
+            bus: Arc::new(bus),
+            serial,
+            disk,
+            net,
+        })
+    }
+
+    /// Starts one thread per vCPU.
+    pub fn start(&mut self) -> Result<(), BuildError> {
+        vcpu::install_kick_handler()?;
+        let n = self.vcpus.len();
+        for vcpu in &self.vcpus {
+            let (vcpu, control, bus) = (vcpu.clone(), self.control.clone(), self.bus.clone());
+            let id = vcpu.lock().map(|v| v.id).unwrap_or_default();
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu::run_thread(vcpu, control, bus, n))
+                .map_err(BuildError::Thread)?;
+            self.threads.push(thread);
+        }
+        Ok(())
+    }
+
+    fn kick_all(&self) {
+        for t in &self.threads {
+            // SAFETY: the pthread id belongs to a thread we spawned and have not joined yet.
+            unsafe { libc::pthread_kill(t.as_pthread_t(), vcpu::kick_signal()) };
+        }
+    }
+
+    /// Stops every vCPU outside KVM_RUN and the devices' workers; returns once nothing writes
+    /// guest memory any more (or the VM ended).
+    pub fn pause(&self) {
+        self.control.pause(self.vcpus.len(), || self.kick_all());
+        if let Some(net) = &self.net {
+            lock(net).pause();
+        }
+    }
+
+    pub fn resume(&self) {
+        if let Some(net) = &self.net {
+            lock(net).resume();
+        }
+        self.control.resume();
+    }
+
+    /// Saves every device's state; call while paused.
+    pub fn save_devices(&self) -> DeviceStates {
+        DeviceStates {
+            serial: lock(&self.serial).save_state(),
+            disk: self.disk.as_ref().map(|d| lock(d).save_state()),
+            net: self.net.as_ref().map(|n| lock(n).save_state()),
+        }
+    }
+
+    /// Ends the VM with `outcome` (if it has none yet) and stops its vCPUs.
+    pub fn stop(&self, outcome: VmOutcome) {
+        self.control.finish(outcome);
+        self.kick_all();
+    }
+
+    /// Blocks until the VM ends, then joins its vCPU threads.
+    pub fn wait(&mut self) -> VmOutcome {
+        let outcome = self.control.wait_outcome();
+        self.kick_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        outcome
+    }
+
+    pub fn vm(&self) -> &Vm {
+        &self.vm
+    }
+}

@@ -1,0 +1,178 @@
+//! The 16550 UART on COM1 (vm-superio), whose transmitted bytes go to a [`ConsoleSink`].
+
+use std::io;
+
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{ConsoleSink, MmioDevice};
+
+/// The UART's interrupt line: an eventfd that an irqfd can route (Linux guests); payloads poll.
+pub struct SerialIrq(EventFd);
+
+impl Trigger for SerialIrq {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Collects the bytes of one guest access so that the sink sees them as one batch.
+struct SinkWriter {
+    sink: Box<dyn ConsoleSink>,
+    pending: Vec<u8>,
+}
+
+impl SinkWriter {
+    fn new(sink: Box<dyn ConsoleSink>) -> Self {
+        Self {
+            sink,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Hands the bytes of the current guest access to the sink.
+    fn deliver(&mut self) {
+        if !self.pending.is_empty() {
+            self.sink.write_console(&self.pending);
+            self.pending.clear();
+        }
+    }
+}
+
+impl io::Write for SinkWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.pending.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    /// vm-superio flushes after every byte; the batch is delivered by [`SinkWriter::deliver`].
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Saved UART registers (vm-superio's `SerialState` as a serde struct).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct SerialDeviceState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
+pub struct SerialDevice {
+    uart: Serial<SerialIrq, NoEvents, SinkWriter>,
+}
+
+impl SerialDevice {
+    pub fn new(sink: Box<dyn ConsoleSink>) -> io::Result<Self> {
+        let irq = SerialIrq(EventFd::new(libc::EFD_NONBLOCK)?);
+        Ok(Self {
+            uart: Serial::new(irq, SinkWriter::new(sink)),
+        })
+    }
+
+    /// The UART's interrupt eventfd.
+    pub fn irq(&self) -> &EventFd {
+        &self.uart.interrupt_evt().0
+    }
+
+    pub fn save_state(&self) -> SerialDeviceState {
+        let s = self.uart.state();
+        SerialDeviceState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A UART with saved registers, writing to `sink`.
+    pub fn from_state(state: &SerialDeviceState, sink: Box<dyn ConsoleSink>) -> io::Result<Self> {
+        let s = SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let irq = SerialIrq(EventFd::new(libc::EFD_NONBLOCK)?);
+        let uart = Serial::from_state(&s, irq, NoEvents, SinkWriter::new(sink))
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{e:?}")))?;
+        Ok(Self { uart })
+    }
+}
+
+impl MmioDevice for SerialDevice {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        for b in data.iter_mut() {
+            *b = self.uart.read(offset as u8);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        // `rep outsb` delivers a whole buffer in one exit: feed it byte by byte, then hand the
+        // sink one batch.
+        for b in data {
+            if let Err(e) = self.uart.write(offset as u8, *b) {
+                tracing::warn!("UART write failed: {e:?}");
+            }
+        }
+        self.uart.writer_mut().deliver();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<Vec<u8>>>>);
+    impl ConsoleSink for Capture {
+        fn write_console(&mut self, bytes: &[u8]) {
+            self.0.lock().unwrap().push(bytes.to_vec());
+        }
+    }
+
+    #[test]
+    fn a_string_write_reaches_the_sink_as_one_batch() {
+        let cap = Capture::default();
+        let mut dev = SerialDevice::new(Box::new(cap.clone())).unwrap();
+        dev.write(0, b"hello\n");
+        assert_eq!(*cap.0.lock().unwrap(), vec![b"hello\n".to_vec()]);
+    }
+
+    #[test]
+    fn state_round_trips_and_keeps_the_sink() {
+        let cap = Capture::default();
+        let mut dev = SerialDevice::new(Box::new(cap.clone())).unwrap();
+        dev.write(7, &[0x5a]); // scratch register
+        dev.write(3, &[0x03]); // 8N1
+        let state = dev.save_state();
+        let mut other = SerialDevice::from_state(&state, Box::new(cap.clone())).unwrap();
+        assert_eq!(other.save_state(), state);
+        other.write(0, b"x");
+        assert_eq!(cap.0.lock().unwrap().last().unwrap(), b"x");
+    }
+}

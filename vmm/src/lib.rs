@@ -1,0 +1,14 @@
+//! The ftvmm micro-VMM: a KVM VM with its vCPUs, memory, boot and devices, and its complete
+//! state save/restore. It knows nothing of replication: a checkpointer drives it from above
+//! through pause, harvest, save, restore and resume, and plugs into its output sinks.
+
+pub mod boot;
+pub mod builder;
+pub mod bus;
+pub mod devices;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+
+pub use builder::{VmConfig, Vmm};
+pub use vcpu::VmOutcome;

@@ -1,0 +1,341 @@
+//! vCPUs: CPU setup, the run loop on a thread of its own, and stopping a running vCPU with a
+//! signal whose handler sets `kvm_run.immediate_exit` (a CPL3 guest may spin forever).
+
+use std::cell::Cell;
+use std::sync::{Arc, Condvar, Mutex};
+
+use guest_abi::{PORT_EXIT, PORT_PARK};
+use kvm_bindings::{kvm_fpu, kvm_mp_state, kvm_run, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+
+use crate::boot::EntryState;
+use crate::bus::Bus;
+use crate::vm::Vm;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    #[error("vCPU {id}: {what} failed: {source}")]
+    Kvm {
+        id: u32,
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    Signal(vmm_sys_util::errno::Error),
+}
+
+/// How a VM run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmOutcome {
+    /// The guest wrote its exit code to the exit port, or every vCPU parked (code 0).
+    Exited(i32),
+    /// A vCPU stopped in a way the guest cannot recover from; the text names the cause and
+    /// the vCPU's registers.
+    Fault(String),
+}
+
+/// One vCPU and whether its guest has parked it for good.
+pub struct Vcpu {
+    pub id: u32,
+    fd: VcpuFd,
+    parked: bool,
+}
+
+impl Vcpu {
+    /// Creates vCPU `id` with the host's supported CPUID and a reset FPU.
+    pub fn new(vm: &Vm, id: u32) -> Result<Self, VcpuError> {
+        let err = |what| move |source| VcpuError::Kvm { id, what, source };
+        let fd = vm
+            .fd()
+            .create_vcpu(u64::from(id))
+            .map_err(err("KVM_CREATE_VCPU"))?;
+        let mut cpuid = vm
+            .kvm()
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(err("KVM_GET_SUPPORTED_CPUID"))?;
+        for entry in cpuid.as_mut_slice() {
+            match entry.function {
+                // Initial APIC id, so that guests can tell their vCPUs apart.
+                1 => entry.ebx = (entry.ebx & 0x00ff_ffff) | (id << 24),
+                0xb | 0x1f => entry.edx = id,
+                _ => {}
+            }
+        }
+        fd.set_cpuid2(&cpuid).map_err(err("KVM_SET_CPUID2"))?;
+        fd.set_fpu(&kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        })
+        .map_err(err("KVM_SET_FPU"))?;
+        Ok(Self {
+            id,
+            fd,
+            parked: false,
+        })
+    }
+
+    /// Puts the vCPU at the payload's entry point; every vCPU, the boot one included, starts
+    /// runnable (there is no INIT/SIPI for payloads).
+    pub fn enter_payload(&self, entry: &EntryState) -> Result<(), VcpuError> {
+        let id = self.id;
+        let err = |what| move |source| VcpuError::Kvm { id, what, source };
+        let sregs = self.fd.get_sregs().map_err(err("KVM_GET_SREGS"))?;
+        self.fd
+            .set_sregs(&entry.sregs(sregs))
+            .map_err(err("KVM_SET_SREGS"))?;
+        self.fd
+            .set_regs(&entry.regs())
+            .map_err(err("KVM_SET_REGS"))?;
+        self.fd
+            .set_mp_state(kvm_mp_state {
+                mp_state: KVM_MP_STATE_RUNNABLE,
+            })
+            .map_err(err("KVM_SET_MP_STATE"))
+    }
+
+    /// The guest TSC frequency in kHz.
+    pub fn tsc_khz(&self) -> Result<u32, VcpuError> {
+        self.fd.get_tsc_khz().map_err(|source| VcpuError::Kvm {
+            id: self.id,
+            what: "KVM_GET_TSC_KHZ",
+            source,
+        })
+    }
+
+    /// Runs the guest until the next exit that needs the VMM and handles it.
+    fn run_once(&mut self, bus: &Bus) -> Step {
+        let step = match self.fd.run() {
+            Ok(VcpuExit::IoOut(PORT_EXIT, data)) => Step::Exit(exit_code(data)),
+            Ok(VcpuExit::IoOut(PORT_PARK, _)) => Step::Park,
+            Ok(VcpuExit::IoOut(port, data)) => {
+                bus.pio_write(port, data);
+                Step::Continue
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                bus.pio_read(port, data);
+                Step::Continue
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                bus.mmio_write(addr, data);
+                Step::Continue
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                bus.mmio_read(addr, data);
+                Step::Continue
+            }
+            Ok(VcpuExit::Shutdown) => Step::Fault("triple fault (KVM_EXIT_SHUTDOWN)".into()),
+            Ok(VcpuExit::Hlt) => Step::Fault("hlt with interrupts off".into()),
+            Ok(other) => Step::Fault(format!("unhandled VM exit {other:?}")),
+            // Kicked: the run loop looks at the pause and outcome flags next.
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Step::Continue,
+            Err(e) => Step::Fault(format!("KVM_RUN failed: {e}")),
+        };
+        match step {
+            Step::Fault(reason) => {
+                Step::Fault(format!("vCPU {}: {reason}; {}", self.id, self.dump()))
+            }
+            step => step,
+        }
+    }
+
+    /// A one-line register dump for fault reports.
+    fn dump(&self) -> String {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => format!(
+                "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} \
+                 rsi={:#x} rdi={:#x} rbp={:#x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} \
+                 efer={:#x} cs={:#x}",
+                r.rip,
+                r.rsp,
+                r.rflags,
+                r.rax,
+                r.rbx,
+                r.rcx,
+                r.rdx,
+                r.rsi,
+                r.rdi,
+                r.rbp,
+                s.cr0,
+                s.cr2,
+                s.cr3,
+                s.cr4,
+                s.efer,
+                s.cs.selector
+            ),
+            (Err(e), _) | (_, Err(e)) => format!("registers unavailable: {e}"),
+        }
+    }
+}
+
+fn exit_code(data: &[u8]) -> i32 {
+    let mut raw = [0u8; 4];
+    let n = data.len().min(4);
+    raw[..n].copy_from_slice(&data[..n]);
+    i32::from_le_bytes(raw)
+}
+
+enum Step {
+    Continue,
+    Park,
+    Exit(i32),
+    Fault(String),
+}
+
+/// Pause requests and the VM's outcome, shared by the controller and every vCPU thread.
+#[derive(Default)]
+pub struct RunControl {
+    state: Mutex<RunState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct RunState {
+    pause: bool,
+    /// vCPU threads waiting (paused or parked), not inside KVM_RUN.
+    idle: usize,
+    parked: usize,
+    outcome: Option<VmOutcome>,
+}
+
+impl RunControl {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RunState> {
+        // A poisoned lock means a vCPU thread panicked; the state itself stays consistent.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets the outcome unless one is set already; returns whether this call set it.
+    pub fn finish(&self, outcome: VmOutcome) -> bool {
+        let mut st = self.lock();
+        let first = st.outcome.is_none();
+        if first {
+            st.outcome = Some(outcome);
+            self.changed.notify_all();
+        }
+        first
+    }
+
+    pub fn outcome(&self) -> Option<VmOutcome> {
+        self.lock().outcome.clone()
+    }
+
+    /// Blocks until the VM has an outcome.
+    pub fn wait_outcome(&self) -> VmOutcome {
+        let mut st = self.lock();
+        loop {
+            if let Some(o) = &st.outcome {
+                return o.clone();
+            }
+            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Asks every vCPU to stop and waits until all `n` are out of KVM_RUN (or the VM ended).
+    pub fn pause(&self, n: usize, kick: impl Fn()) {
+        let mut st = self.lock();
+        st.pause = true;
+        drop(st);
+        kick();
+        let mut st = self.lock();
+        while st.idle < n && st.outcome.is_none() {
+            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    pub fn resume(&self) {
+        self.lock().pause = false;
+        self.changed.notify_all();
+    }
+
+    /// Whether a vCPU thread must not enter KVM_RUN now.
+    fn must_wait(&self, parked: bool) -> bool {
+        let st = self.lock();
+        st.pause || parked || st.outcome.is_some()
+    }
+
+    /// Called by a vCPU thread between exits: waits while the VM is paused or the vCPU parked;
+    /// returns false once the VM has ended.
+    fn wait_runnable(&self, parked: bool) -> bool {
+        let mut st = self.lock();
+        if !(st.pause || parked) || st.outcome.is_some() {
+            return st.outcome.is_none();
+        }
+        st.idle += 1;
+        self.changed.notify_all();
+        while (st.pause || parked) && st.outcome.is_none() {
+            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st.idle -= 1;
+        st.outcome.is_none()
+    }
+
+    /// Records that a vCPU parked; returns whether all `n` have.
+    fn park(&self, n: usize) -> bool {
+        let mut st = self.lock();
+        st.parked += 1;
+        st.parked == n
+    }
+}
+
+thread_local! {
+    /// This thread's `kvm_run`, for the kick signal handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let run = KVM_RUN.with(Cell::get);
+    if !run.is_null() {
+        // SAFETY: the pointer is this thread's own kvm_run mapping, set before the thread first
+        // entered KVM_RUN and valid while its VcpuFd lives (the thread owns a reference to it).
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+    }
+}
+
+/// The signal used to kick vCPU threads out of KVM_RUN.
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+/// Installs the kick handler (idempotent).
+pub fn install_kick_handler() -> Result<(), VcpuError> {
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
+        .map_err(VcpuError::Signal)
+}
+
+/// The body of a vCPU thread: runs until the VM has an outcome.
+pub fn run_thread(vcpu: Arc<Mutex<Vcpu>>, control: Arc<RunControl>, bus: Arc<Bus>, n: usize) {
+    let mut parked = {
+        let mut v = vcpu.lock().unwrap_or_else(|e| e.into_inner());
+        // A vCPU restored from a checkpoint may already be parked.
+        let run: *mut kvm_run = v.fd.get_kvm_run();
+        KVM_RUN.with(|c| c.set(run));
+        v.parked
+    };
+    while control.wait_runnable(parked) {
+        let mut v = vcpu.lock().unwrap_or_else(|e| e.into_inner());
+        // Clear a kick that arrived while waiting, then look at the flags again: a pause
+        // requested before the clear is seen here, one after it makes KVM_RUN return at once.
+        v.fd.set_kvm_immediate_exit(0);
+        if control.must_wait(parked) {
+            continue;
+        }
+        match v.run_once(&bus) {
+            Step::Continue => {}
+            Step::Park => {
+                v.parked = true;
+                parked = true;
+                tracing::debug!(vcpu = v.id, "vCPU parked");
+                if control.park(n) {
+                    control.finish(VmOutcome::Exited(0));
+                }
+            }
+            Step::Exit(code) => {
+                control.finish(VmOutcome::Exited(code));
+            }
+            Step::Fault(reason) => {
+                control.finish(VmOutcome::Fault(reason));
+            }
+        }
+    }
+    KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+}
