@@ -9,3 +9,6 @@ if ! command -v ip >/dev/null; then
 fi
 cargo build --workspace --locked --all-targets
 cargo test --workspace --locked
+# The guest runtime's and the stencil kernel's host-side unit tests (an empty RUSTFLAGS
+# replaces the freestanding link flags of guest/.cargo/config.toml).
+(cd guest && RUSTFLAGS="" cargo test --locked -p stencil-core -p guest-rt)

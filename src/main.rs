@@ -1,17 +1,9 @@
 //! `ftvmm`: the command line of the fault-tolerant micro-VMM.
 
-mod options;
-mod payloads;
-mod run;
-
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-
-/// Exit status when ftvmm itself fails (bad input, no KVM, ...), as `env` and `timeout` do.
-pub const EXIT_FTVMM_ERROR: u8 = 125;
-/// Exit status when the guest crashed (triple fault, unhandled VM exit).
-pub const EXIT_GUEST_FAULT: u8 = 124;
+use ftvmm::{bench, demo, options, run, EXIT_FTVMM_ERROR};
 
 #[derive(Parser)]
 #[command(
@@ -28,6 +20,10 @@ struct Cli {
 enum Command {
     /// Boot a payload guest and run it to completion; exits with the guest's exit code.
     Run(options::RunArgs),
+    /// The main job: boot the stencil workload, show its progress, check its result.
+    Demo,
+    /// Measure boot latency, guest speed and device throughput; print a table.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -41,11 +37,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(&args),
+        Command::Demo => demo::demo(),
+        Command::Bench(args) => bench::bench(&args),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("ftvmm: error: {e:#}");
+            eprintln!("ftvmm: error: {e}");
             ExitCode::from(EXIT_FTVMM_ERROR)
         }
     }

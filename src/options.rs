@@ -25,6 +25,9 @@ pub struct RunArgs {
     /// Where the guest's console goes: stdio or file:PATH.
     #[arg(long, default_value = "stdio", value_parser = parse_console)]
     pub console: ConsoleSpec,
+    /// On exit, write run statistics (VM exits by kind, run time) as JSON to this file.
+    #[arg(long)]
+    pub stats_json: Option<PathBuf>,
     /// The KVM device to use.
     #[arg(long, default_value = "/dev/kvm", hide = true)]
     pub kvm_device: PathBuf,

@@ -82,10 +82,29 @@ pub fn host_io(args: &RunArgs) -> Result<HostIo, Error> {
     })
 }
 
+/// What `--stats-json` records about a run.
+#[derive(serde::Serialize)]
+struct RunStats {
+    exits: vmm::bus::ExitCounts,
+    run_ms: f64,
+    outcome: String,
+}
+
 pub fn run(args: &RunArgs) -> Result<ExitCode, Error> {
     let payload = load_payload(&args.payload)?;
     let io = host_io(args)?;
     let mut vmm = Vmm::boot_payload(&vm_config(args), &payload, io)?;
+    let start = std::time::Instant::now();
     vmm.start()?;
-    Ok(exit_status(vmm.wait()))
+    let outcome = vmm.wait();
+    if let Some(path) = &args.stats_json {
+        let stats = RunStats {
+            exits: vmm.exit_counts(),
+            run_ms: start.elapsed().as_secs_f64() * 1e3,
+            outcome: format!("{outcome:?}"),
+        };
+        std::fs::write(path, serde_json::to_vec_pretty(&stats)?)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(exit_status(outcome))
 }

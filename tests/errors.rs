@@ -138,3 +138,32 @@ fn guest_triple_fault_reports_registers() {
     assert!(err.contains("rip=0x400007"), "{err}");
     assert!(err.contains("rax=0x1234"), "{err}");
 }
+
+#[test]
+fn a_tap_that_cannot_be_created() {
+    let err = fails(
+        &[
+            "run",
+            "--net",
+            "tap=this-name-is-far-too-long",
+            "--payload",
+            "builtin:seq",
+            "--",
+            "1",
+        ],
+        EXIT_FTVMM_ERROR,
+    );
+    assert!(err.contains("this-name-is-far-too-long"), "{err}");
+    let tap = format!("ftnb{}", std::process::id());
+    let err = fails(
+        &[
+            "run",
+            "--net",
+            &format!("tap={tap},bridge=ftnobridge0"),
+            "--payload",
+            "builtin:seq",
+        ],
+        EXIT_FTVMM_ERROR,
+    );
+    assert!(err.contains("ftnobridge0"), "{err}");
+}

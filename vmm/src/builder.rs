@@ -6,12 +6,15 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use guest_abi::{DeviceInfo, DeviceKind, MMIO_BASE, MMIO_DEVICE_SIZE, MMIO_FIRST_IRQ, PORT_UART};
+use guest_abi::{
+    DeviceInfo, DeviceKind, MMIO_BASE, MMIO_DEVICE_SIZE, MMIO_FIRST_IRQ, PORT_CONSOLE_BATCH,
+    PORT_UART,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::boot::{self, BootError, BootParams};
 use crate::bus::Bus;
-use crate::devices::serial::{SerialDevice, SerialDeviceState};
+use crate::devices::serial::{ConsoleBatchPort, SerialDevice, SerialDeviceState};
 use crate::devices::virtio::blk::Block;
 use crate::devices::virtio::blk::BlockState;
 use crate::devices::virtio::mmio::MmioState;
@@ -138,6 +141,8 @@ impl Vmm {
         let serial = SerialDevice::new(io.console).map_err(BuildError::Serial)?;
         let serial = Arc::new(Mutex::new(serial));
         bus.add_pio(PORT_UART, 8, serial.clone());
+        let batch = ConsoleBatchPort::new(vm.memory().clone(), serial.clone());
+        bus.add_pio(PORT_CONSOLE_BATCH, 4, Arc::new(Mutex::new(batch)));
         let mut devices = Vec::new();
         let disk = io.disk.map(|backend| {
             devices.push(slot_info(DeviceKind::VirtioBlk, SLOT_DISK));
@@ -244,5 +249,10 @@ impl Vmm {
 
     pub fn vm(&self) -> &Vm {
         &self.vm
+    }
+
+    /// VM exits served by the device buses so far.
+    pub fn exit_counts(&self) -> crate::bus::ExitCounts {
+        self.bus.exit_counts()
     }
 }

@@ -55,6 +55,8 @@ fn run(code: &[u8], vcpus: u32) -> (VmOutcome, Vec<u8>) {
     let io = HostIo {
         kvm_path: PathBuf::from("/dev/kvm"),
         console: Box::new(cap.clone()),
+        disk: None,
+        net: None,
     };
     let mut vmm = Vmm::boot_payload(&config, &elf(code), io).expect("boot");
     vmm.start().expect("start");

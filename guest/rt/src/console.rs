@@ -1,21 +1,40 @@
-//! The console: a buffered writer on the UART (COM1) that flushes with ONE `rep outsb` per
-//! batch (a single VM exit), under a spinlock so vCPUs' lines do not interleave.
+//! The console: a buffered writer that flushes each batch with ONE VM exit through ftvmm's
+//! batched console port ([`guest_abi::PORT_CONSOLE_BATCH`]), under a spinlock so vCPUs' lines
+//! do not interleave. On a VMM without that port it falls back to `rep outsb` on the UART
+//! (COM1), which KVM emulates one byte (one exit) at a time.
 //!
 //! By default the buffer is flushed whenever it ends with a complete line. Payloads that print
 //! many lines can raise the batch threshold with [`set_batch`] so that several lines go out
 //! per exit; output order is unchanged. Everything is flushed before exit and park.
 use core::fmt::{self, Write};
 
-use guest_abi::PORT_UART;
+use core::sync::atomic::{AtomicBool, Ordering};
 
-use crate::io::outsb;
+use guest_abi::{CONSOLE_BATCH_MAGIC, CONSOLE_BATCH_MAX, PORT_CONSOLE_BATCH, PORT_UART};
+
+use crate::io::{inl, outsb};
 use crate::sync::{RawSpinLock, SpinLock};
 
-const BUF_SIZE: usize = 4096;
+const BUF_SIZE: usize = CONSOLE_BATCH_MAX as usize;
 
-/// One page, page-aligned, so one `rep outsb` never crosses a page (one exit per flush).
+/// A [`PORT_CONSOLE_BATCH`] record: the length, then the bytes. Page-aligned so that it fills
+/// exactly one page.
 #[repr(C, align(4096))]
-struct Page([u8; BUF_SIZE]);
+struct Page {
+    len: u32,
+    bytes: [u8; BUF_SIZE],
+}
+
+/// Whether ftvmm has the batched console port (probed once at start-up).
+static BATCH_PORT: AtomicBool = AtomicBool::new(false);
+
+/// Probes for the batched console port (one VM exit; vCPU 0 at start-up).
+pub(crate) fn init() {
+    BATCH_PORT.store(
+        inl(PORT_CONSOLE_BATCH) == CONSOLE_BATCH_MAGIC,
+        Ordering::Relaxed,
+    );
+}
 
 struct Console {
     buf: Page,
@@ -27,7 +46,10 @@ struct Console {
 static CONSOLE: SpinLock<Console> = SpinLock::const_new(
     <RawSpinLock as lock_api::RawMutex>::INIT,
     Console {
-        buf: Page([0; BUF_SIZE]),
+        buf: Page {
+            len: 0,
+            bytes: [0; BUF_SIZE],
+        },
         len: 0,
         batch: 0,
     },
@@ -35,13 +57,27 @@ static CONSOLE: SpinLock<Console> = SpinLock::const_new(
 
 impl Console {
     fn flush(&mut self) {
-        outsb(PORT_UART, &self.buf.0[..self.len]);
+        if self.len == 0 {
+            return;
+        }
+        let record = &mut self.buf as *mut Page;
+        if BATCH_PORT.load(Ordering::Relaxed) && (record as u64) < 1 << 32 {
+            self.buf.len = self.len as u32;
+            // SAFETY: hands ftvmm the address of the record, which it reads during this exit.
+            // No `nomem`: the asm is a compiler barrier, so the record is written before it.
+            unsafe {
+                core::arch::asm!("out dx, eax", in("dx") PORT_CONSOLE_BATCH,
+                                 in("eax") record as u32, options(nostack, preserves_flags));
+            }
+        } else {
+            outsb(PORT_UART, &self.buf.bytes[..self.len]);
+        }
         self.len = 0;
     }
 
     /// Flushes if the buffer ends with a complete line and the batch threshold is reached.
     fn line_done(&mut self) {
-        if self.len > 0 && self.buf.0[self.len - 1] == b'\n' && self.len >= self.batch.max(1) {
+        if self.len > 0 && self.buf.bytes[self.len - 1] == b'\n' && self.len >= self.batch.max(1) {
             self.flush();
         }
     }
@@ -52,7 +88,7 @@ impl Write for Console {
         let mut bytes = s.as_bytes();
         while !bytes.is_empty() {
             let n = bytes.len().min(BUF_SIZE - self.len);
-            self.buf.0[self.len..self.len + n].copy_from_slice(&bytes[..n]);
+            self.buf.bytes[self.len..self.len + n].copy_from_slice(&bytes[..n]);
             self.len += n;
             bytes = &bytes[n..];
             if self.len == BUF_SIZE {

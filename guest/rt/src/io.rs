@@ -30,9 +30,8 @@ pub fn inb(port: u16) -> u8 {
     value
 }
 
-/// Writes `bytes` to `port` with `rep outsb`: a single VM exit when the slice does not cross
-/// a page boundary (KVM's string I/O moves at most a page per exit), so callers that care
-/// keep their buffers within one page.
+/// Writes `bytes` to `port` with `rep outsb`. Measured here: KVM emulates it one byte per VM
+/// exit (30-50 us each), so it is only the fallback; see [`guest_abi::PORT_CONSOLE_BATCH`].
 #[inline]
 pub fn outsb(port: u16, bytes: &[u8]) {
     if bytes.is_empty() {
@@ -49,4 +48,15 @@ pub fn outsb(port: u16, bytes: &[u8]) {
             options(readonly, nostack, preserves_flags)
         )
     }
+}
+
+/// Reads a 32-bit value from `port`.
+#[inline]
+pub fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: as in `outb`.
+    unsafe {
+        asm!("in eax, dx", out("eax") value, in("dx") port, options(nomem, nostack, preserves_flags))
+    }
+    value
 }

@@ -35,7 +35,8 @@ extern "Rust" {
 
 #[cfg(not(test))]
 extern "C" fn rt_entry(boot: *const BootInfo, vcpu: u64) -> ! {
-    let aligned = !boot.is_null() && boot as usize % core::mem::align_of::<BootInfo>() == 0;
+    let aligned =
+        !boot.is_null() && (boot as usize).is_multiple_of(core::mem::align_of::<BootInfo>());
     // SAFETY: the ABI says rdi points to the boot block, identity-mapped and never written
     // again by anyone; we only read the magic after checking the pointer is plausible.
     if !aligned || unsafe { (*boot).magic } != BOOT_INFO_MAGIC {
@@ -47,6 +48,7 @@ extern "C" fn rt_entry(boot: *const BootInfo, vcpu: u64) -> ! {
     let vcpu = vcpu as u32;
     if vcpu == 0 {
         crate::clock::init(boot.tsc_khz);
+        crate::console::init();
         // SAFETY: only vCPU 0 gets here, once, before anything allocates (the others wait
         // for READY below).
         unsafe { crate::heap::init(boot) };

@@ -13,7 +13,7 @@
 
 extern crate alloc;
 
-use alloc::vec;
+use alloc::vec::Vec;
 
 use guest_rt::args::parse_u64;
 use guest_rt::{println, Ctx};
@@ -42,7 +42,7 @@ fn main(ctx: &Ctx) {
     };
     let pages = match args.next() {
         Some(a) => match parse_u64(a) {
-            Some(p) if p >= 1 && p <= (1 << 22) => p as usize,
+            Some(p) if (1..=(1 << 22)).contains(&p) => p as usize,
             _ => usage("PAGES must be a number in 1..=4194304"),
         },
         None => 256,
@@ -58,7 +58,13 @@ fn main(ctx: &Ctx) {
         usage("too many arguments");
     }
     // u64 cells so that every page start is naturally aligned.
-    let mut buffer = vec![0u64; pages * PAGE / 8];
+    let cells = pages * PAGE / 8;
+    let mut buffer: Vec<u64> = Vec::new();
+    if buffer.try_reserve_exact(cells).is_err() {
+        println!("seq: not enough memory for {pages} pages");
+        guest_rt::exit(2);
+    }
+    buffer.resize(cells, 0);
     guest_rt::console::set_batch(CONSOLE_BATCH);
     let mut x: u64 = 1;
     for i in 1..=count {

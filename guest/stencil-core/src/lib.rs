@@ -81,9 +81,9 @@ pub fn row_range(n: usize, parts: usize, part: usize) -> core::ops::Range<usize>
 ///
 /// `new = 0.25 * ((up + down) + (left + right))`, in that order.
 pub fn step_rows(src: &[f64], dst_rows: &mut [f64], n: usize, first_row: usize) {
-    assert!(n >= MIN_N && src.len() == n * n && dst_rows.len() % n == 0);
+    assert!(n >= MIN_N && src.len() == n * n && dst_rows.len().is_multiple_of(n));
     let rows = dst_rows.len() / n;
-    assert!(first_row >= 1 && first_row + rows <= n - 1);
+    assert!(first_row >= 1 && first_row + rows < n);
     for i in 0..rows {
         let r = first_row + i;
         let up = &src[(r - 1) * n..r * n];

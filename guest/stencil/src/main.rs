@@ -9,11 +9,11 @@
 //! - `steps=S`    number of Jacobi steps (default 1000)
 //! - `report=R`   print `step {s} center {value}` every R steps (default 100; 0: never)
 //! - `time`       print `time_us {t}`: TSC microseconds for the S steps (benchmarks; not
-//!                deterministic, hence opt-in)
+//!   deterministic, hence opt-in)
 //! - `disk=off`   do not write the result even if a virtio-blk disk is attached
 //!
 //! Output, in order: the progress lines, `time_us {t}` (with `time`), `disk written {bytes}`
-//! (with a disk), and last `checksum {16 hex digits}` (`stencil_core::checksum` of the final
+//! (with a disk; with `time` also `disk_time_us {t}`: device init, writes and flush), and last `checksum {16 hex digits}` (`stencil_core::checksum` of the final
 //! grid: bit-identical for any vCPU count). Exit 0; bad arguments: one error line, exit 2;
 //! disk error: `disk error: ...` (the checksum line still follows), exit 1.
 //!
@@ -95,7 +95,7 @@ fn allocate_grid(n: usize) -> *mut f64 {
     if ptr.is_null() {
         println!(
             "stencil: not enough memory for two {n}x{n} grids ({} MiB)",
-            2 * layout.size() >> 20
+            (2 * layout.size()) >> 20
         );
         guest_rt::exit(2);
     }
@@ -163,8 +163,15 @@ fn main(ctx: &Ctx) {
     let mut code = 0;
     if p.disk {
         if let Some(dev) = ctx.device(DeviceKind::VirtioBlk, 0) {
+            let disk_start = rdtsc();
             match write_disk(dev.mmio_base, grid, n, p.steps, sum) {
-                Ok(bytes) => println!("disk written {bytes}"),
+                Ok(bytes) => {
+                    println!("disk written {bytes}");
+                    if p.time {
+                        let t = ticks_to_us(rdtsc().wrapping_sub(disk_start));
+                        println!("disk_time_us {t}");
+                    }
+                }
                 Err(e) => {
                     println!("disk error: {e}");
                     code = 1;

@@ -176,3 +176,57 @@ mod tests {
         assert_eq!(cap.0.lock().unwrap().last().unwrap(), b"x");
     }
 }
+
+/// ftvmm's batched console port ([`guest_abi::PORT_CONSOLE_BATCH`]): one VM exit hands the UART
+/// a whole buffer from guest memory, where `rep outsb` would exit once per byte.
+pub struct ConsoleBatchPort {
+    mem: super::GuestMemory,
+    uart: std::sync::Arc<std::sync::Mutex<SerialDevice>>,
+}
+
+impl ConsoleBatchPort {
+    pub fn new(
+        mem: super::GuestMemory,
+        uart: std::sync::Arc<std::sync::Mutex<SerialDevice>>,
+    ) -> Self {
+        Self { mem, uart }
+    }
+
+    /// Reads the `{ len: u32, bytes }` record at `addr`; `None` if it is outside guest RAM.
+    fn record(&self, addr: u64) -> Option<Vec<u8>> {
+        use vm_memory::{Bytes, GuestAddress};
+        let len: u32 = self.mem.read_obj(GuestAddress(addr)).ok()?;
+        let mut bytes = vec![0u8; len.min(guest_abi::CONSOLE_BATCH_MAX) as usize];
+        self.mem
+            .read_slice(&mut bytes, GuestAddress(addr + 4))
+            .ok()?;
+        Some(bytes)
+    }
+}
+
+impl MmioDevice for ConsoleBatchPort {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        let magic = guest_abi::CONSOLE_BATCH_MAGIC.to_le_bytes();
+        for (b, m) in data
+            .iter_mut()
+            .zip(magic.iter().chain(std::iter::repeat(&0)))
+        {
+            *b = *m;
+        }
+    }
+
+    fn write(&mut self, _offset: u64, data: &[u8]) {
+        let mut raw = [0u8; 4];
+        let n = data.len().min(4);
+        raw[..n].copy_from_slice(&data[..n]);
+        let addr = u64::from(u32::from_le_bytes(raw));
+        match self.record(addr) {
+            Some(bytes) => self
+                .uart
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write(0, &bytes),
+            None => tracing::warn!(addr, "console batch record outside guest RAM"),
+        }
+    }
+}

@@ -1,0 +1,335 @@
+//! `ftvmm bench`: measures, in one run, what the payload VMM costs: time from process start to
+//! the first payload byte, guest stencil speed against the same kernel run natively, and
+//! virtio-blk / virtio-net throughput with VM exits per MiB moved. Prints a Markdown table.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::{Duration, Instant};
+
+use vmm::builder::HostIo;
+use vmm::devices::virtio::blk::RawFileBackend;
+use vmm::devices::virtio::tap::Tap;
+use vmm::devices::{BlockBackend, ConsoleSink};
+use vmm::{VmConfig, VmOutcome, Vmm};
+
+use crate::run::Error;
+use crate::testbed::{Topology, BRIDGE, GUEST_IP};
+
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Also write the report as Markdown to this file (e.g. docs/benchmarks.md).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Fewer repetitions, for a quick look.
+    #[arg(long)]
+    pub quick: bool,
+}
+
+/// One row of the report.
+struct Row {
+    what: String,
+    value: String,
+    target: &'static str,
+}
+
+/// A console sink that keeps everything the guest printed.
+#[derive(Clone, Default)]
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl ConsoleSink for Capture {
+    fn write_console(&mut self, bytes: &[u8]) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(bytes);
+    }
+}
+
+impl Capture {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+
+    /// The value after `key ` on the first line that starts with it.
+    fn value(&self, key: &str) -> Option<u64> {
+        self.text()
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    fn wait_for(&self, prefix: &str, limit: Duration) -> Result<(), Error> {
+        let start = Instant::now();
+        while !self.text().lines().any(|l| l.starts_with(prefix)) {
+            if start.elapsed() > limit {
+                return Err(format!("guest did not print '{prefix}' within {limit:?}").into());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+}
+
+/// Boots a builtin payload in this process.
+fn boot(
+    payload: &str,
+    vcpus: u32,
+    args: &[String],
+    disk: Option<Box<dyn BlockBackend>>,
+    net: Option<(Tap, [u8; 6])>,
+) -> Result<(Vmm, Capture), Error> {
+    let capture = Capture::default();
+    let io = HostIo {
+        kvm_path: "/dev/kvm".into(),
+        console: Box::new(capture.clone()),
+        disk,
+        net,
+    };
+    let config = VmConfig {
+        mem_size: 512 << 20,
+        vcpus,
+        args: args.to_vec(),
+    };
+    let elf = crate::payloads::builtin(payload).ok_or("payload missing")?;
+    let mut vmm = Vmm::boot_payload(&config, elf, io)?;
+    vmm.start()?;
+    Ok((vmm, capture))
+}
+
+fn run_to_end(vmm: &mut Vmm) -> Result<(), Error> {
+    match vmm.wait() {
+        VmOutcome::Exited(0) => Ok(()),
+        other => Err(format!("bench guest ended with {other:?}").into()),
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Process start (spawn) to the first console byte of `builtin:seq`.
+fn startup(reps: usize) -> Result<Vec<Row>, Error> {
+    let exe = std::env::current_exe()?;
+    let mut times = Vec::new();
+    for _ in 0..reps {
+        let start = Instant::now();
+        let mut child = Command::new(&exe)
+            .args(["run", "--payload", "builtin:seq", "--", "1"])
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let mut byte = [0u8; 1];
+        child
+            .stdout
+            .take()
+            .ok_or("no stdout")?
+            .read_exact(&mut byte)?;
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+        child.wait()?;
+    }
+    let min = times.iter().copied().fold(f64::INFINITY, f64::min);
+    Ok(vec![Row {
+        what: format!("process start to first payload byte (median of {reps}; min {min:.1} ms)"),
+        value: format!("{:.1} ms", median(times)),
+        target: "<= 50 ms",
+    }])
+}
+
+/// The stencil kernel on `threads` host threads, as the payload splits it; returns microseconds.
+fn native_stencil_us(n: usize, steps: u64, threads: usize) -> f64 {
+    let mut a = vec![0.0f64; n * n];
+    let mut b = vec![0.0f64; n * n];
+    stencil_core::init(&mut a, n);
+    stencil_core::init(&mut b, n);
+    let (pa, pb) = (a.as_mut_ptr() as usize, b.as_mut_ptr() as usize);
+    let barrier = Barrier::new(threads);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for part in 0..threads {
+            let barrier = &barrier;
+            s.spawn(move || {
+                let rows = stencil_core::row_range(n, threads, part);
+                for step in 0..steps {
+                    let (src, dst) = if step % 2 == 0 { (pa, pb) } else { (pb, pa) };
+                    // SAFETY: each thread writes only its own rows of `dst` and reads `src`,
+                    // which nobody writes during this step (barrier between steps), exactly as
+                    // the guest payload does; both buffers outlive the scope.
+                    unsafe {
+                        let src = std::slice::from_raw_parts(src as *const f64, n * n);
+                        let dst = std::slice::from_raw_parts_mut(
+                            (dst as *mut f64).add(rows.start * n),
+                            rows.len() * n,
+                        );
+                        stencil_core::step_rows(src, dst, n, rows.start);
+                    }
+                    barrier.wait();
+                }
+            });
+        }
+    });
+    start.elapsed().as_secs_f64() * 1e6
+}
+
+/// Guest stencil speed divided by native speed, on 1 and 2 vCPUs (best of `reps` each).
+fn stencil(reps: usize) -> Result<Vec<Row>, Error> {
+    // Long enough that first-touch faults on the 16 MiB grid (paid once) stay a small share.
+    let (n, steps) = (1024usize, 1000u64);
+    let args = vec![
+        format!("n={n}"),
+        format!("steps={steps}"),
+        "time".into(),
+        "report=0".into(),
+    ];
+    let mut rows = Vec::new();
+    for vcpus in [1u32, 2] {
+        let mut guest = f64::INFINITY;
+        let mut native = f64::INFINITY;
+        for _ in 0..reps {
+            let (mut vmm, out) = boot("stencil", vcpus, &args, None, None)?;
+            run_to_end(&mut vmm)?;
+            let us = out.value("time_us").ok_or("stencil printed no time_us")?;
+            guest = guest.min(us as f64);
+            native = native.min(native_stencil_us(n, steps, vcpus as usize));
+        }
+        rows.push(Row {
+            what: format!(
+                "stencil {n}x{n}, {steps} steps, {vcpus} vCPU: guest {:.0} ms / native {:.0} ms",
+                guest / 1e3,
+                native / 1e3
+            ),
+            value: format!("{:.3}", native / guest),
+            target: ">= 0.95 (guest speed / native speed)",
+        });
+    }
+    Ok(rows)
+}
+
+/// virtio-blk: the stencil payload writes an 8 MiB grid and flushes.
+fn blk() -> Result<Vec<Row>, Error> {
+    let path = std::env::temp_dir().join(format!("ftvmm-bench-{}.img", std::process::id()));
+    std::fs::write(&path, vec![0u8; 16 << 20])?;
+    let disk = RawFileBackend::open(&path);
+    let result = (|| -> Result<Vec<Row>, Error> {
+        let args: Vec<String> = ["n=1024", "steps=2", "time", "report=0"]
+            .map(String::from)
+            .into();
+        let (mut vmm, out) = boot("stencil", 1, &args, Some(Box::new(disk?)), None)?;
+        run_to_end(&mut vmm)?;
+        let bytes = out.value("disk written").ok_or("no 'disk written' line")? as f64;
+        let us = out.value("disk_time_us").ok_or("no disk_time_us")? as f64;
+        let mib = bytes / (1 << 20) as f64;
+        Ok(vec![
+            Row {
+                what: format!("virtio-blk write+flush of {mib:.1} MiB (guest-timed)"),
+                value: format!("{:.0} MiB/s", mib / (us / 1e6)),
+                target: "-",
+            },
+            Row {
+                what: "virtio-blk VM exits per MiB written".into(),
+                value: format!("{:.1}", vmm.exit_counts().mmio as f64 / mib),
+                target: "few (one kick per batch)",
+            },
+        ])
+    })();
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
+/// virtio-net: a client in another namespace streams pipelined requests to builtin:kv.
+fn net(lines: u64) -> Result<Vec<Row>, Error> {
+    let topo = Topology::new("bench")?;
+    let host_ns = format!("/run/netns/{}", topo.host);
+    // The tap must be created inside the host namespace; its fd keeps working from any thread.
+    let tap = std::thread::spawn(move || -> Result<Tap, String> {
+        let ns = std::fs::File::open(&host_ns).map_err(|e| e.to_string())?;
+        // SAFETY: setns on a namespace fd we own; it changes only this thread's namespace.
+        if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error().to_string());
+        }
+        let tap = Tap::open("ftbench0").map_err(|e| e.to_string())?;
+        tap.enslave(BRIDGE).map_err(|e| e.to_string())?;
+        Ok(tap)
+    })
+    .join()
+    .map_err(|_| "tap thread panicked")??;
+    let args = vec![format!("ip={GUEST_IP}/24"), "port=7000".into()];
+    let mac = [0x02, 0, 0, 0, 0, 0x42];
+    let (vmm, out) = boot("kv", 1, &args, None, Some((tap, mac)))?;
+    out.wait_for("kv listening", Duration::from_secs(20))?;
+    let before = vmm.exit_counts().mmio;
+    let result = topo.in_client(move || -> Result<(f64, u64), String> {
+        let addr = format!("{GUEST_IP}:7000")
+            .parse()
+            .map_err(|_| "bad address")?;
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+            .map_err(|e| format!("connect: {e}"))?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .map_err(|e| e.to_string())?;
+        let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
+        let start = Instant::now();
+        let sender = std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            for k in 1..=lines {
+                buf.extend_from_slice(format!("{k}\n").as_bytes());
+            }
+            let sent = buf.len() as u64;
+            writer.write_all(&buf).map(|_| sent)
+        });
+        let mut received = 0u64;
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        for _ in 0..lines {
+            line.clear();
+            received += reader
+                .read_line(&mut line)
+                .map_err(|e| format!("reply: {e}"))? as u64;
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        let sent = sender
+            .join()
+            .map_err(|_| "sender panicked")?
+            .map_err(|e| e.to_string())?;
+        Ok((elapsed, sent + received))
+    });
+    let exits = vmm.exit_counts().mmio - before;
+    vmm.stop(VmOutcome::Exited(0));
+    let (elapsed, bytes) = result?;
+    let mib = bytes as f64 / (1 << 20) as f64;
+    Ok(vec![
+        Row {
+            what: format!("virtio-net TCP, {lines} pipelined kv requests (bytes both ways)"),
+            value: format!("{:.1} MiB/s", mib / elapsed),
+            target: "-",
+        },
+        Row {
+            what: "virtio-net VM exits per MiB moved".into(),
+            value: format!("{:.0}", exits as f64 / mib),
+            target: "few (one kick per batch)",
+        },
+    ])
+}
+
+pub fn bench(args: &BenchArgs) -> Result<ExitCode, Error> {
+    let reps = if args.quick { 3 } else { 15 };
+    let mut rows = startup(reps)?;
+    rows.extend(stencil(if args.quick { 1 } else { 3 })?);
+    rows.extend(blk()?);
+    rows.extend(net(if args.quick { 20_000 } else { 200_000 })?);
+    let mut md = String::from("| measure | value | target |\n|---|---|---|\n");
+    for r in &rows {
+        md.push_str(&format!("| {} | {} | {} |\n", r.what, r.value, r.target));
+    }
+    print!("{md}");
+    if let Some(path) = &args.out {
+        let doc = format!(
+            "# ftvmm benchmarks\n\nMade by `ftvmm bench --out {}` (all figures from one run, on \
+             this project's 2-core PVM machine).\n\n{md}",
+            path.display()
+        );
+        std::fs::write(path, doc).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
