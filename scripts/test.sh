@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need (as root, from Debian's packages), then runs
-# every test of the workspace. The end-to-end tests create taps, bridges and network
-# namespaces, so they need root and /dev/kvm.
+# every test: the workspace's (unit and end-to-end, under KVM) and the guest crates' host-side
+# unit tests. The end-to-end tests create taps, bridges and network namespaces, so they need
+# root and /dev/kvm. Ends with one summary line: "tests: N passed, N failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v ip >/dev/null; then
-    apt-get update -qq && apt-get install -y -qq iproute2
+if ! command -v ip >/dev/null || ! command -v chattr >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq iproute2 e2fsprogs
 fi
-cargo build --workspace --locked --all-targets
-cargo test --workspace --locked
-# The guest runtime's and the stencil kernel's host-side unit tests (an empty RUSTFLAGS
-# replaces the freestanding link flags of guest/.cargo/config.toml).
-(cd guest && RUSTFLAGS="" cargo test --locked -p stencil-core -p guest-rt)
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+{
+    cargo test --workspace --locked --tests &&
+    # An empty RUSTFLAGS replaces the freestanding link flags of guest/.cargo/config.toml.
+    (cd guest && RUSTFLAGS="" cargo test --locked -p stencil-core -p guest-rt --tests)
+} 2>&1 | tee "$log" || status=$?
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"

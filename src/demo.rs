@@ -14,8 +14,8 @@ use vmm::{VmConfig, VmOutcome, Vmm};
 
 use crate::run::Error;
 
-const N: usize = 512;
-const STEPS: u64 = 4000;
+const N: usize = 1024;
+const STEPS: u64 = 3000;
 const VCPUS: u32 = 2;
 
 /// Shows console bytes and keeps a copy to check the result.
@@ -55,7 +55,7 @@ pub fn demo() -> Result<ExitCode, Error> {
         args: vec![
             format!("n={N}"),
             format!("steps={STEPS}"),
-            "report=500".into(),
+            "report=250".into(),
         ],
     };
     let payload = crate::payloads::builtin("stencil").ok_or("stencil payload missing")?;

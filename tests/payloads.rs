@@ -150,3 +150,15 @@ fn a_missing_or_read_only_disk_is_refused() {
     let err = refused_disk(disk.to_str().unwrap());
     assert!(err.contains("cannot be opened read-write"), "{err}");
 }
+
+#[test]
+fn the_demo_runs_stencil_and_checks_it_against_the_host() {
+    let out = ftvmm(&["demo"], Duration::from_secs(120));
+    let text = stdout_of(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", stderr_of(&out));
+    assert!(text.contains("step 250 center"), "shows progress: {text}");
+    assert!(
+        text.contains("equals the host's own run of the kernel: OK"),
+        "{text}"
+    );
+}

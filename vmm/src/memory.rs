@@ -36,7 +36,7 @@ pub fn ram_ranges(mem_size: u64) -> Vec<(GuestAddress, u64)> {
 
 /// Checks a requested guest memory size.
 pub fn check_mem_size(mem_size: u64) -> Result<(), MemoryError> {
-    if !(MIN_MEM_SIZE..=MAX_MEM_SIZE).contains(&mem_size) || mem_size % (2 << 20) != 0 {
+    if !(MIN_MEM_SIZE..=MAX_MEM_SIZE).contains(&mem_size) || !mem_size.is_multiple_of(2 << 20) {
         return Err(MemoryError::BadSize(mem_size));
     }
     Ok(())

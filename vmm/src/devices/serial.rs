@@ -142,41 +142,6 @@ impl MmioDevice for SerialDevice {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::sync::{Arc, Mutex};
-
-    #[derive(Clone, Default)]
-    struct Capture(Arc<Mutex<Vec<Vec<u8>>>>);
-    impl ConsoleSink for Capture {
-        fn write_console(&mut self, bytes: &[u8]) {
-            self.0.lock().unwrap().push(bytes.to_vec());
-        }
-    }
-
-    #[test]
-    fn a_string_write_reaches_the_sink_as_one_batch() {
-        let cap = Capture::default();
-        let mut dev = SerialDevice::new(Box::new(cap.clone())).unwrap();
-        dev.write(0, b"hello\n");
-        assert_eq!(*cap.0.lock().unwrap(), vec![b"hello\n".to_vec()]);
-    }
-
-    #[test]
-    fn state_round_trips_and_keeps_the_sink() {
-        let cap = Capture::default();
-        let mut dev = SerialDevice::new(Box::new(cap.clone())).unwrap();
-        dev.write(7, &[0x5a]); // scratch register
-        dev.write(3, &[0x03]); // 8N1
-        let state = dev.save_state();
-        let mut other = SerialDevice::from_state(&state, Box::new(cap.clone())).unwrap();
-        assert_eq!(other.save_state(), state);
-        other.write(0, b"x");
-        assert_eq!(cap.0.lock().unwrap().last().unwrap(), b"x");
-    }
-}
-
 /// ftvmm's batched console port ([`guest_abi::PORT_CONSOLE_BATCH`]): one VM exit hands the UART
 /// a whole buffer from guest memory, where `rep outsb` would exit once per byte.
 pub struct ConsoleBatchPort {
@@ -228,5 +193,60 @@ impl MmioDevice for ConsoleBatchPort {
                 .write(0, &bytes),
             None => tracing::warn!(addr, "console batch record outside guest RAM"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<Vec<u8>>>>);
+    impl ConsoleSink for Capture {
+        fn write_console(&mut self, bytes: &[u8]) {
+            self.0.lock().unwrap().push(bytes.to_vec());
+        }
+    }
+
+    #[test]
+    fn a_string_write_reaches_the_sink_as_one_batch() {
+        let cap = Capture::default();
+        let mut dev = SerialDevice::new(Box::new(cap.clone())).unwrap();
+        dev.write(0, b"hello\n");
+        assert_eq!(*cap.0.lock().unwrap(), vec![b"hello\n".to_vec()]);
+    }
+
+    #[test]
+    fn state_round_trips_and_keeps_the_sink() {
+        let cap = Capture::default();
+        let mut dev = SerialDevice::new(Box::new(cap.clone())).unwrap();
+        dev.write(7, &[0x5a]); // scratch register
+        dev.write(3, &[0x03]); // 8N1
+        let state = dev.save_state();
+        let mut other = SerialDevice::from_state(&state, Box::new(cap.clone())).unwrap();
+        assert_eq!(other.save_state(), state);
+        other.write(0, b"x");
+        assert_eq!(cap.0.lock().unwrap().last().unwrap(), b"x");
+    }
+
+    #[test]
+    fn the_batch_port_hands_a_guest_buffer_to_the_sink_in_one_piece() {
+        use vm_memory::{Bytes, GuestAddress};
+        let mem = crate::memory::create_guest_memory(64 << 20).unwrap();
+        mem.write_obj(5u32, GuestAddress(0x8000)).unwrap();
+        mem.write_slice(b"hello", GuestAddress(0x8004)).unwrap();
+        let cap = Capture::default();
+        let uart = Arc::new(Mutex::new(
+            SerialDevice::new(Box::new(cap.clone())).unwrap(),
+        ));
+        let mut port = ConsoleBatchPort::new(mem, uart);
+        let mut magic = [0u8; 4];
+        port.read(0, &mut magic);
+        assert_eq!(u32::from_le_bytes(magic), guest_abi::CONSOLE_BATCH_MAGIC);
+        port.write(0, &0x8000u32.to_le_bytes());
+        // A record outside guest RAM is ignored, not a panic.
+        port.write(0, &0xffff_fff0u32.to_le_bytes());
+        assert_eq!(*cap.0.lock().unwrap(), vec![b"hello".to_vec()]);
     }
 }

@@ -1,0 +1,56 @@
+//! Hand-assembled payloads pin down the boot contract: CPL3 entry with port access to the
+//! UART, the exit port's code becoming ftvmm's exit status, and every vCPU entering with its id
+//! and parking.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const LOAD: u64 = 0x40_0000;
+const LIMIT: Duration = Duration::from_secs(30);
+
+fn run_code(tag: &str, code: &[u8], vcpus: &str) -> std::process::Output {
+    let s = Scratch::new(tag);
+    let p = s.path("payload");
+    write_file(&p, &elf_with_code(code, LOAD));
+    ftvmm(
+        &["run", "--vcpus", vcpus, "--payload", p.to_str().unwrap()],
+        LIMIT,
+    )
+}
+
+#[test]
+fn cpl3_code_writes_the_uart_and_its_exit_code_is_ftvmms() {
+    // lea rsi, [rip+msg]; mov ecx, len; mov dx, 0x3f8; rep outsb;
+    // mov dx, 0x501; mov eax, 7; out dx, eax; msg: "hi from cpl3\n"
+    let msg = b"hi from cpl3\n";
+    let mut code = vec![0x48, 0x8d, 0x35, 0, 0, 0, 0, 0xb9];
+    code.extend_from_slice(&(msg.len() as u32).to_le_bytes());
+    code.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03, 0xf3, 0x6e]);
+    code.extend_from_slice(&[0x66, 0xba, 0x01, 0x05, 0xb8, 7, 0, 0, 0, 0xef]);
+    let rel = (code.len() - 7) as u32;
+    code[3..7].copy_from_slice(&rel.to_le_bytes());
+    code.extend_from_slice(msg);
+    let out = run_code("uart", &code, "1");
+    assert_eq!(out.status.code(), Some(7), "{}", stderr_of(&out));
+    assert_eq!(out.stdout, msg);
+}
+
+#[test]
+fn every_vcpu_enters_with_its_id_and_the_vm_ends_when_all_park() {
+    let code = [
+        0x48, 0x8d, 0x46, 0x30, // lea rax, [rsi+'0']: rsi holds the vCPU id
+        0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+        0xee, // out dx, al
+        0x66, 0xba, 0x02, 0x05, // mov dx, 0x502 (park)
+        0xee, // out dx, al
+        0xeb, 0xfe, // jmp $
+    ];
+    let out = run_code("park", &code, "4");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+    let mut ids = out.stdout.clone();
+    ids.sort();
+    assert_eq!(ids, b"0123");
+}
