@@ -113,7 +113,8 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// A built VM with its vCPU threads.
 pub struct Vmm {
-    vm: Vm,
+    /// Owns the VM fd and guest memory for as long as the vCPUs run.
+    _vm: Vm,
     vcpus: Vec<Arc<Mutex<Vcpu>>>,
     threads: Vec<JoinHandle<()>>,
     control: Arc<RunControl>,
@@ -172,7 +173,7 @@ impl Vmm {
             vcpu.enter_payload(entry)?;
         }
         Ok(Self {
-            vm,
+            _vm: vm,
             vcpus: vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect(),
             threads: Vec::new(),
             control: Arc::new(RunControl::default()),
@@ -247,12 +248,18 @@ impl Vmm {
         outcome
     }
 
-    pub fn vm(&self) -> &Vm {
-        &self.vm
-    }
-
     /// VM exits served by the device buses so far.
     pub fn exit_counts(&self) -> crate::bus::ExitCounts {
         self.bus.exit_counts()
+    }
+}
+
+impl Drop for Vmm {
+    /// Stops and joins the vCPU threads before the guest memory they run on is unmapped.
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.stop(VmOutcome::Fault("VM dropped while running".into()));
+            self.wait();
+        }
     }
 }

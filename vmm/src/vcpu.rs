@@ -215,10 +215,6 @@ impl RunControl {
         first
     }
 
-    pub fn outcome(&self) -> Option<VmOutcome> {
-        self.lock().outcome.clone()
-    }
-
     /// Blocks until the VM has an outcome.
     pub fn wait_outcome(&self) -> VmOutcome {
         let mut st = self.lock();
