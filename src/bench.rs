@@ -240,20 +240,12 @@ fn blk() -> Result<Vec<Row>, Error> {
 /// virtio-net: a client in another namespace streams pipelined requests to builtin:kv.
 fn net(lines: u64) -> Result<Vec<Row>, Error> {
     let topo = Topology::new("bench")?;
-    let host_ns = format!("/run/netns/{}", topo.host);
     // The tap must be created inside the host namespace; its fd keeps working from any thread.
-    let tap = std::thread::spawn(move || -> Result<Tap, String> {
-        let ns = std::fs::File::open(&host_ns).map_err(|e| e.to_string())?;
-        // SAFETY: setns on a namespace fd we own; it changes only this thread's namespace.
-        if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) } != 0 {
-            return Err(std::io::Error::last_os_error().to_string());
-        }
+    let tap = topo.in_host(|| -> Result<Tap, String> {
         let tap = Tap::open("ftbench0").map_err(|e| e.to_string())?;
         tap.enslave(BRIDGE).map_err(|e| e.to_string())?;
         Ok(tap)
-    })
-    .join()
-    .map_err(|_| "tap thread panicked")??;
+    })?;
     let args = vec![format!("ip={GUEST_IP}/24"), "port=7000".into()];
     let mac = [0x02, 0, 0, 0, 0, 0x42];
     let (vmm, out) = boot("kv", 1, &args, None, Some((tap, mac)))?;

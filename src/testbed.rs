@@ -68,17 +68,28 @@ impl Topology {
     /// Runs `f` on a thread that has entered the client namespace; sockets it opens live there.
     /// A panic in `f` is passed on to the caller.
     pub fn in_client<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.client);
-        let result = std::thread::spawn(move || {
-            let ns = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-            // SAFETY: setns on a namespace fd we own; it changes only this thread's namespace.
-            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join();
-        result.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        in_namespace(&self.client, f)
     }
+
+    /// Runs `f` on a thread that has entered the host namespace (where taps must be created).
+    pub fn in_host<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        in_namespace(&self.host, f)
+    }
+}
+
+/// Runs `f` on a new thread that has entered network namespace `name`; what it opens (sockets,
+/// taps) lives there and keeps working from any thread. A panic in `f` reaches the caller.
+fn in_namespace<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{name}");
+    let result = std::thread::spawn(move || {
+        let ns = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+        // SAFETY: setns on a namespace fd we own; it changes only this thread's namespace.
+        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join();
+    result.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 impl Drop for Topology {
