@@ -1,33 +1,14 @@
-//! x86 port I/O. The VMM sets IOPL=3, so these work at CPL3. Each one is a VM exit.
+//! x86 port I/O. Legal at CPL3 because ftvmm sets IOPL=3 and gives the TSS an all-clear I/O
+//! permission bitmap (which PVM's emulator honours). Each access is a VM exit.
 use core::arch::asm;
-
-/// Writes one byte to `port`.
-#[inline]
-pub fn outb(port: u16, value: u8) {
-    // SAFETY: port I/O has no memory effects; IOPL=3 makes it legal at CPL3.
-    unsafe {
-        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
-    }
-}
 
 /// Writes a 32-bit value to `port`.
 #[inline]
 pub fn outl(port: u16, value: u32) {
-    // SAFETY: as in `outb`.
+    // SAFETY: port I/O has no memory effects and is allowed at CPL3 (see the module comment).
     unsafe {
         asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
     }
-}
-
-/// Reads one byte from `port`.
-#[inline]
-pub fn inb(port: u16) -> u8 {
-    let value: u8;
-    // SAFETY: as in `outb`.
-    unsafe {
-        asm!("in al, dx", out("al") value, in("dx") port, options(nomem, nostack, preserves_flags))
-    }
-    value
 }
 
 /// Writes `bytes` to `port` with `rep outsb`. Measured here: KVM emulates it one byte per VM
@@ -54,7 +35,7 @@ pub fn outsb(port: u16, bytes: &[u8]) {
 #[inline]
 pub fn inl(port: u16) -> u32 {
     let value: u32;
-    // SAFETY: as in `outb`.
+    // SAFETY: as in `outl`.
     unsafe {
         asm!("in eax, dx", out("eax") value, in("dx") port, options(nomem, nostack, preserves_flags))
     }
