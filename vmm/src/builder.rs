@@ -17,16 +17,16 @@ use crate::bus::Bus;
 use crate::devices::serial::{ConsoleBatchPort, SerialDevice, SerialDeviceState};
 use crate::devices::virtio::blk::Block;
 use crate::devices::virtio::blk::BlockState;
-use crate::devices::virtio::mmio::MmioState;
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::mmio::{MmioError, MmioState};
 use crate::devices::virtio::net::NetState;
 use crate::devices::virtio::net::{Net, NetError};
 use crate::devices::virtio::tap::Tap;
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::{BlockBackend, ConsoleSink, GuestMemory};
-use crate::memory::{self, MemoryError};
-use crate::vcpu::{self, RunControl, Vcpu, VcpuError, VmOutcome};
-use crate::vm::{Vm, VmError};
+use crate::memory::{self, DirtyLog, MemoryError};
+use crate::vcpu::{self, RunControl, Vcpu, VcpuError, VcpuState, VmOutcome};
+use crate::vm::{Vm, VmError, VmState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -46,6 +46,10 @@ pub enum BuildError {
     Thread(std::io::Error),
     #[error("cannot create the network device: {0}")]
     Net(#[from] NetError),
+    #[error("cannot restore a virtio device: {0}")]
+    Mmio(#[from] MmioError),
+    #[error("the saved state does not match the VM configuration: {0} differs")]
+    StateMismatch(&'static str),
 }
 
 /// What a VM is made of; both nodes of a replicated pair must agree on it.
@@ -106,6 +110,21 @@ pub struct DeviceStates {
     pub net: Option<MmioState<NetState>>,
 }
 
+/// The complete state of a VM apart from its RAM: what a checkpoint carries besides pages.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmmState {
+    pub vm: VmState,
+    pub vcpus: Vec<VcpuState>,
+    pub devices: DeviceStates,
+}
+
+fn check_vcpus(config: &VmConfig) -> Result<(), BuildError> {
+    if !(1..=64).contains(&config.vcpus) {
+        return Err(BuildError::BadVcpus(config.vcpus));
+    }
+    Ok(())
+}
+
 /// Locks a device whose lock a panicking thread may have poisoned; its registers stay valid.
 fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -114,8 +133,10 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// A built VM with its vCPU threads.
 pub struct Vmm {
     /// Owns the VM fd and guest memory for as long as the vCPUs run.
-    _vm: Vm,
+    vm: Vm,
     vcpus: Vec<Arc<Mutex<Vcpu>>>,
+    /// The MSRs saved with each vCPU: KVM's list minus those this host refuses to read.
+    msr_indices: Vec<u32>,
     threads: Vec<JoinHandle<()>>,
     control: Arc<RunControl>,
     bus: Arc<Bus>,
@@ -127,30 +148,89 @@ pub struct Vmm {
 impl Vmm {
     /// Builds a VM and boots `payload` (an ELF image) into it; the vCPUs start with [`Vmm::start`].
     pub fn boot_payload(config: &VmConfig, payload: &[u8], io: HostIo) -> Result<Self, BuildError> {
-        if !(1..=64).contains(&config.vcpus) {
-            return Err(BuildError::BadVcpus(config.vcpus));
-        }
+        check_vcpus(config)?;
         // Check the payload before allocating anything, so bad input fails fast.
         memory::check_mem_size(config.mem_size)?;
         boot::check_payload(payload, config.mem_size)?;
         let mem = memory::create_guest_memory(config.mem_size)?;
-        let vm = Vm::new(&io.kvm_path, mem)?;
+        let serial = SerialDevice::new(io.console).map_err(BuildError::Serial)?;
+        let (vmm, devices) = Self::build(config, mem, serial, io.kvm_path, io.disk, io.net)?;
+        let params = BootParams {
+            vcpus: config.vcpus,
+            tsc_khz: u64::from(lock(&vmm.vcpus[0]).tsc_khz()?),
+            devices,
+            args: config.args.clone(),
+        };
+        let entries = boot::load_payload(vmm.vm.memory(), config.mem_size, payload, &params)?;
+        for (vcpu, entry) in vmm.vcpus.iter().zip(&entries) {
+            lock(vcpu).enter_payload(entry)?;
+        }
+        Ok(vmm)
+    }
+
+    /// Builds a VM on `memory`, which already holds the guest's RAM as of `state`, and loads
+    /// `state` into it: the VM continues where the saved one stopped. `io` must provide the
+    /// same devices the saved VM had.
+    pub fn restore(
+        config: &VmConfig,
+        memory: GuestMemory,
+        state: &VmmState,
+        io: HostIo,
+    ) -> Result<Self, BuildError> {
+        check_vcpus(config)?;
+        if state.vcpus.len() != config.vcpus as usize {
+            return Err(BuildError::StateMismatch("vCPU count"));
+        }
+        if io.disk.is_some() != state.devices.disk.is_some()
+            || io.net.is_some() != state.devices.net.is_some()
+        {
+            return Err(BuildError::StateMismatch("device set"));
+        }
+        let serial = SerialDevice::from_state(&state.devices.serial, io.console)
+            .map_err(BuildError::Serial)?;
+        let (vmm, _) = Self::build(config, memory, serial, io.kvm_path, io.disk, io.net)?;
+        vmm.vm.restore_state(&state.vm)?;
+        for (vcpu, saved) in vmm.vcpus.iter().zip(&state.vcpus) {
+            lock(vcpu).restore_state(saved)?;
+        }
+        if let (Some(disk), Some(saved)) = (&vmm.disk, &state.devices.disk) {
+            lock(disk).restore_state(saved)?;
+        }
+        if let (Some(net), Some(saved)) = (&vmm.net, &state.devices.net) {
+            lock(net).restore_state(saved)?;
+        }
+        let parked = state.vcpus.iter().filter(|v| v.parked).count();
+        vmm.control.set_parked(parked);
+        Ok(vmm)
+    }
+
+    /// The parts both boot and restore share: KVM VM on `memory`, vCPUs, and devices on the
+    /// buses. Returns the devices' boot-info entries.
+    fn build(
+        config: &VmConfig,
+        memory: GuestMemory,
+        serial: SerialDevice,
+        kvm_path: PathBuf,
+        disk: Option<Box<dyn BlockBackend>>,
+        net: Option<(Tap, [u8; 6])>,
+    ) -> Result<(Self, Vec<DeviceInfo>), BuildError> {
+        let vm = Vm::new(&kvm_path, memory)?;
         let vcpus = (0..config.vcpus)
             .map(|id| Vcpu::new(&vm, id))
             .collect::<Result<Vec<_>, _>>()?;
+        let msr_indices = vcpus[0].readable_msrs(&vm.msr_index_list()?)?;
         let mut bus = Bus::default();
-        let serial = SerialDevice::new(io.console).map_err(BuildError::Serial)?;
         let serial = Arc::new(Mutex::new(serial));
         bus.add_pio(PORT_UART, 8, serial.clone());
         let batch = ConsoleBatchPort::new(vm.memory().clone(), serial.clone());
         bus.add_pio(PORT_CONSOLE_BATCH, 4, Arc::new(Mutex::new(batch)));
         let mut devices = Vec::new();
-        let disk = io.disk.map(|backend| {
+        let disk = disk.map(|backend| {
             devices.push(slot_info(DeviceKind::VirtioBlk, SLOT_DISK));
             let block = Block::new(backend, false, "ftvmm-disk");
             attach(&mut bus, vm.memory(), SLOT_DISK, block)
         });
-        let net = match io.net {
+        let net = match net {
             Some((tap, mac)) => {
                 devices.push(slot_info(DeviceKind::VirtioNet, SLOT_NET));
                 Some(attach(
@@ -162,26 +242,18 @@ impl Vmm {
             }
             None => None,
         };
-        let params = BootParams {
-            vcpus: config.vcpus,
-            tsc_khz: u64::from(vcpus[0].tsc_khz()?),
-            devices,
-            args: config.args.clone(),
-        };
-        let entries = boot::load_payload(vm.memory(), config.mem_size, payload, &params)?;
-        for (vcpu, entry) in vcpus.iter().zip(&entries) {
-            vcpu.enter_payload(entry)?;
-        }
-        Ok(Self {
-            _vm: vm,
+        let vmm = Self {
+            vm,
             vcpus: vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect(),
+            msr_indices,
             threads: Vec::new(),
             control: Arc::new(RunControl::default()),
             bus: Arc::new(bus),
             serial,
             disk,
             net,
-        })
+        };
+        Ok((vmm, devices))
     }
 
     /// Starts one thread per vCPU.
@@ -230,6 +302,40 @@ impl Vmm {
             disk: self.disk.as_ref().map(|d| lock(d).save_state()),
             net: self.net.as_ref().map(|n| lock(n).save_state()),
         }
+    }
+
+    /// Saves the complete VM state (platform, every vCPU, every device); call while paused.
+    pub fn save_state(&self) -> Result<VmmState, BuildError> {
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(|v| lock(v).save_state(&self.msr_indices))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(VmmState {
+            vm: self.vm.save_state()?,
+            vcpus,
+            devices: self.save_devices(),
+        })
+    }
+
+    /// The guest's RAM.
+    pub fn memory(&self) -> &GuestMemory {
+        self.vm.memory()
+    }
+
+    /// Turns KVM's dirty page logging on or off.
+    pub fn set_dirty_logging(&self, on: bool) -> Result<(), BuildError> {
+        Ok(self.vm.set_dirty_logging(on)?)
+    }
+
+    /// The pages written since the last harvest, by vCPUs and devices; exact while paused.
+    pub fn harvest_dirty(&self) -> Result<DirtyLog, BuildError> {
+        Ok(self.vm.harvest_dirty()?)
+    }
+
+    /// Whether the VM has ended.
+    pub fn outcome(&self) -> Option<VmOutcome> {
+        self.control.outcome()
     }
 
     /// Ends the VM with `outcome` (if it has none yet) and stops its vCPUs.

@@ -1,7 +1,7 @@
 //! Guest RAM: its layout around the MMIO hole and its creation with a VMM-side dirty bitmap.
 
 use guest_abi::{HIGH_RAM_START, LOW_RAM_END};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::devices::GuestMemory;
 
@@ -55,10 +55,74 @@ pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemory, MemoryError> {
     })
 }
 
+/// The pages written in one interval: a bitmap (one bit per 4 KiB page) per RAM region.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DirtyLog {
+    regions: Vec<DirtyRegion>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct DirtyRegion {
+    start: GuestAddress,
+    len: u64,
+    bits: Vec<u64>,
+}
+
+impl DirtyLog {
+    /// Adds a region of `len` bytes at `start` whose pages are marked in `bits`.
+    pub fn add_region(&mut self, start: GuestAddress, len: u64, bits: Vec<u64>) {
+        self.regions.push(DirtyRegion { start, len, bits });
+    }
+
+    /// A log naming every page of `memory` (what an initial copy sends).
+    pub fn all(memory: &GuestMemory) -> Self {
+        let mut log = Self::default();
+        for region in memory.iter() {
+            let pages = region.len().div_ceil(PAGE_SIZE);
+            let mut bits = vec![u64::MAX; pages.div_ceil(64) as usize];
+            if pages % 64 != 0 {
+                if let Some(last) = bits.last_mut() {
+                    *last = (1u64 << (pages % 64)) - 1;
+                }
+            }
+            log.add_region(region.start_addr(), region.len(), bits);
+        }
+        log
+    }
+
+    /// Number of dirty pages.
+    pub fn count(&self) -> usize {
+        self.regions
+            .iter()
+            .flat_map(|r| &r.bits)
+            .map(|w| w.count_ones() as usize)
+            .sum()
+    }
+
+    /// The guest-physical address of every dirty page, in ascending order.
+    pub fn pages(&self) -> impl Iterator<Item = u64> + '_ {
+        self.regions.iter().flat_map(|r| {
+            let pages = r.len / PAGE_SIZE;
+            r.bits.iter().enumerate().flat_map(move |(i, &word)| {
+                let mut w = word;
+                std::iter::from_fn(move || {
+                    if w == 0 {
+                        return None;
+                    }
+                    let bit = w.trailing_zeros() as u64;
+                    w &= w - 1;
+                    Some(i as u64 * 64 + bit)
+                })
+                .filter(move |&page| page < pages)
+                .map(move |page| r.start.0 + page * PAGE_SIZE)
+            })
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::GuestMemoryBackend as _;
 
     #[test]
     fn layout_splits_around_the_mmio_hole() {
@@ -79,5 +143,28 @@ mod tests {
         assert!(check_mem_size((256 << 20) + 4096).is_err());
         let mem = create_guest_memory(64 << 20).unwrap();
         assert_eq!(mem.num_regions(), 1);
+    }
+
+    #[test]
+    fn dirty_log_lists_pages_in_order() {
+        let mut log = DirtyLog::default();
+        log.add_region(GuestAddress(0), 128 * PAGE_SIZE, vec![0b1001, 1 << 63]);
+        log.add_region(GuestAddress(HIGH_RAM_START), 3 * PAGE_SIZE, vec![0b110]);
+        let pages: Vec<u64> = log.pages().collect();
+        assert_eq!(
+            pages,
+            vec![
+                0,
+                3 * PAGE_SIZE,
+                127 * PAGE_SIZE,
+                HIGH_RAM_START + PAGE_SIZE,
+                HIGH_RAM_START + 2 * PAGE_SIZE
+            ]
+        );
+        assert_eq!(log.count(), 5);
+        let mem = create_guest_memory(66 << 20).unwrap();
+        let all = DirtyLog::all(&mem);
+        assert_eq!(all.count() as u64, (66 << 20) / PAGE_SIZE);
+        assert_eq!(all.pages().last(), Some((66 << 20) - PAGE_SIZE));
     }
 }

@@ -5,8 +5,13 @@ use std::cell::Cell;
 use std::sync::{Arc, Condvar, Mutex};
 
 use guest_abi::{PORT_EXIT, PORT_PARK};
-use kvm_bindings::{kvm_fpu, kvm_mp_state, kvm_run, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE};
+use kvm_bindings::{
+    kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_run,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, KVM_MAX_CPUID_ENTRIES,
+    KVM_MP_STATE_RUNNABLE,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use serde::{Deserialize, Serialize};
 
 use crate::boot::EntryState;
 use crate::bus::Bus;
@@ -22,6 +27,35 @@ pub enum VcpuError {
     },
     #[error("cannot install the vCPU kick signal handler: {0}")]
     Signal(vmm_sys_util::errno::Error),
+    #[error("vCPU {id}: KVM accepted {set} of {total} MSRs; MSR {index:#x} was refused")]
+    MsrRefused {
+        id: u32,
+        set: usize,
+        total: usize,
+        index: u32,
+    },
+    #[error("vCPU {id}: too many MSRs for one KVM call")]
+    MsrCount { id: u32 },
+}
+
+/// A vCPU's complete architectural state as KVM holds it: enough to continue the vCPU exactly
+/// in a fresh VM on the same guest memory.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VcpuState {
+    pub id: u32,
+    /// Whether the guest parked this vCPU for good (a payload convention, not KVM state).
+    pub parked: bool,
+    pub tsc_khz: u32,
+    pub mp_state: kvm_mp_state,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: kvm_xsave,
+    pub xcrs: kvm_xcrs,
+    pub debugregs: kvm_debugregs,
+    pub lapic: kvm_lapic_state,
+    /// Every MSR KVM lists that this vCPU can read, the TSC among them.
+    pub msrs: Vec<kvm_msr_entry>,
+    pub events: kvm_vcpu_events,
 }
 
 /// How a VM run ended.
@@ -92,6 +126,120 @@ impl Vcpu {
                 mp_state: KVM_MP_STATE_RUNNABLE,
             })
             .map_err(err("KVM_SET_MP_STATE"))
+    }
+
+    fn kvm_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VcpuError {
+        let id = self.id;
+        move |source| VcpuError::Kvm { id, what, source }
+    }
+
+    /// Those of `indices` (KVM's MSR list) that KVM lets this vCPU read; some listed MSRs
+    /// are refused on some hosts, and KVM_GET_MSRS stops at the first refusal.
+    pub fn readable_msrs(&self, indices: &[u32]) -> Result<Vec<u32>, VcpuError> {
+        let mut readable = Vec::with_capacity(indices.len());
+        let mut rest = indices;
+        while !rest.is_empty() {
+            let mut msrs = msr_request(self.id, rest)?;
+            let n = self
+                .fd
+                .get_msrs(&mut msrs)
+                .map_err(self.kvm_err("KVM_GET_MSRS"))?;
+            readable.extend_from_slice(&rest[..n]);
+            // Skip the refused MSR and go on after it.
+            rest = rest.get(n + 1..).unwrap_or_default();
+        }
+        Ok(readable)
+    }
+
+    /// Saves the vCPU's state; the vCPU must be out of KVM_RUN.
+    pub fn save_state(&self, msr_indices: &[u32]) -> Result<VcpuState, VcpuError> {
+        let mut msrs = msr_request(self.id, msr_indices)?;
+        let n = self
+            .fd
+            .get_msrs(&mut msrs)
+            .map_err(self.kvm_err("KVM_GET_MSRS"))?;
+        if n != msr_indices.len() {
+            return Err(VcpuError::MsrRefused {
+                id: self.id,
+                set: n,
+                total: msr_indices.len(),
+                index: msr_indices[n],
+            });
+        }
+        Ok(VcpuState {
+            id: self.id,
+            parked: self.parked,
+            tsc_khz: self.tsc_khz()?,
+            mp_state: self
+                .fd
+                .get_mp_state()
+                .map_err(self.kvm_err("KVM_GET_MP_STATE"))?,
+            regs: self.fd.get_regs().map_err(self.kvm_err("KVM_GET_REGS"))?,
+            sregs: self.fd.get_sregs().map_err(self.kvm_err("KVM_GET_SREGS"))?,
+            xsave: self.fd.get_xsave().map_err(self.kvm_err("KVM_GET_XSAVE"))?,
+            xcrs: self.fd.get_xcrs().map_err(self.kvm_err("KVM_GET_XCRS"))?,
+            debugregs: self
+                .fd
+                .get_debug_regs()
+                .map_err(self.kvm_err("KVM_GET_DEBUGREGS"))?,
+            lapic: self.fd.get_lapic().map_err(self.kvm_err("KVM_GET_LAPIC"))?,
+            msrs: msrs.as_slice().to_vec(),
+            events: self
+                .fd
+                .get_vcpu_events()
+                .map_err(self.kvm_err("KVM_GET_VCPU_EVENTS"))?,
+        })
+    }
+
+    /// Loads a saved state into this (freshly created) vCPU. The order follows what KVM needs:
+    /// TSC rate first; sregs (EFER, CR4) before the xsave and MSRs that depend on them; LAPIC
+    /// before MSRs (the APIC base); pending events last.
+    pub fn restore_state(&mut self, state: &VcpuState) -> Result<(), VcpuError> {
+        if state.tsc_khz != self.tsc_khz()? {
+            self.fd
+                .set_tsc_khz(state.tsc_khz)
+                .map_err(self.kvm_err("KVM_SET_TSC_KHZ"))?;
+        }
+        self.fd
+            .set_mp_state(state.mp_state)
+            .map_err(self.kvm_err("KVM_SET_MP_STATE"))?;
+        self.fd
+            .set_regs(&state.regs)
+            .map_err(self.kvm_err("KVM_SET_REGS"))?;
+        self.fd
+            .set_sregs(&state.sregs)
+            .map_err(self.kvm_err("KVM_SET_SREGS"))?;
+        // SAFETY: the buffer came from KVM_GET_XSAVE on a vCPU with the same CPUID, so it has
+        // the layout KVM expects; KVM validates it again.
+        unsafe { self.fd.set_xsave(&state.xsave) }.map_err(self.kvm_err("KVM_SET_XSAVE"))?;
+        self.fd
+            .set_xcrs(&state.xcrs)
+            .map_err(self.kvm_err("KVM_SET_XCRS"))?;
+        self.fd
+            .set_debug_regs(&state.debugregs)
+            .map_err(self.kvm_err("KVM_SET_DEBUGREGS"))?;
+        self.fd
+            .set_lapic(&state.lapic)
+            .map_err(self.kvm_err("KVM_SET_LAPIC"))?;
+        let msrs =
+            Msrs::from_entries(&state.msrs).map_err(|_| VcpuError::MsrCount { id: self.id })?;
+        let n = self
+            .fd
+            .set_msrs(&msrs)
+            .map_err(self.kvm_err("KVM_SET_MSRS"))?;
+        if n != state.msrs.len() {
+            return Err(VcpuError::MsrRefused {
+                id: self.id,
+                set: n,
+                total: state.msrs.len(),
+                index: state.msrs[n].index,
+            });
+        }
+        self.fd
+            .set_vcpu_events(&state.events)
+            .map_err(self.kvm_err("KVM_SET_VCPU_EVENTS"))?;
+        self.parked = state.parked;
+        Ok(())
     }
 
     /// The guest TSC frequency in kHz.
@@ -168,6 +316,18 @@ impl Vcpu {
     }
 }
 
+/// A KVM_GET/SET_MSRS buffer naming `indices`.
+fn msr_request(id: u32, indices: &[u32]) -> Result<Msrs, VcpuError> {
+    let entries: Vec<kvm_msr_entry> = indices
+        .iter()
+        .map(|&index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect();
+    Msrs::from_entries(&entries).map_err(|_| VcpuError::MsrCount { id })
+}
+
 fn exit_code(data: &[u8]) -> i32 {
     let mut raw = [0u8; 4];
     let n = data.len().min(4);
@@ -236,6 +396,16 @@ impl RunControl {
         while st.idle < n && st.outcome.is_none() {
             st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
         }
+    }
+
+    /// The VM's outcome, if it has ended.
+    pub fn outcome(&self) -> Option<VmOutcome> {
+        self.lock().outcome.clone()
+    }
+
+    /// Counts vCPUs that a restored state holds parked already.
+    pub fn set_parked(&self, parked: usize) {
+        self.lock().parked = parked;
     }
 
     pub fn resume(&self) {

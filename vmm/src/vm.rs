@@ -2,11 +2,17 @@
 
 use std::path::Path;
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use serde::{Deserialize, Serialize};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
 
 use crate::devices::GuestMemory;
+use crate::memory::DirtyLog;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -21,6 +27,16 @@ pub enum VmError {
         what: &'static str,
         source: kvm_ioctls::Error,
     },
+}
+
+/// The VM-wide platform state KVM holds: interrupt controllers, PIT and clock.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VmState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
 }
 
 /// A KVM VM with guest RAM registered as memory slots, an in-kernel irqchip and a PIT.
@@ -75,6 +91,89 @@ impl Vm {
             unsafe { self.fd.set_user_memory_region(desc) }?;
         }
         Ok(())
+    }
+
+    fn kvm_err(&self, what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+        let path = String::from("the VM");
+        move |source| VmError::Kvm { path, what, source }
+    }
+
+    /// Turns KVM's dirty page logging of every memory slot on or off.
+    pub fn set_dirty_logging(&self, on: bool) -> Result<(), VmError> {
+        let flags = if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 };
+        self.set_memory_slots(flags)
+            .map_err(self.kvm_err("KVM_SET_USER_MEMORY_REGION (dirty logging)"))
+    }
+
+    /// Takes the pages written since the last harvest, by vCPUs (KVM's log) and by the VMM and
+    /// its devices (the vm-memory bitmap), and clears both logs. Exact only while the vCPUs
+    /// and device workers are paused; otherwise a page written during the harvest shows up in
+    /// this harvest or the next.
+    pub fn harvest_dirty(&self) -> Result<DirtyLog, VmError> {
+        let mut log = DirtyLog::default();
+        for (slot, region) in self.memory.iter().enumerate() {
+            let mut bits = self
+                .fd
+                .get_dirty_log(slot as u32, region.len() as usize)
+                .map_err(self.kvm_err("KVM_GET_DIRTY_LOG"))?;
+            let mapping: &MmapRegion<_> = region;
+            let vmm_bits = mapping.bitmap().get_and_reset();
+            for (k, v) in bits.iter_mut().zip(vmm_bits) {
+                *k |= v;
+            }
+            log.add_region(region.start_addr(), region.len(), bits);
+        }
+        Ok(log)
+    }
+
+    /// Saves the in-kernel platform devices and the clock.
+    pub fn save_state(&self) -> Result<VmState, VmError> {
+        let chip = |chip_id| {
+            let mut c = kvm_irqchip {
+                chip_id,
+                ..Default::default()
+            };
+            self.fd
+                .get_irqchip(&mut c)
+                .map(|()| c)
+                .map_err(self.kvm_err("KVM_GET_IRQCHIP"))
+        };
+        Ok(VmState {
+            pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+            pit: self.fd.get_pit2().map_err(self.kvm_err("KVM_GET_PIT2"))?,
+            clock: self.fd.get_clock().map_err(self.kvm_err("KVM_GET_CLOCK"))?,
+        })
+    }
+
+    /// Loads saved platform state into this (fresh) VM.
+    pub fn restore_state(&self, state: &VmState) -> Result<(), VmError> {
+        for chip in [&state.pic_master, &state.pic_slave, &state.ioapic] {
+            self.fd
+                .set_irqchip(chip)
+                .map_err(self.kvm_err("KVM_SET_IRQCHIP"))?;
+        }
+        self.fd
+            .set_pit2(&state.pit)
+            .map_err(self.kvm_err("KVM_SET_PIT2"))?;
+        // KVM_SET_CLOCK takes only the clock value (and optionally REALTIME); the saved flags
+        // describe the source host's clock, not a request.
+        let clock = kvm_clock_data {
+            clock: state.clock.clock,
+            ..Default::default()
+        };
+        self.fd
+            .set_clock(&clock)
+            .map_err(self.kvm_err("KVM_SET_CLOCK"))
+    }
+
+    /// KVM's list of MSRs a VMM should save and restore.
+    pub fn msr_index_list(&self) -> Result<Vec<u32>, VmError> {
+        self.kvm
+            .get_msr_index_list()
+            .map(|l| l.as_slice().to_vec())
+            .map_err(self.kvm_err("KVM_GET_MSR_INDEX_LIST"))
     }
 
     pub fn kvm(&self) -> &Kvm {
