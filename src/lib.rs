@@ -1,8 +1,9 @@
-//! The `ftvmm` command: its options, the commands that start VMs (run, demo, bench), the
-//! builtin payloads, and the network test bed that tests and benchmarks share.
+//! The `ftvmm` command: its options, the commands that start VMs (run, primary, standby, demo,
+//! bench), the builtin payloads, and the network test bed that tests and benchmarks share.
 
 pub mod bench;
 pub mod demo;
+pub mod node;
 pub mod options;
 pub mod payloads;
 pub mod run;

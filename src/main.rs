@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use ftvmm::{bench, demo, options, run, EXIT_FTVMM_ERROR};
+use ftvmm::{bench, demo, node, options, run, EXIT_FTVMM_ERROR};
 
 #[derive(Parser)]
 #[command(
@@ -20,6 +20,10 @@ struct Cli {
 enum Command {
     /// Boot a payload guest and run it to completion; exits with the guest's exit code.
     Run(options::RunArgs),
+    /// Run a payload as the protected primary of a replicated pair; exits with the guest's code.
+    Primary(options::PrimaryArgs),
+    /// Stand by for a primary: hold its checkpoints and take over if it dies.
+    Standby(options::StandbyArgs),
     /// The main job: boot the stencil workload, show its progress, check its result.
     Demo,
     /// Measure boot latency, guest speed and device throughput; print a table.
@@ -37,6 +41,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(&args),
+        Command::Primary(args) => node::primary(&args),
+        Command::Standby(args) => node::standby(&args),
         Command::Demo => demo::demo(),
         Command::Bench(args) => bench::bench(&args),
     };

@@ -36,6 +36,52 @@ pub struct RunArgs {
     pub args: Vec<String>,
 }
 
+/// `ftvmm primary`: the VM flags of `run` plus the replication flags.
+#[derive(Args, Debug, Clone)]
+pub struct PrimaryArgs {
+    /// The standby's address (HOST:PORT).
+    #[arg(long)]
+    pub peer: String,
+    /// Checkpoint period in milliseconds.
+    #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub epoch_ms: u64,
+    /// Silence after which a node judges its peer dead, in milliseconds.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(20..=600_000))]
+    pub failover_timeout_ms: u64,
+    /// How long to wait for the standby to answer at start, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    pub connect_timeout_ms: u64,
+    /// Run unprotected if no standby answers (instead of failing).
+    #[arg(long)]
+    pub allow_unprotected: bool,
+    #[command(flatten)]
+    pub vm: RunArgs,
+}
+
+/// `ftvmm standby`: where to listen and the local resources the guest will use here.
+#[derive(Args, Debug, Clone)]
+pub struct StandbyArgs {
+    /// Address to wait for the primary on (HOST:PORT).
+    #[arg(long)]
+    pub listen: String,
+    /// This node's copy of the guest's disk image (must match the primary's size).
+    #[arg(long)]
+    pub disk: Option<PathBuf>,
+    /// This node's tap for the guest's NIC: tap=NAME[,mac=MAC][,bridge=BR].
+    #[arg(long, value_parser = parse_net)]
+    pub net: Option<NetSpec>,
+    /// Where the guest's console goes after a takeover: stdio or file:PATH (written at the
+    /// guest's stream offsets, so that it lines up with the primary's file).
+    #[arg(long, default_value = "stdio", value_parser = parse_console)]
+    pub console: ConsoleSpec,
+    /// On exit, write what this node did (takeover epoch, detection and restore times) as JSON.
+    #[arg(long)]
+    pub stats_json: Option<PathBuf>,
+    /// The KVM device to use.
+    #[arg(long, default_value = "/dev/kvm", hide = true)]
+    pub kvm_device: PathBuf,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConsoleSpec {
     Stdio,

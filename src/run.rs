@@ -1,15 +1,16 @@
 //! `ftvmm run`: boot a payload and run it to completion.
 
+use std::path::Path;
 use std::process::ExitCode;
 
 use vmm::builder::HostIo;
 use vmm::devices::console::{FileConsole, StdoutConsole};
 use vmm::devices::virtio::blk::RawFileBackend;
 use vmm::devices::virtio::tap::Tap;
-use vmm::devices::ConsoleSink;
+use vmm::devices::{BlockBackend, ConsoleSink};
 use vmm::{VmConfig, VmOutcome, Vmm};
 
-use crate::options::{ConsoleSpec, RunArgs};
+use crate::options::{ConsoleSpec, NetSpec, RunArgs};
 use crate::{payloads, EXIT_GUEST_FAULT};
 
 /// An error of ftvmm itself, printed as one line.
@@ -29,11 +30,12 @@ pub fn load_payload(spec: &str) -> Result<Vec<u8>, Error> {
     }
 }
 
-pub fn console_sink(spec: &ConsoleSpec) -> Result<Box<dyn ConsoleSink>, Error> {
+/// The console `spec` names; a file console's stream starts at `offset`.
+pub fn console_sink(spec: &ConsoleSpec, offset: u64) -> Result<Box<dyn ConsoleSink>, Error> {
     Ok(match spec {
         ConsoleSpec::Stdio => Box::new(StdoutConsole),
         ConsoleSpec::File(path) => Box::new(
-            FileConsole::create(path, 0)
+            FileConsole::create(path, offset)
                 .map_err(|e| format!("cannot create console file {}: {e}", path.display()))?,
         ),
     })
@@ -58,13 +60,17 @@ pub fn exit_status(outcome: VmOutcome) -> ExitCode {
     }
 }
 
-/// Opens the host resources the VM flags name: console, disk image, tap.
-pub fn host_io(args: &RunArgs) -> Result<HostIo, Error> {
-    let disk = match &args.disk {
-        Some(path) => Some(Box::new(RawFileBackend::open(path)?) as _),
+/// Opens the disk image `--disk` names.
+pub fn open_disk(path: Option<&Path>) -> Result<Option<Box<dyn BlockBackend>>, Error> {
+    Ok(match path {
+        Some(path) => Some(Box::new(RawFileBackend::open(path)?)),
         None => None,
-    };
-    let net = match &args.net {
+    })
+}
+
+/// Creates the tap `--net` names and puts it on its bridge.
+pub fn open_net(spec: Option<&NetSpec>) -> Result<Option<(Tap, [u8; 6])>, Error> {
+    Ok(match spec {
         Some(spec) => {
             let tap = Tap::open(&spec.tap)?;
             if let Some(bridge) = &spec.bridge {
@@ -73,12 +79,16 @@ pub fn host_io(args: &RunArgs) -> Result<HostIo, Error> {
             Some((tap, spec.mac))
         }
         None => None,
-    };
+    })
+}
+
+/// Opens the host resources the VM flags name: console, disk image, tap.
+pub fn host_io(args: &RunArgs) -> Result<HostIo, Error> {
     Ok(HostIo {
         kvm_path: args.kvm_device.clone(),
-        console: console_sink(&args.console)?,
-        disk,
-        net,
+        console: console_sink(&args.console, 0)?,
+        disk: open_disk(args.disk.as_deref())?,
+        net: open_net(args.net.as_ref())?,
     })
 }
 

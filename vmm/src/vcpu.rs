@@ -258,19 +258,19 @@ impl Vcpu {
             Ok(VcpuExit::IoOut(PORT_PARK, _)) => Step::Park,
             Ok(VcpuExit::IoOut(port, data)) => {
                 bus.pio_write(port, data);
-                Step::Continue
+                Step::Handled
             }
             Ok(VcpuExit::IoIn(port, data)) => {
                 bus.pio_read(port, data);
-                Step::Continue
+                Step::Handled
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 bus.mmio_write(addr, data);
-                Step::Continue
+                Step::Handled
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 bus.mmio_read(addr, data);
-                Step::Continue
+                Step::Handled
             }
             Ok(VcpuExit::Shutdown) => Step::Fault("triple fault (KVM_EXIT_SHUTDOWN)".into()),
             Ok(VcpuExit::Hlt) => Step::Fault("hlt with interrupts off".into()),
@@ -285,6 +285,18 @@ impl Vcpu {
             }
             step => step,
         }
+    }
+
+    /// Lets KVM finish the instruction of the last I/O exit without running the guest further
+    /// (KVM_RUN with `immediate_exit` set): until then the saved registers would point at an
+    /// instruction that a restored VM would execute twice.
+    fn complete_pending_io(&mut self) {
+        self.fd.set_kvm_immediate_exit(1);
+        match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR => {}
+            other => tracing::warn!(vcpu = self.id, "completing an I/O exit gave {other:?}"),
+        }
+        self.fd.set_kvm_immediate_exit(0);
     }
 
     /// A one-line register dump for fault reports.
@@ -336,7 +348,10 @@ fn exit_code(data: &[u8]) -> i32 {
 }
 
 enum Step {
+    /// Kicked out of the guest, nothing pending.
     Continue,
+    /// An I/O exit was served; KVM completes the instruction on the next KVM_RUN.
+    Handled,
     Park,
     Exit(i32),
     Fault(String),
@@ -477,7 +492,19 @@ pub fn run_thread(vcpu: Arc<Mutex<Vcpu>>, control: Arc<RunControl>, bus: Arc<Bus
         KVM_RUN.with(|c| c.set(run));
         v.parked
     };
-    while control.wait_runnable(parked) {
+    // Whether KVM still has to complete the instruction of the last I/O exit.
+    let mut pending_io = false;
+    loop {
+        if pending_io && control.must_wait(parked) {
+            // About to stop: make the registers a checkpoint would save consistent first.
+            vcpu.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .complete_pending_io();
+            pending_io = false;
+        }
+        if !control.wait_runnable(parked) {
+            break;
+        }
         let mut v = vcpu.lock().unwrap_or_else(|e| e.into_inner());
         // Clear a kick that arrived while waiting, then look at the flags again: a pause
         // requested before the clear is seen here, one after it makes KVM_RUN return at once.
@@ -487,21 +514,29 @@ pub fn run_thread(vcpu: Arc<Mutex<Vcpu>>, control: Arc<RunControl>, bus: Arc<Bus
         }
         match v.run_once(&bus) {
             Step::Continue => {}
+            Step::Handled => pending_io = true,
             Step::Park => {
                 v.parked = true;
                 parked = true;
+                pending_io = true;
                 tracing::debug!(vcpu = v.id, "vCPU parked");
                 if control.park(n) {
                     control.finish(VmOutcome::Exited(0));
                 }
             }
             Step::Exit(code) => {
+                pending_io = true;
                 control.finish(VmOutcome::Exited(code));
             }
             Step::Fault(reason) => {
                 control.finish(VmOutcome::Fault(reason));
             }
         }
+    }
+    if pending_io {
+        vcpu.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .complete_pending_io();
     }
     KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
 }

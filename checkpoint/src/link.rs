@@ -1,0 +1,297 @@
+//! The replication link: two TCP connections between the nodes (epoch data; control with
+//! heartbeats and role messages, so that liveness never queues behind a large epoch), the
+//! handshake that checks both nodes agree on the VM, and silence detection.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use vmm::VmConfig;
+
+use crate::wire::{self, Channel, FrameReader, Message, WireError, PROTOCOL_VERSION};
+
+/// What the primary tells the standby in its Hello: the VM, the devices the standby must
+/// provide locally, and the timing both nodes use.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerConfig {
+    pub vm: VmConfig,
+    /// Size of the primary's disk image, if the VM has a disk.
+    pub disk_size: Option<u64>,
+    /// MAC of the VM's NIC, if it has one.
+    pub net_mac: Option<[u8; 6]>,
+    pub epoch_ms: u64,
+    pub failover_timeout_ms: u64,
+}
+
+impl PeerConfig {
+    pub fn failover_timeout(&self) -> Duration {
+        Duration::from_millis(self.failover_timeout_ms)
+    }
+
+    /// How often each node tells the other it is alive: several times per failover timeout,
+    /// so that one late heartbeat is not a failure.
+    pub fn heartbeat_interval(&self) -> Duration {
+        Duration::from_millis((self.failover_timeout_ms / 5).clamp(5, 100))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("no standby answered at {addr} within {waited_ms} ms: {source}")]
+    Connect {
+        addr: String,
+        waited_ms: u64,
+        source: io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: String, source: io::Error },
+    #[error("replication link: {0}")]
+    Io(#[from] io::Error),
+    #[error("replication link: {0}")]
+    Wire(#[from] WireError),
+    #[error("the standby refused this primary: {0}")]
+    Refused(String),
+    #[error("refused the primary: {0}")]
+    Refusing(String),
+    #[error("replication handshake: expected {expected}, got {got}")]
+    Unexpected { expected: &'static str, got: String },
+    #[error("the primary's configuration is not valid JSON: {0}")]
+    Config(#[from] serde_json::Error),
+}
+
+/// Read timeout of link sockets: how often loops waiting on the peer look at the clock.
+pub const TICK: Duration = Duration::from_millis(5);
+
+/// A connection's writing half, shared by the threads that send on it.
+#[derive(Clone)]
+pub struct Sender(Arc<Mutex<TcpStream>>);
+
+impl Sender {
+    pub fn new(stream: &TcpStream) -> io::Result<Self> {
+        Ok(Self(Arc::new(Mutex::new(stream.try_clone()?))))
+    }
+
+    pub fn send(&self, msg: &Message) -> io::Result<()> {
+        self.send_frame(&wire::encode(msg))
+    }
+
+    pub fn send_frame(&self, frame: &[u8]) -> io::Result<()> {
+        use io::Write;
+        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        s.write_all(frame)
+    }
+
+    /// Ends the connection both ways; a thread blocked writing on it returns with an error.
+    pub fn shutdown(&self) {
+        let s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = s.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// The two connections of a link, as the primary sees them after the handshake.
+pub struct PrimaryLink {
+    pub data: TcpStream,
+    pub control: TcpStream,
+}
+
+fn configure(stream: &TcpStream) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(TICK))
+}
+
+/// Reads one message, waiting at most `limit` (the socket has a short read timeout).
+pub fn read_within(
+    reader: &mut FrameReader<TcpStream>,
+    limit: Duration,
+) -> Result<Message, LinkError> {
+    let start = Instant::now();
+    loop {
+        match reader.read_message() {
+            Err(WireError::Idle) if start.elapsed() < limit => continue,
+            Err(WireError::Idle) => {
+                return Err(LinkError::Io(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the peer did not answer the handshake",
+                )))
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
+/// Connects to the standby at `addr` (retrying until `timeout`, as it may start later) and
+/// opens both connections with a Hello carrying `config`.
+pub fn connect(
+    addr: &str,
+    config: &PeerConfig,
+    timeout: Duration,
+) -> Result<PrimaryLink, LinkError> {
+    let session = session_id();
+    let config = serde_json::to_vec(config)?;
+    let start = Instant::now();
+    let open = |channel| -> Result<TcpStream, LinkError> {
+        let stream = loop {
+            match TcpStream::connect(addr) {
+                Ok(s) => break s,
+                Err(source) if start.elapsed() >= timeout => {
+                    return Err(LinkError::Connect {
+                        addr: addr.to_string(),
+                        waited_ms: start.elapsed().as_millis() as u64,
+                        source,
+                    })
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        configure(&stream)?;
+        let hello = Message::Hello {
+            version: PROTOCOL_VERSION,
+            channel,
+            session,
+            config: config.clone(),
+        };
+        wire::write_message(&mut &stream, &hello)?;
+        let mut reader = FrameReader::new(stream.try_clone()?);
+        match read_within(&mut reader, timeout.max(Duration::from_secs(2)))? {
+            Message::Welcome => Ok(stream),
+            Message::Refuse { reason } => Err(LinkError::Refused(reason)),
+            other => Err(LinkError::Unexpected {
+                expected: "Welcome",
+                got: format!("{other:?}"),
+            }),
+        }
+    };
+    let data = open(Channel::Data)?;
+    let control = open(Channel::Control)?;
+    Ok(PrimaryLink { data, control })
+}
+
+/// A standby's listening socket.
+pub struct Listener(TcpListener);
+
+impl Listener {
+    pub fn bind(addr: &str) -> Result<Self, LinkError> {
+        TcpListener::bind(addr)
+            .map(Self)
+            .map_err(|source| LinkError::Listen {
+                addr: addr.to_string(),
+                source,
+            })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+
+    /// Accepts a primary's two connections. `check` decides whether the primary's config is
+    /// acceptable here; a refusal is sent to the primary and returned as an error.
+    pub fn accept(
+        &self,
+        check: impl Fn(&PeerConfig) -> Result<(), String>,
+    ) -> Result<(PeerConfig, TcpStream, TcpStream), LinkError> {
+        let (data, session, config) = self.accept_one(Channel::Data, None, &check)?;
+        let (control, _, _) = self.accept_one(Channel::Control, Some(session), &check)?;
+        Ok((config, data, control))
+    }
+
+    fn accept_one(
+        &self,
+        channel: Channel,
+        session: Option<u64>,
+        check: &impl Fn(&PeerConfig) -> Result<(), String>,
+    ) -> Result<(TcpStream, u64, PeerConfig), LinkError> {
+        let (stream, peer) = self.0.accept()?;
+        configure(&stream)?;
+        let mut reader = FrameReader::new(stream.try_clone()?);
+        let refuse = |reason: String| {
+            let _ = wire::write_message(
+                &mut &stream,
+                &Message::Refuse {
+                    reason: reason.clone(),
+                },
+            );
+            LinkError::Refusing(reason)
+        };
+        let hello = match read_within(&mut reader, Duration::from_secs(10)) {
+            Ok(m) => m,
+            Err(LinkError::Wire(e @ WireError::Version { .. })) => {
+                return Err(refuse(e.to_string()))
+            }
+            Err(e) => return Err(e),
+        };
+        let Message::Hello {
+            channel: got_channel,
+            session: got_session,
+            config,
+            ..
+        } = hello
+        else {
+            return Err(LinkError::Unexpected {
+                expected: "Hello",
+                got: format!("{hello:?}"),
+            });
+        };
+        if got_channel != channel || session.is_some_and(|s| s != got_session) {
+            return Err(refuse(format!(
+                "expected the {channel:?} connection of session {session:?} from {peer}"
+            )));
+        }
+        let config: PeerConfig = serde_json::from_slice(&config)
+            .map_err(|e| refuse(format!("unreadable VM configuration: {e}")))?;
+        check(&config).map_err(refuse)?;
+        wire::write_message(&mut &stream, &Message::Welcome)?;
+        Ok((stream, got_session, config))
+    }
+}
+
+fn session_id() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    t.as_nanos() as u64 ^ (u64::from(std::process::id()) << 32)
+}
+
+/// Measures how long the peer has been silent, counting only time during which this node was
+/// itself running: a node that was frozen (SIGSTOP, starved) gives the peer a fresh timeout
+/// when it wakes, so it drains what arrived meanwhile before it judges the peer.
+pub struct SilenceClock {
+    timeout: Duration,
+    last_heard: Instant,
+    last_look: Instant,
+}
+
+impl SilenceClock {
+    pub fn new(timeout: Duration) -> Self {
+        let now = Instant::now();
+        Self {
+            timeout,
+            last_heard: now,
+            last_look: now,
+        }
+    }
+
+    /// The peer said something.
+    pub fn heard(&mut self) {
+        self.last_heard = Instant::now();
+    }
+
+    /// Whether the peer has been silent for the whole timeout; call at least every TICK.
+    pub fn expired(&mut self) -> bool {
+        let now = Instant::now();
+        let gap = now - self.last_look;
+        self.last_look = now;
+        // A long gap between looks means this node did not run: restart the peer's window.
+        if gap > (self.timeout / 4).max(TICK * 10) {
+            self.last_heard = now;
+            return false;
+        }
+        now - self.last_heard > self.timeout
+    }
+
+    /// How long the peer has been silent.
+    pub fn silent_for(&self) -> Duration {
+        self.last_heard.elapsed()
+    }
+}

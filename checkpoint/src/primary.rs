@@ -1,0 +1,522 @@
+//! The primary: runs the guest and protects it. Pre-copies memory while the guest runs, then
+//! every epoch pauses it, harvests and copies the dirty pages, saves the VM state and seals the
+//! epoch's output, resumes it, and streams the checkpoint (compressed by worker threads) while
+//! the guest runs on. Output is released as the standby acknowledges; a standby that stops
+//! answering is said goodbye to and the guest continues unprotected; a standby that has taken
+//! over stops this node at once.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::TcpStream;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver};
+use netbuf::{ConsoleChunk, Gate};
+use tracing::{error, info, info_span, warn};
+use vmm::memory::DirtyLog;
+use vmm::{VmOutcome, Vmm};
+
+use crate::link::{PeerConfig, PrimaryLink, Sender, SilenceClock, TICK};
+use crate::staging::{CheckpointState, StagedPages, StagingError};
+use crate::wire::{self, EpochDigest, FrameReader, Message, WireError, PAGE_SIZE};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrimaryError {
+    #[error("cannot checkpoint the VM: {0}")]
+    Vmm(#[from] vmm::builder::BuildError),
+    #[error("cannot stage a checkpoint: {0}")]
+    Staging(#[from] StagingError),
+    #[error("replication link: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("cannot start a replication thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// How a protected run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrimaryEnd {
+    /// The guest ended on this node.
+    Guest(VmOutcome),
+    /// The standby took over: this node stopped and released nothing more.
+    Deposed,
+}
+
+/// Figures of a protected run, for logs and benchmarks.
+#[derive(Debug, Default, Clone)]
+pub struct PrimaryReport {
+    /// Checkpoints taken (pre-copy rounds not counted).
+    pub epochs: u64,
+    /// Guest pause of each checkpoint.
+    pub pauses: Vec<Duration>,
+    /// Time of each checkpoint's page copy alone (part of its pause).
+    pub copies: Vec<Duration>,
+    /// Dirty pages of each checkpoint.
+    pub dirty_pages: Vec<usize>,
+    /// Pages sent in pre-copy.
+    pub precopy_pages: usize,
+    /// Frame bytes written to the data connection.
+    pub wire_bytes: u64,
+    /// Page bytes those frames carried (uncompressed).
+    pub page_bytes: u64,
+    /// Epoch at which protection was dropped, if it was.
+    pub unprotected_at: Option<u64>,
+}
+
+/// Pages per Pages frame: big enough to compress well, small enough to pipeline.
+const BATCH_PAGES: usize = 256;
+/// Pre-copy stops once a round finds fewer dirty pages than this (or after `PRECOPY_ROUNDS`).
+const PRECOPY_DONE_PAGES: usize = 4096;
+const PRECOPY_ROUNDS: usize = 5;
+
+/// Role state shared by the epoch loop, the sender and the control thread.
+struct Shared {
+    state: Mutex<Role>,
+    changed: Condvar,
+}
+
+struct Role {
+    protected: bool,
+    deposed: bool,
+    /// Highest acknowledged epoch.
+    acked: u64,
+    /// Epochs fully sent and not yet acknowledged, with when their last frame left.
+    in_flight: VecDeque<(u64, Instant)>,
+    finished: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Role> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One unit of work for the sender.
+struct Outgoing {
+    epoch: u64,
+    pages: StagedPages,
+    /// The checkpoint's state; None for a pre-copy round (epoch 0), which has no end.
+    state: Option<Vec<u8>>,
+}
+
+/// Runs `vmm` (booted, not started) as a protected primary over `link` until the guest ends or
+/// the standby takes over. `gate` holds the console output of `vmm`.
+pub fn protect(
+    mut vmm: Vmm,
+    gate: Gate<ConsoleChunk>,
+    link: PrimaryLink,
+    config: &PeerConfig,
+) -> Result<(PrimaryEnd, PrimaryReport), PrimaryError> {
+    let shared = Arc::new(Shared {
+        state: Mutex::new(Role {
+            protected: true,
+            deposed: false,
+            acked: 0,
+            in_flight: VecDeque::new(),
+            finished: false,
+        }),
+        changed: Condvar::new(),
+    });
+    let data = Sender::new(&link.data)?;
+    let control = Sender::new(&link.control)?;
+    let report = Arc::new(Mutex::new(PrimaryReport::default()));
+
+    vmm.set_dirty_logging(true)?;
+    vmm.harvest_dirty()?;
+    vmm.start()?;
+    let vmm = Arc::new(vmm);
+
+    let (out_tx, out_rx) = bounded::<Outgoing>(1);
+    let sender = {
+        let (shared, data, report) = (shared.clone(), data.clone(), report.clone());
+        std::thread::Builder::new()
+            .name("ckpt-send".into())
+            .spawn(move || send_loop(out_rx, data, shared, report))
+            .map_err(PrimaryError::Thread)?
+    };
+    let controller = {
+        let (shared, gate, vmm) = (shared.clone(), gate.clone(), vmm.clone());
+        let (control, data) = (control.clone(), data.clone());
+        let stream = link.control.try_clone()?;
+        let config = config.clone();
+        std::thread::Builder::new()
+            .name("ckpt-control".into())
+            .spawn(move || control_loop(stream, control, data, shared, gate, vmm, config))
+            .map_err(PrimaryError::Thread)?
+    };
+
+    let result = epoch_loop(&vmm, &gate, &shared, &out_tx, config, &report);
+    drop(out_tx);
+    let end = match result {
+        Ok(end) => end,
+        Err(e) => {
+            vmm.stop(VmOutcome::Fault(e.to_string()));
+            shared.lock().finished = true;
+            return Err(e);
+        }
+    };
+    if let PrimaryEnd::Guest(VmOutcome::Exited(code)) = &end {
+        if shared.lock().protected {
+            let _ = control.send(&Message::Exit { code: *code });
+        }
+    }
+    let protected = {
+        let mut role = shared.lock();
+        role.finished = true;
+        role.protected
+    };
+    shared.changed.notify_all();
+    // The sender may be blocked on a dead standby's full socket: cut it loose.
+    data.shutdown();
+    let _ = sender.join();
+    let _ = controller.join();
+    let mut report = report.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if !protected {
+        report.unprotected_at = Some(report.epochs);
+    }
+    Ok((end, report))
+}
+
+fn epoch_loop(
+    vmm: &Vmm,
+    gate: &Gate<ConsoleChunk>,
+    shared: &Shared,
+    out: &crossbeam_channel::Sender<Outgoing>,
+    config: &PeerConfig,
+    report: &Mutex<PrimaryReport>,
+) -> Result<PrimaryEnd, PrimaryError> {
+    // Pre-copy: all of memory, then what the running guest dirtied meanwhile, a few rounds.
+    let span = info_span!("precopy").entered();
+    let mut log = DirtyLog::all(vmm.memory());
+    for round in 0..PRECOPY_ROUNDS {
+        let pages = StagedPages::copy(vmm.memory(), &log, true)?;
+        info!(round, pages = pages.gpas.len(), "pre-copy round");
+        report
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .precopy_pages += pages.gpas.len();
+        let round_out = Outgoing {
+            epoch: 0,
+            pages,
+            state: None,
+        };
+        if out.send(round_out).is_err() || vmm.outcome().is_some() {
+            break;
+        }
+        log = vmm.harvest_dirty()?;
+        if log.count() < PRECOPY_DONE_PAGES {
+            break;
+        }
+    }
+    drop(span);
+
+    let period = Duration::from_millis(config.epoch_ms);
+    let mut epoch = 0u64;
+    let mut next = Instant::now();
+    loop {
+        // Wait for the epoch's end, waking early if the guest ends or the role changes.
+        {
+            let mut role = shared.lock();
+            while Instant::now() < next
+                && vmm.outcome().is_none()
+                && role.protected
+                && !role.deposed
+            {
+                let wait = (next - Instant::now()).min(TICK);
+                role = shared
+                    .changed
+                    .wait_timeout(role, wait)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            if role.deposed {
+                vmm.stop(VmOutcome::Fault("deposed".into()));
+                return Ok(PrimaryEnd::Deposed);
+            }
+            if !role.protected {
+                drop(role);
+                return Ok(PrimaryEnd::Guest(wait_guest(vmm)));
+            }
+        }
+        epoch += 1;
+        next += period;
+        let span = info_span!("epoch", epoch).entered();
+        let start = Instant::now();
+        vmm.pause();
+        let ended = vmm.outcome();
+        let log = vmm.harvest_dirty()?;
+        let copy_start = Instant::now();
+        let pages = StagedPages::copy(vmm.memory(), &log, false)?;
+        let copy_time = copy_start.elapsed();
+        let state = CheckpointState {
+            vmm: vmm.save_state()?,
+            console: gate.seal(epoch),
+        };
+        if ended.is_none() {
+            vmm.resume();
+        }
+        let pause = start.elapsed();
+        let dirty = pages.gpas.len();
+        info!(
+            dirty,
+            pause_us = pause.as_micros() as u64,
+            copy_us = copy_time.as_micros() as u64,
+            "checkpoint"
+        );
+        {
+            let mut r = report.lock().unwrap_or_else(|e| e.into_inner());
+            r.epochs = epoch;
+            r.pauses.push(pause);
+            r.copies.push(copy_time);
+            r.dirty_pages.push(dirty);
+        }
+        let encoded = state.encode()?;
+        drop(span);
+        if out
+            .send(Outgoing {
+                epoch,
+                pages,
+                state: Some(encoded),
+            })
+            .is_err()
+        {
+            // The sender quit (link lost): the control thread decides what that means.
+            wait_role_change(shared, config.failover_timeout() * 2);
+        }
+        if let Some(outcome) = ended {
+            return Ok(finish(shared, epoch, outcome, config));
+        }
+        if next < Instant::now() {
+            // A slow epoch (large dirty set, slow link): start the next period from now.
+            next = Instant::now();
+        }
+    }
+}
+
+/// The guest ended and its final checkpoint `epoch` is on its way: wait for its ack (which
+/// releases the last output), the loss of the standby, or deposition.
+fn finish(shared: &Shared, epoch: u64, outcome: VmOutcome, config: &PeerConfig) -> PrimaryEnd {
+    let limit = Instant::now() + config.failover_timeout() * 4;
+    let mut role = shared.lock();
+    while role.protected && !role.deposed && role.acked < epoch && Instant::now() < limit {
+        role = shared
+            .changed
+            .wait_timeout(role, TICK)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+    if role.deposed {
+        return PrimaryEnd::Deposed;
+    }
+    PrimaryEnd::Guest(outcome)
+}
+
+/// Waits for the guest to end (it runs unprotected or has ended already).
+fn wait_guest(vmm: &Vmm) -> VmOutcome {
+    loop {
+        if let Some(outcome) = vmm.outcome() {
+            return outcome;
+        }
+        std::thread::sleep(TICK);
+    }
+}
+
+fn wait_role_change(shared: &Shared, limit: Duration) {
+    let end = Instant::now() + limit;
+    let mut role = shared.lock();
+    while role.protected && !role.deposed && Instant::now() < end {
+        role = shared
+            .changed
+            .wait_timeout(role, TICK)
+            .unwrap_or_else(|e| e.into_inner())
+            .0;
+    }
+}
+
+/// Compresses each unit's pages on worker threads and writes the frames in order, then the
+/// state and the epoch's end.
+fn send_loop(
+    input: Receiver<Outgoing>,
+    data: Sender,
+    shared: Arc<Shared>,
+    report: Arc<Mutex<PrimaryReport>>,
+) {
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
+    for unit in input {
+        let frames = compress(&unit, workers);
+        let mut digest = EpochDigest::new();
+        let mut wire_bytes = 0u64;
+        let mut send = |frame: &[u8]| -> std::io::Result<()> {
+            wire_bytes += frame.len() as u64;
+            data.send_frame(frame)
+        };
+        let mut result = Ok(());
+        for (batch, frame) in unit.pages.gpas.chunks(BATCH_PAGES).zip(&frames) {
+            let start = (batch.as_ptr() as usize - unit.pages.gpas.as_ptr() as usize) / 8;
+            let bytes = &unit.pages.data[start * PAGE_SIZE..(start + batch.len()) * PAGE_SIZE];
+            digest.add_pages(batch, bytes);
+            result = result.and_then(|()| send(frame));
+        }
+        if let Some(state) = &unit.state {
+            digest.add_state(state);
+            let state_msg = Message::State {
+                epoch: unit.epoch,
+                bytes: state.clone(),
+            };
+            result = result
+                .and_then(|()| send(&wire::encode(&state_msg)))
+                .and_then(|()| send(&wire::encode(&digest.end(unit.epoch))));
+        }
+        {
+            let mut r = report.lock().unwrap_or_else(|e| e.into_inner());
+            r.wire_bytes += wire_bytes;
+            r.page_bytes += unit.pages.data.len() as u64;
+        }
+        if let Err(e) = result {
+            let role = shared.lock();
+            if role.protected && !role.finished {
+                warn!("sending epoch {} failed: {e}", unit.epoch);
+            }
+            return;
+        }
+        if unit.state.is_some() {
+            shared
+                .lock()
+                .in_flight
+                .push_back((unit.epoch, Instant::now()));
+        }
+    }
+}
+
+/// The Pages frames of `unit`, compressed by up to `workers` threads, in batch order.
+fn compress(unit: &Outgoing, workers: usize) -> Vec<Vec<u8>> {
+    let batches: Vec<(usize, &[u64])> = unit
+        .pages
+        .gpas
+        .chunks(BATCH_PAGES)
+        .enumerate()
+        .map(|(i, b)| (i * BATCH_PAGES, b))
+        .collect();
+    let encode = |(start, gpas): &(usize, &[u64])| {
+        let bytes = &unit.pages.data[start * PAGE_SIZE..(start + gpas.len()) * PAGE_SIZE];
+        wire::encode_pages(unit.epoch, gpas, bytes)
+    };
+    if batches.len() < 2 || workers < 2 {
+        return batches.iter().map(encode).collect();
+    }
+    let (job_tx, job_rx) = bounded::<usize>(batches.len());
+    let (done_tx, done_rx) = bounded::<(usize, Vec<u8>)>(batches.len());
+    for i in 0..batches.len() {
+        let _ = job_tx.send(i);
+    }
+    drop(job_tx);
+    std::thread::scope(|s| {
+        for _ in 0..workers {
+            let (job_rx, done_tx, batches) = (job_rx.clone(), done_tx.clone(), &batches);
+            s.spawn(move || {
+                for i in job_rx {
+                    let _ = done_tx.send((i, encode(&batches[i])));
+                }
+            });
+        }
+    });
+    drop(done_tx);
+    let ordered: BTreeMap<usize, Vec<u8>> = done_rx.into_iter().collect();
+    ordered.into_values().collect()
+}
+
+/// Reads acks, heartbeats and role messages from the standby, sends heartbeats, and decides
+/// when the standby is lost.
+fn control_loop(
+    stream: TcpStream,
+    control: Sender,
+    data: Sender,
+    shared: Arc<Shared>,
+    gate: Gate<ConsoleChunk>,
+    vmm: Arc<Vmm>,
+    config: PeerConfig,
+) {
+    let mut reader = FrameReader::new(stream);
+    let mut silence = SilenceClock::new(config.failover_timeout());
+    let beat = config.heartbeat_interval();
+    let mut last_beat = Instant::now();
+    let lost = |why: String| {
+        let mut role = shared.lock();
+        if !role.protected || role.finished {
+            return;
+        }
+        error!("standby lost ({why}); the guest continues unprotected");
+        role.protected = false;
+        drop(role);
+        shared.changed.notify_all();
+        gate.open();
+        let _ = control.send(&Message::Goodbye);
+        data.shutdown();
+    };
+    loop {
+        if shared.lock().finished {
+            return;
+        }
+        match reader.read_message() {
+            Ok(Message::Ack { epoch }) => {
+                silence.heard();
+                gate.release_through(epoch);
+                let mut role = shared.lock();
+                role.acked = role.acked.max(epoch);
+                while role.in_flight.front().is_some_and(|(e, _)| *e <= epoch) {
+                    role.in_flight.pop_front();
+                }
+                drop(role);
+                shared.changed.notify_all();
+            }
+            Ok(Message::Heartbeat) => silence.heard(),
+            Ok(Message::TakenOver) => {
+                error!("the standby has taken over; this node stops and releases nothing more");
+                gate.close();
+                shared.lock().deposed = true;
+                shared.changed.notify_all();
+                vmm.stop(VmOutcome::Fault("deposed".into()));
+                return;
+            }
+            Ok(Message::Refuse { reason }) => {
+                lost(format!("it refused an epoch: {reason}"));
+                return;
+            }
+            Ok(other) => {
+                lost(format!("unexpected message {other:?}"));
+                return;
+            }
+            Err(WireError::Idle) => {}
+            Err(e) => {
+                lost(e.to_string());
+                return;
+            }
+        }
+        if !shared.lock().protected {
+            return;
+        }
+        let stalled = {
+            let role = shared.lock();
+            role.in_flight
+                .front()
+                .is_some_and(|(_, sent)| sent.elapsed() > config.failover_timeout())
+        };
+        if silence.expired() {
+            lost(format!(
+                "silent for {} ms",
+                silence.silent_for().as_millis()
+            ));
+            return;
+        }
+        if stalled {
+            lost("no acknowledgement within the failover timeout".into());
+            return;
+        }
+        if last_beat.elapsed() >= beat {
+            last_beat = Instant::now();
+            if let Err(e) = control.send(&Message::Heartbeat) {
+                lost(format!("heartbeat failed: {e}"));
+                return;
+            }
+        }
+    }
+}

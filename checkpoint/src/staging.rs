@@ -1,0 +1,152 @@
+//! An epoch's checkpoint as it leaves the VM: the dirty pages copied aside while the guest is
+//! paused, and the VM state with the output its epoch holds.
+
+use netbuf::{ConsoleChunk, Held};
+use serde::{Deserialize, Serialize};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+use vmm::builder::VmmState;
+use vmm::devices::GuestMemory;
+use vmm::memory::DirtyLog;
+
+use crate::wire::PAGE_SIZE;
+
+/// Everything of an epoch but its pages: VM state and the output not yet released.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CheckpointState {
+    pub vmm: VmmState,
+    pub console: Held<ConsoleChunk>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StagingError {
+    #[error("page {0:#x} is not guest RAM")]
+    NotRam(u64),
+    #[error("cannot encode the VM state: {0}")]
+    Encode(#[from] bincode::error::EncodeError),
+    #[error("cannot decode the VM state: {0}")]
+    Decode(#[from] bincode::error::DecodeError),
+}
+
+fn bincode_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_fixed_int_encoding()
+}
+
+impl CheckpointState {
+    pub fn encode(&self) -> Result<Vec<u8>, StagingError> {
+        Ok(bincode::serde::encode_to_vec(self, bincode_config())?)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, StagingError> {
+        let (state, used) = bincode::serde::decode_from_slice(bytes, bincode_config())?;
+        if used != bytes.len() {
+            return Err(StagingError::Decode(
+                bincode::error::DecodeError::OtherString(format!(
+                    "{} trailing bytes",
+                    bytes.len() - used
+                )),
+            ));
+        }
+        Ok(state)
+    }
+}
+
+/// Dirty pages copied out of guest memory: their addresses and, in the same order, their bytes.
+#[derive(Debug, Default)]
+pub struct StagedPages {
+    pub gpas: Vec<u64>,
+    pub data: Vec<u8>,
+}
+
+impl StagedPages {
+    /// Copies the pages `log` names. While the guest is paused the copy is a plain memcpy (the
+    /// pause lasts as long as this copy); while it runs (pre-copy) pass `running`, and the
+    /// copy goes through vm-memory's volatile accessors, since the guest may write the pages
+    /// meanwhile (those pages show up dirty again in the next harvest).
+    pub fn copy(memory: &GuestMemory, log: &DirtyLog, running: bool) -> Result<Self, StagingError> {
+        let count = log.count();
+        let mut gpas = Vec::with_capacity(count);
+        let mut data = vec![0u8; count * PAGE_SIZE];
+        for (gpa, dst) in log.pages().zip(data.chunks_exact_mut(PAGE_SIZE)) {
+            if running {
+                memory
+                    .read_slice(dst, GuestAddress(gpa))
+                    .map_err(|_| StagingError::NotRam(gpa))?;
+            } else {
+                let src = host_page(memory, gpa)?;
+                // SAFETY: `src` is a whole page of a live guest mapping (checked by
+                // `host_page`), `dst` a distinct Vec buffer of the same size; the vCPUs and
+                // device workers are paused, so nothing writes the page during the copy.
+                unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), PAGE_SIZE) };
+            }
+            gpas.push(gpa);
+        }
+        Ok(Self { gpas, data })
+    }
+
+    /// Writes staged pages into `memory` (a standby's image, which no VM runs on).
+    pub fn apply(memory: &GuestMemory, gpas: &[u64], data: &[u8]) -> Result<(), StagingError> {
+        for (&gpa, src) in gpas.iter().zip(data.chunks_exact(PAGE_SIZE)) {
+            let dst = host_page(memory, gpa)?;
+            // SAFETY: `dst` is a whole page of a live guest mapping that no vCPU runs on yet
+            // (the standby builds its VM only at takeover); `src` is a distinct buffer.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, PAGE_SIZE) };
+        }
+        Ok(())
+    }
+}
+
+/// The host address of the guest page at `gpa`, checked to lie wholly in RAM.
+fn host_page(memory: &GuestMemory, gpa: u64) -> Result<*mut u8, StagingError> {
+    let addr = GuestAddress(gpa);
+    if gpa % PAGE_SIZE as u64 != 0
+        || memory
+            .checked_offset(addr, PAGE_SIZE - 1)
+            .is_none_or(|end| memory.find_region(end).is_none())
+    {
+        return Err(StagingError::NotRam(gpa));
+    }
+    memory
+        .get_host_address(addr)
+        .map_err(|_| StagingError::NotRam(gpa))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm::memory::create_guest_memory;
+
+    #[test]
+    fn staged_pages_reach_another_image_exactly() {
+        let src = create_guest_memory(64 << 20).unwrap();
+        for (i, gpa) in [0u64, 4096, 12 << 20, (64 << 20) - 4096].iter().enumerate() {
+            src.write_slice(&[i as u8 + 1; 4096], GuestAddress(*gpa))
+                .unwrap();
+        }
+        let mut log = DirtyLog::default();
+        let mut bits = vec![0u64; (64 << 20) / 4096 / 64];
+        for gpa in [0u64, 4096, 12 << 20, (64 << 20) - 4096] {
+            let page = (gpa / 4096) as usize;
+            bits[page / 64] |= 1 << (page % 64);
+        }
+        log.add_region(GuestAddress(0), 64 << 20, bits);
+        for running in [false, true] {
+            let staged = StagedPages::copy(&src, &log, running).unwrap();
+            assert_eq!(staged.gpas.len(), 4);
+            let dst = create_guest_memory(64 << 20).unwrap();
+            StagedPages::apply(&dst, &staged.gpas, &staged.data).unwrap();
+            let mut a = vec![0u8; 64 << 20];
+            let mut b = vec![0u8; 64 << 20];
+            src.read_slice(&mut a, GuestAddress(0)).unwrap();
+            dst.read_slice(&mut b, GuestAddress(0)).unwrap();
+            assert!(a == b, "images differ (running={running})");
+        }
+    }
+
+    #[test]
+    fn pages_outside_ram_are_refused() {
+        let mem = create_guest_memory(64 << 20).unwrap();
+        let page = [0u8; 4096];
+        assert!(StagedPages::apply(&mem, &[64 << 20], &page).is_err());
+        assert!(StagedPages::apply(&mem, &[100], &page).is_err());
+    }
+}

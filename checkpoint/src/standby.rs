@@ -1,0 +1,310 @@
+//! The standby: keeps the guest's memory image and last committed state, builds each epoch
+//! apart from them, verifies it whole and only then commits it and acknowledges; takes over
+//! when the primary dies; leaves quietly when told goodbye or that the guest exited.
+
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{debug, error, info, info_span, warn};
+use vmm::devices::GuestMemory;
+use vmm::memory::{self, MemoryError};
+
+use crate::link::{LinkError, Listener, PeerConfig, Sender, SilenceClock};
+use crate::staging::{CheckpointState, StagedPages, StagingError};
+use crate::wire::{EpochDigest, FrameReader, Message, WireError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StandbyError {
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error("cannot allocate the standby's guest memory: {0}")]
+    Memory(#[from] MemoryError),
+    #[error("the primary was lost before its first checkpoint committed: nothing to resume")]
+    NoCheckpoint,
+    #[error("the committed checkpoint cannot be decoded: {0}")]
+    State(#[from] StagingError),
+    #[error("cannot start the receiver thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// The local resources a standby provides, checked against the primary's configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Local {
+    pub disk_size: Option<u64>,
+    pub has_net: bool,
+}
+
+impl Local {
+    /// Why this node cannot stand by for a primary with `config`, if it cannot.
+    pub fn check(&self, config: &PeerConfig) -> Result<(), String> {
+        match (config.disk_size, self.disk_size) {
+            (Some(p), Some(s)) if p != s => {
+                return Err(format!(
+                    "disk size differs: the primary's disk has {p} bytes, the standby's {s}"
+                ))
+            }
+            (Some(_), None) => return Err("the primary has a disk and the standby has none".into()),
+            (None, Some(_)) => return Err("the standby has a disk and the primary has none".into()),
+            _ => {}
+        }
+        if config.net_mac.is_some() != self.has_net {
+            return Err(format!(
+                "network device differs: the primary {} one, the standby {}",
+                if config.net_mac.is_some() {
+                    "has"
+                } else {
+                    "has no"
+                },
+                if self.has_net { "has" } else { "has none" },
+            ));
+        }
+        memory::check_mem_size(config.vm.mem_size).map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
+/// What the standby holds when it takes over: the last committed checkpoint.
+pub struct Takeover {
+    pub config: PeerConfig,
+    pub memory: GuestMemory,
+    pub state: CheckpointState,
+    pub epoch: u64,
+    /// Why the primary was judged dead.
+    pub reason: String,
+    /// When the primary was last heard from, and when it was judged dead.
+    pub last_heard: Instant,
+    pub decided: Instant,
+}
+
+/// How a standby's watch ended.
+pub enum StandbyEnd {
+    /// The primary died: resume the guest from this checkpoint.
+    Takeover(Box<Takeover>),
+    /// The guest exited on the primary with this code.
+    Exit(i32),
+    /// The primary continues without this node, which must never take over.
+    Goodbye,
+}
+
+/// What the receiver thread hands back: the image and its last committed epoch and state.
+struct Committed {
+    memory: GuestMemory,
+    epoch: u64,
+    state: Option<Vec<u8>>,
+}
+
+/// Serves one primary that connects to `listener` until it exits, says goodbye, or dies.
+pub fn serve(listener: &Listener, local: &Local) -> Result<StandbyEnd, StandbyError> {
+    let (config, data, control_stream) = listener.accept(|c| local.check(c))?;
+    info!(
+        mem = config.vm.mem_size,
+        vcpus = config.vm.vcpus,
+        "primary connected; standing by"
+    );
+    let memory = memory::create_guest_memory(config.vm.mem_size)?;
+    let control = Sender::new(&control_stream).map_err(LinkError::Io)?;
+    let data_sender = Sender::new(&data).map_err(LinkError::Io)?;
+    let draining = Arc::new(AtomicBool::new(false));
+    let receiver = {
+        let (control, draining) = (control.clone(), draining.clone());
+        std::thread::Builder::new()
+            .name("ckpt-recv".into())
+            .spawn(move || receive(data, memory, control, draining))
+            .map_err(StandbyError::Thread)?
+    };
+
+    let mut reader = FrameReader::new(control_stream);
+    let mut silence = SilenceClock::new(config.failover_timeout());
+    let beat = config.heartbeat_interval();
+    let mut last_beat = Instant::now();
+    let mut last_heard = Instant::now();
+    let reason = loop {
+        match reader.read_message() {
+            Ok(Message::Heartbeat) => {}
+            Ok(Message::Goodbye) => {
+                info!("the primary said goodbye: it continues without this standby");
+                data_sender.shutdown();
+                return Ok(StandbyEnd::Goodbye);
+            }
+            Ok(Message::Exit { code }) => {
+                info!(code, "the guest exited on the primary");
+                data_sender.shutdown();
+                return Ok(StandbyEnd::Exit(code));
+            }
+            Ok(other) => warn!("ignoring unexpected control message {other:?}"),
+            Err(WireError::Idle) => {
+                if silence.expired() {
+                    break format!(
+                        "the primary was silent for {} ms",
+                        silence.silent_for().as_millis()
+                    );
+                }
+                if last_beat.elapsed() >= beat {
+                    last_beat = Instant::now();
+                    // A failed heartbeat shows up as a closed connection on the next read.
+                    let _ = control.send(&Message::Heartbeat);
+                }
+                continue;
+            }
+            Err(WireError::Closed) => break "the primary closed the link without a goodbye".into(),
+            Err(e) => break format!("control connection lost: {e}"),
+        }
+        silence.heard();
+        last_heard = Instant::now();
+    };
+    let decided = Instant::now();
+    warn!("taking over: {reason}");
+    // Drain: commit every complete epoch that arrived before deciding.
+    draining.store(true, Ordering::SeqCst);
+    let committed = receiver
+        .join()
+        .map_err(|_| StandbyError::Thread(std::io::Error::other("receiver panicked")))?;
+    let _ = control.send(&Message::TakenOver);
+    control.shutdown();
+    let state = committed.state.ok_or(StandbyError::NoCheckpoint)?;
+    let state = CheckpointState::decode(&state)?;
+    info!(
+        epoch = committed.epoch,
+        "resuming from the last committed checkpoint"
+    );
+    Ok(StandbyEnd::Takeover(Box::new(Takeover {
+        config,
+        memory: committed.memory,
+        state,
+        epoch: committed.epoch,
+        reason,
+        last_heard,
+        decided,
+    })))
+}
+
+/// The epoch being received, kept apart from the committed image until verified.
+struct Pending {
+    epoch: u64,
+    gpas: Vec<u64>,
+    data: Vec<u8>,
+    state: Option<Vec<u8>>,
+    digest: EpochDigest,
+}
+
+impl Pending {
+    fn new(epoch: u64) -> Self {
+        Self {
+            epoch,
+            gpas: Vec::new(),
+            data: Vec::new(),
+            state: None,
+            digest: EpochDigest::new(),
+        }
+    }
+}
+
+/// Receives epochs on the data connection and commits each verified one. Stops at the end of
+/// the connection, at the first bad frame or epoch (refusing it to the primary), or, once
+/// `draining` is set, when no more bytes are waiting.
+fn receive(
+    stream: TcpStream,
+    memory: GuestMemory,
+    control: Sender,
+    draining: Arc<AtomicBool>,
+) -> Committed {
+    let mut reader = FrameReader::new(stream);
+    let mut committed = Committed {
+        memory,
+        epoch: 0,
+        state: None,
+    };
+    let mut pending = Pending::new(1);
+    let reject = |committed: &Committed, pending: &Pending, reason: String| {
+        error!(
+            "rejecting epoch {}: {reason}; staying on committed epoch {}",
+            pending.epoch, committed.epoch
+        );
+        let _ = control.send(&Message::Refuse {
+            reason: format!("epoch {}: {reason}", pending.epoch),
+        });
+    };
+    loop {
+        let msg = match reader.read_message() {
+            Ok(msg) => msg,
+            Err(WireError::Idle) if draining.load(Ordering::SeqCst) => break,
+            Err(WireError::Idle) => continue,
+            Err(WireError::Closed) => break,
+            Err(e) => {
+                reject(&committed, &pending, e.to_string());
+                break;
+            }
+        };
+        match msg {
+            // Pre-copy: nothing is committed yet, so pages go straight into the image.
+            Message::Pages {
+                epoch: 0,
+                gpas,
+                data,
+            } if committed.state.is_none() && pending.gpas.is_empty() => {
+                if let Err(e) = StagedPages::apply(&committed.memory, &gpas, &data) {
+                    reject(&committed, &pending, e.to_string());
+                    break;
+                }
+            }
+            Message::Pages { epoch, gpas, data } if epoch == pending.epoch => {
+                pending.digest.add_pages(&gpas, &data);
+                pending.gpas.extend_from_slice(&gpas);
+                pending.data.extend_from_slice(&data);
+            }
+            Message::State { epoch, bytes } if epoch == pending.epoch => {
+                pending.digest.add_state(&bytes);
+                pending.state = Some(bytes);
+            }
+            Message::EpochEnd {
+                epoch,
+                pages,
+                state_bytes,
+                checksum,
+            } if epoch == pending.epoch => {
+                if let Err(e) = pending.digest.verify(epoch, pages, state_bytes, checksum) {
+                    reject(&committed, &pending, e.to_string());
+                    break;
+                }
+                let Some(state) = pending.state.take() else {
+                    reject(&committed, &pending, "the epoch carries no VM state".into());
+                    break;
+                };
+                let _span = info_span!("commit", epoch).entered();
+                let start = Instant::now();
+                if let Err(e) = StagedPages::apply(&committed.memory, &pending.gpas, &pending.data)
+                {
+                    reject(&committed, &pending, e.to_string());
+                    break;
+                }
+                committed.epoch = epoch;
+                committed.state = Some(state);
+                debug!(
+                    pages,
+                    apply_us = start.elapsed().as_micros() as u64,
+                    "committed"
+                );
+                let _ = control.send(&Message::Ack { epoch });
+                pending = Pending::new(epoch + 1);
+            }
+            other => {
+                let what = match &other {
+                    Message::Pages { epoch, .. }
+                    | Message::State { epoch, .. }
+                    | Message::EpochEnd { epoch, .. } => format!("a frame of epoch {epoch}"),
+                    m => format!("{m:?}"),
+                };
+                reject(&committed, &pending, format!("out of order: got {what}"));
+                break;
+            }
+        }
+    }
+    committed
+}
+
+/// How long the standby waited from the last word of the primary to deciding it was dead.
+pub fn detection_time(t: &Takeover) -> Duration {
+    t.decided - t.last_heard
+}

@@ -1,0 +1,893 @@
+//! The versioned replication wire protocol between primary and standby.
+//!
+//! Every message is one frame: a 9-byte header (payload length `u32` LE, kind `u8`, CRC32C `u32`
+//! LE over the kind byte then the payload) followed by the payload. The header layout and the
+//! leading version of `Hello` never change between protocol versions, so a peer speaking another
+//! version is reported as such instead of as garbage. Payload fields are little-endian; byte
+//! strings carry a `u32` length prefix; trailing bytes are an error. Everything read from the
+//! network is validated before use: a frame is never trusted to size an allocation beyond
+//! [`MAX_PAYLOAD`] (or `4 * MAX_PAYLOAD` for decompressed pages whose count was already checked).
+
+use std::io::{self, Read, Write};
+
+/// Version spoken by this build; a `Hello` of any other version is refused.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest payload a frame may declare; bigger lengths are refused before allocating.
+pub const MAX_PAYLOAD: usize = 64 << 20;
+/// Guest page size: `Pages` carry whole pages at page-aligned guest-physical addresses.
+pub const PAGE_SIZE: usize = 4096;
+/// Frame header: payload length (4), kind (1), CRC32C (4).
+pub const HEADER_LEN: usize = 9;
+/// Largest decompressed `Pages` batch accepted (65536 pages), so a lying peer cannot make us
+/// allocate more than this for one frame.
+pub const MAX_PAGES_BYTES: usize = MAX_PAYLOAD * 4;
+
+/// Why a frame could not be read or an epoch could not be accepted. Each message is one line,
+/// logged by the standby as the reason an epoch was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// Not an error: the socket had no more bytes yet; the partial frame is kept.
+    #[error("no complete frame yet (read would block)")]
+    Idle,
+    #[error("connection closed by the peer")]
+    Closed,
+    #[error("connection closed inside a frame: have {have} of {need} bytes")]
+    Truncated { have: usize, need: usize },
+    #[error("frame declares a payload of {len} bytes, above the limit of {MAX_PAYLOAD}")]
+    TooLarge { len: usize },
+    #[error("frame checksum mismatch: header says {expected:#010x}, payload gives {actual:#010x}")]
+    Corrupt { expected: u32, actual: u32 },
+    #[error("unknown message kind {0}")]
+    UnknownKind(u8),
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    #[error("protocol version mismatch: this node speaks {ours}, the peer speaks {theirs}")]
+    Version { ours: u32, theirs: u32 },
+    #[error("epoch {epoch} does not match its EpochEnd: {what}")]
+    EpochMismatch { epoch: u64, what: String },
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl WireError {
+    /// True when the read merely has to be retried later (socket timeout or non-blocking).
+    pub fn is_idle(&self) -> bool {
+        matches!(self, WireError::Idle)
+    }
+}
+
+/// Which of the two connections between the nodes a `Hello` opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    /// Epoch data: pages, state, epoch ends and their acks.
+    Data,
+    /// Liveness and role changes: heartbeats, goodbye, takeover, exit.
+    Control,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// First message of the primary on each connection.
+    Hello {
+        version: u32,
+        channel: Channel,
+        session: u64,
+        /// Opaque JSON from the caller, compared by the standby with its own.
+        config: Vec<u8>,
+    },
+    /// The standby accepts the Hello.
+    Welcome,
+    /// The standby (or primary) refuses, with a reason to print.
+    Refuse {
+        reason: String,
+    },
+    /// A batch of guest pages: guest-physical addresses (4 KiB aligned) and the pages' bytes,
+    /// in order.
+    Pages {
+        epoch: u64,
+        gpas: Vec<u64>,
+        data: Vec<u8>,
+    },
+    /// The epoch's VM state, opaque bytes serialised by the caller.
+    State {
+        epoch: u64,
+        bytes: Vec<u8>,
+    },
+    /// Closes an epoch: what it held and a checksum of it (see [`EpochDigest`]).
+    EpochEnd {
+        epoch: u64,
+        pages: u64,
+        state_bytes: u64,
+        checksum: u32,
+    },
+    Ack {
+        epoch: u64,
+    },
+    Heartbeat,
+    /// The primary continues without this standby; it must never take over.
+    Goodbye,
+    /// The standby has taken over; the receiver must stop at once.
+    TakenOver,
+    /// The guest exited with this code on the primary; both nodes exit with it.
+    Exit {
+        code: i32,
+    },
+}
+
+const HELLO: u8 = 1;
+const WELCOME: u8 = 2;
+const REFUSE: u8 = 3;
+const PAGES: u8 = 4;
+const STATE: u8 = 5;
+const EPOCH_END: u8 = 6;
+const ACK: u8 = 7;
+const HEARTBEAT: u8 = 8;
+const GOODBYE: u8 = 9;
+const TAKEN_OVER: u8 = 10;
+const EXIT: u8 = 11;
+/// Names of the kinds above, for error messages.
+const KIND_NAMES: [&str; 12] = [
+    "",
+    "Hello",
+    "Welcome",
+    "Refuse",
+    "Pages",
+    "State",
+    "EpochEnd",
+    "Ack",
+    "Heartbeat",
+    "Goodbye",
+    "TakenOver",
+    "Exit",
+];
+
+/// Appends a `u32` length prefix and the bytes.
+fn put_blob(f: &mut Vec<u8>, bytes: &[u8]) {
+    f.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    f.extend_from_slice(bytes);
+}
+
+/// Fills in the header of a frame whose payload follows `HEADER_LEN` placeholder bytes.
+/// The caller keeps payloads within [`MAX_PAYLOAD`]; the peer refuses larger frames.
+fn seal(kind: u8, mut f: Vec<u8>) -> Vec<u8> {
+    let len = f.len() - HEADER_LEN;
+    debug_assert!(len <= MAX_PAYLOAD, "{len}-byte payload exceeds MAX_PAYLOAD");
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&[kind]), &f[HEADER_LEN..]);
+    f[0..4].copy_from_slice(&(len as u32).to_le_bytes());
+    f[4] = kind;
+    f[5..9].copy_from_slice(&crc.to_le_bytes());
+    f
+}
+
+/// A complete `Pages` frame. Separate from [`encode`] so that worker threads can compress
+/// batches in parallel while the sender writes the ready frames in order. `data` must hold
+/// exactly `gpas.len()` pages, at most 65536 per batch.
+pub fn encode_pages(epoch: u64, gpas: &[u64], data: &[u8]) -> Vec<u8> {
+    debug_assert_eq!(data.len(), gpas.len() * PAGE_SIZE);
+    let packed = lz4_flex::block::compress_prepend_size(data);
+    let mut f = Vec::with_capacity(HEADER_LEN + 12 + gpas.len() * 8 + packed.len());
+    f.resize(HEADER_LEN, 0);
+    f.extend_from_slice(&epoch.to_le_bytes());
+    f.extend_from_slice(&(gpas.len() as u32).to_le_bytes());
+    for gpa in gpas {
+        f.extend_from_slice(&gpa.to_le_bytes());
+    }
+    f.extend_from_slice(&packed);
+    seal(PAGES, f)
+}
+
+/// A complete frame for `msg`.
+pub fn encode(msg: &Message) -> Vec<u8> {
+    let mut f = vec![0u8; HEADER_LEN];
+    let kind = match msg {
+        Message::Hello {
+            version,
+            channel,
+            session,
+            config,
+        } => {
+            f.extend_from_slice(&version.to_le_bytes());
+            f.push(match channel {
+                Channel::Data => 0,
+                Channel::Control => 1,
+            });
+            f.extend_from_slice(&session.to_le_bytes());
+            put_blob(&mut f, config);
+            HELLO
+        }
+        Message::Welcome => WELCOME,
+        Message::Refuse { reason } => {
+            put_blob(&mut f, reason.as_bytes());
+            REFUSE
+        }
+        Message::Pages { epoch, gpas, data } => return encode_pages(*epoch, gpas, data),
+        Message::State { epoch, bytes } => {
+            f.extend_from_slice(&epoch.to_le_bytes());
+            put_blob(&mut f, bytes);
+            STATE
+        }
+        Message::EpochEnd {
+            epoch,
+            pages,
+            state_bytes,
+            checksum,
+        } => {
+            f.extend_from_slice(&epoch.to_le_bytes());
+            f.extend_from_slice(&pages.to_le_bytes());
+            f.extend_from_slice(&state_bytes.to_le_bytes());
+            f.extend_from_slice(&checksum.to_le_bytes());
+            EPOCH_END
+        }
+        Message::Ack { epoch } => {
+            f.extend_from_slice(&epoch.to_le_bytes());
+            ACK
+        }
+        Message::Heartbeat => HEARTBEAT,
+        Message::Goodbye => GOODBYE,
+        Message::TakenOver => TAKEN_OVER,
+        Message::Exit { code } => {
+            f.extend_from_slice(&code.to_le_bytes());
+            EXIT
+        }
+    };
+    seal(kind, f)
+}
+
+/// Writes one complete frame for `msg`.
+pub fn write_message(w: &mut impl Write, msg: &Message) -> io::Result<()> {
+    w.write_all(&encode(msg))
+}
+
+fn malformed(what: impl Into<String>) -> WireError {
+    WireError::Malformed(what.into())
+}
+
+/// Reads payload fields, failing with `Malformed` (never panicking) on short input.
+struct Fields<'a> {
+    buf: &'a [u8],
+    msg: &'static str,
+}
+
+impl<'a> Fields<'a> {
+    fn short(&self) -> WireError {
+        malformed(format!("{} payload is too short", self.msg))
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        let (head, rest) = self.buf.split_at_checked(n).ok_or_else(|| self.short())?;
+        self.buf = rest;
+        Ok(head)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+        let (head, rest) = self.buf.split_first_chunk().ok_or_else(|| self.short())?;
+        self.buf = rest;
+        Ok(*head)
+    }
+    fn u32(&mut self) -> Result<u32, WireError> {
+        self.array().map(u32::from_le_bytes)
+    }
+    fn u64(&mut self) -> Result<u64, WireError> {
+        self.array().map(u64::from_le_bytes)
+    }
+    /// A `u32` length prefix then that many bytes; the length is checked against what is left.
+    fn blob(&mut self) -> Result<Vec<u8>, WireError> {
+        let n = self.u32()? as usize;
+        Ok(self.take(n)?.to_vec())
+    }
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.buf)
+    }
+    fn finish(self, msg: Message) -> Result<Message, WireError> {
+        if self.buf.is_empty() {
+            Ok(msg)
+        } else {
+            Err(malformed(format!(
+                "{} bytes after the end of {}",
+                self.buf.len(),
+                self.msg
+            )))
+        }
+    }
+}
+
+fn decode_pages(f: &mut Fields) -> Result<Message, WireError> {
+    let epoch = f.u64()?;
+    let count = f.u32()? as usize;
+    // The gpas must be present in the payload, which bounds `count` before allocating.
+    let raw = f.take(count.saturating_mul(8))?;
+    let gpas: Vec<u64> = raw
+        .as_chunks()
+        .0
+        .iter()
+        .map(|b| u64::from_le_bytes(*b))
+        .collect();
+    if let Some(gpa) = gpas.iter().find(|&&g| g % PAGE_SIZE as u64 != 0) {
+        return Err(malformed(format!("Pages gpa {gpa:#x} is not page aligned")));
+    }
+    let expected = count.saturating_mul(PAGE_SIZE);
+    if expected > MAX_PAGES_BYTES {
+        return Err(malformed(format!(
+            "Pages batch of {count} pages exceeds {MAX_PAGES_BYTES} bytes"
+        )));
+    }
+    let declared = f.u32()? as usize;
+    if declared != expected {
+        return Err(malformed(format!(
+            "Pages declares {declared} decompressed bytes for {count} pages ({expected} bytes)"
+        )));
+    }
+    let mut data = vec![0u8; expected];
+    match lz4_flex::block::decompress_into(f.rest(), &mut data) {
+        Ok(n) if n == expected => Ok(Message::Pages { epoch, gpas, data }),
+        Ok(n) => Err(malformed(format!(
+            "Pages decompressed to {n} bytes, expected {expected}"
+        ))),
+        Err(e) => Err(malformed(format!("Pages data does not decompress: {e}"))),
+    }
+}
+
+/// Decodes a payload whose CRC has already been checked.
+fn decode(kind: u8, payload: &[u8]) -> Result<Message, WireError> {
+    let name = match KIND_NAMES.get(kind as usize) {
+        Some(&name) if kind != 0 => name,
+        _ => return Err(WireError::UnknownKind(kind)),
+    };
+    let mut f = Fields {
+        buf: payload,
+        msg: name,
+    };
+    let msg = match kind {
+        HELLO => {
+            // The version comes first so another version is named before its layout is parsed.
+            let version = f.u32()?;
+            if version != PROTOCOL_VERSION {
+                return Err(WireError::Version {
+                    ours: PROTOCOL_VERSION,
+                    theirs: version,
+                });
+            }
+            let channel = match f.array()? {
+                [0] => Channel::Data,
+                [1] => Channel::Control,
+                [c] => return Err(malformed(format!("Hello names unknown channel {c}"))),
+            };
+            Message::Hello {
+                version,
+                channel,
+                session: f.u64()?,
+                config: f.blob()?,
+            }
+        }
+        WELCOME => Message::Welcome,
+        REFUSE => {
+            let reason = String::from_utf8(f.blob()?)
+                .map_err(|_| malformed("Refuse reason is not UTF-8"))?;
+            Message::Refuse { reason }
+        }
+        PAGES => decode_pages(&mut f)?,
+        STATE => Message::State {
+            epoch: f.u64()?,
+            bytes: f.blob()?,
+        },
+        EPOCH_END => Message::EpochEnd {
+            epoch: f.u64()?,
+            pages: f.u64()?,
+            state_bytes: f.u64()?,
+            checksum: f.u32()?,
+        },
+        ACK => Message::Ack { epoch: f.u64()? },
+        HEARTBEAT => Message::Heartbeat,
+        GOODBYE => Message::Goodbye,
+        TAKEN_OVER => Message::TakenOver,
+        // EXIT, the only kind left after the check above.
+        _ => Message::Exit {
+            code: i32::from_le_bytes(f.array()?),
+        },
+    };
+    f.finish(msg)
+}
+
+/// Reads frames from a stream, keeping a partial frame across `Idle` returns so that sockets
+/// with a read timeout (or non-blocking ones) can be polled. After any error other than `Idle`
+/// the connection should be dropped: framing can no longer be trusted.
+pub struct FrameReader<R: Read> {
+    inner: R,
+    /// The frame read so far: `buf[..filled]` holds received bytes.
+    buf: Vec<u8>,
+    filled: usize,
+}
+
+/// Buffer growth step: a declared length is only backed by memory as bytes actually arrive.
+const READ_CHUNK: usize = 64 << 10;
+/// Buffers above this are released after their frame rather than kept per connection.
+const RETAIN: usize = 4 << 20;
+
+impl<R: Read> FrameReader<R> {
+    pub fn new(inner: R) -> Self {
+        FrameReader {
+            inner,
+            buf: Vec::new(),
+            filled: 0,
+        }
+    }
+
+    pub fn get_ref(&self) -> &R {
+        &self.inner
+    }
+
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
+    }
+
+    /// Reads until the current frame holds `need` bytes; never reads past the frame.
+    fn fill(&mut self, need: usize) -> Result<(), WireError> {
+        while self.filled < need {
+            if self.buf.len() < need {
+                let target = need.min(self.filled + READ_CHUNK.max(self.filled));
+                self.buf.resize(target.max(self.buf.len()), 0);
+            }
+            let end = self.buf.len().min(need);
+            match self.inner.read(&mut self.buf[self.filled..end]) {
+                Ok(0) if self.filled == 0 => return Err(WireError::Closed),
+                Ok(0) => {
+                    return Err(WireError::Truncated {
+                        have: self.filled,
+                        need,
+                    })
+                }
+                Ok(n) => self.filled += n,
+                Err(e) => match e.kind() {
+                    io::ErrorKind::Interrupted => {}
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                        return Err(WireError::Idle)
+                    }
+                    _ => return Err(WireError::Io(e)),
+                },
+            }
+        }
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.filled = 0;
+        if self.buf.capacity() > RETAIN {
+            self.buf = Vec::new();
+        }
+    }
+
+    /// The next message. `Err(Idle)` means "call again later"; the partial frame is kept.
+    pub fn read_message(&mut self) -> Result<Message, WireError> {
+        self.fill(HEADER_LEN)?;
+        let h = &self.buf[..HEADER_LEN];
+        let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+        let kind = h[4];
+        let expected = u32::from_le_bytes([h[5], h[6], h[7], h[8]]);
+        if len > MAX_PAYLOAD {
+            self.reset();
+            return Err(WireError::TooLarge { len });
+        }
+        self.fill(HEADER_LEN + len)?;
+        let payload = &self.buf[HEADER_LEN..HEADER_LEN + len];
+        let actual = crc32c::crc32c_append(crc32c::crc32c(&[kind]), payload);
+        let result = if actual != expected {
+            Err(WireError::Corrupt { expected, actual })
+        } else {
+            decode(kind, payload)
+        };
+        self.reset();
+        result
+    }
+}
+
+/// An epoch's size and checksum, computed identically by the sender (over what it sends) and the
+/// receiver (over what it decoded), so a half-received or altered epoch is never applied.
+#[derive(Debug, Clone, Default)]
+pub struct EpochDigest {
+    crc: u32,
+    pages: u64,
+    state_bytes: u64,
+}
+
+impl EpochDigest {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Chains each gpa (u64 LE) then its page, in order. `data` holds `gpas.len()` pages.
+    pub fn add_pages(&mut self, gpas: &[u64], data: &[u8]) {
+        debug_assert_eq!(data.len(), gpas.len() * PAGE_SIZE);
+        for (gpa, page) in gpas.iter().zip(data.chunks(PAGE_SIZE)) {
+            self.crc = crc32c::crc32c_append(self.crc, &gpa.to_le_bytes());
+            self.crc = crc32c::crc32c_append(self.crc, page);
+            self.pages += 1;
+        }
+    }
+
+    /// Chains the state bytes.
+    pub fn add_state(&mut self, bytes: &[u8]) {
+        self.crc = crc32c::crc32c_append(self.crc, bytes);
+        self.state_bytes += bytes.len() as u64;
+    }
+
+    /// The `EpochEnd` closing `epoch` with what this digest saw.
+    pub fn end(&self, epoch: u64) -> Message {
+        Message::EpochEnd {
+            epoch,
+            pages: self.pages,
+            state_bytes: self.state_bytes,
+            checksum: self.crc,
+        }
+    }
+
+    /// Compares what was received with the sender's `EpochEnd` fields, naming every difference.
+    pub fn verify(
+        &self,
+        epoch: u64,
+        pages: u64,
+        state_bytes: u64,
+        checksum: u32,
+    ) -> Result<(), WireError> {
+        let diffs: Vec<String> = [
+            ("pages", self.pages, pages),
+            ("state bytes", self.state_bytes, state_bytes),
+            ("checksum", self.crc.into(), checksum.into()),
+        ]
+        .iter()
+        .filter(|(_, ours, theirs)| ours != theirs)
+        .map(|(what, ours, theirs)| format!("{what}: received {ours}, sender declared {theirs}"))
+        .collect();
+        if diffs.is_empty() {
+            Ok(())
+        } else {
+            Err(WireError::EpochMismatch {
+                epoch,
+                what: diffs.join("; "),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic pseudo-random bytes (xorshift64).
+    fn noise(seed: u64, n: usize) -> Vec<u8> {
+        let mut x = seed | 1;
+        let mut step = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        };
+        (0..n).map(|_| step()).collect()
+    }
+
+    /// 300 pages: random, zero and repeated-pattern pages mixed.
+    fn batch() -> (Vec<u64>, Vec<u8>) {
+        let gpas = (0..300u64).map(|i| (i * 7 + 0x100) << 12).collect();
+        let data = (0..300u64)
+            .flat_map(|i| match i % 3 {
+                0 => noise(i + 1, PAGE_SIZE),
+                1 => vec![0; PAGE_SIZE],
+                _ => (0..PAGE_SIZE).map(|j| (j % 17) as u8 ^ i as u8).collect(),
+            })
+            .collect();
+        (gpas, data)
+    }
+
+    fn hello(version: u32, channel: Channel, config: &[u8]) -> Message {
+        let (session, config) = (0xdead_beef_0123_4567, config.to_vec());
+        Message::Hello {
+            version,
+            channel,
+            session,
+            config,
+        }
+    }
+
+    fn all_messages() -> Vec<Message> {
+        let (gpas, data) = batch();
+        let (pages, state_bytes, checksum) = (300, 5000, 0x1234_5678);
+        vec![
+            hello(
+                PROTOCOL_VERSION,
+                Channel::Data,
+                br#"{"mem_mib":256,"vcpus":2}"#,
+            ),
+            hello(PROTOCOL_VERSION, Channel::Control, b""),
+            Message::Welcome,
+            Message::Refuse {
+                reason: "config differs: mem_mib 256 vs 512 ✗".into(),
+            },
+            Message::Pages {
+                epoch: 3,
+                gpas: vec![],
+                data: vec![],
+            },
+            Message::Pages {
+                epoch: 4,
+                gpas,
+                data,
+            },
+            Message::State {
+                epoch: 4,
+                bytes: noise(9, 5000),
+            },
+            Message::State {
+                epoch: 5,
+                bytes: vec![],
+            },
+            Message::EpochEnd {
+                epoch: 4,
+                pages,
+                state_bytes,
+                checksum,
+            },
+            Message::Ack { epoch: u64::MAX },
+            Message::Heartbeat,
+            Message::Goodbye,
+            Message::TakenOver,
+            Message::Exit { code: -3 },
+        ]
+    }
+
+    /// A frame with a valid header and CRC around an arbitrary payload.
+    fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+        seal(kind, [&[0; HEADER_LEN][..], payload].concat())
+    }
+
+    fn read_one(bytes: &[u8]) -> Result<Message, WireError> {
+        FrameReader::new(bytes).read_message()
+    }
+
+    #[test]
+    fn every_variant_round_trips_on_one_stream() {
+        let msgs = all_messages();
+        let mut stream = Vec::new();
+        for m in &msgs {
+            write_message(&mut stream, m).unwrap();
+        }
+        let mut r = FrameReader::new(stream.as_slice());
+        for m in &msgs {
+            assert_eq!(&r.read_message().unwrap(), m);
+        }
+        assert!(matches!(r.read_message(), Err(WireError::Closed)));
+
+        let (gpas, data) = batch();
+        let f = encode_pages(4, &gpas, &data);
+        assert_eq!(f, encode(&msgs[5]));
+        assert!(f.len() < data.len() / 2, "{} bytes for 300 pages", f.len());
+    }
+
+    #[test]
+    fn every_flipped_bit_is_an_error() {
+        let small = [
+            Message::Ack { epoch: 7 },
+            Message::Exit { code: 1 },
+            hello(PROTOCOL_VERSION, Channel::Data, b"{}"),
+            Message::Pages {
+                epoch: 2,
+                gpas: vec![0x1000],
+                data: noise(3, PAGE_SIZE),
+            },
+        ];
+        for m in &small {
+            let good = encode(m);
+            for i in 0..good.len() * 8 {
+                let mut bad = good.clone();
+                bad[i / 8] ^= 1 << (i % 8);
+                let got = read_one(&bad);
+                assert!(got.is_err(), "{m:?}: bit {i} flipped decodes as {got:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn truncation_is_closed_at_zero_and_truncated_inside() {
+        let good = encode(&all_messages()[8]);
+        for cut in 0..good.len() {
+            let need = if cut < HEADER_LEN {
+                HEADER_LEN
+            } else {
+                good.len()
+            };
+            match read_one(&good[..cut]) {
+                Err(WireError::Closed) => assert_eq!(cut, 0),
+                Err(WireError::Truncated { have, need: n }) => {
+                    assert_eq!((have, n), (cut, need));
+                    assert!(cut > 0);
+                }
+                other => panic!("cut at {cut}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn other_version_is_named() {
+        let payload = [
+            &2u32.to_le_bytes()[..],
+            b"a layout this version does not know",
+        ]
+        .concat();
+        let err = read_one(&frame(HELLO, &payload)).unwrap_err();
+        assert!(matches!(err, WireError::Version { ours: 1, theirs: 2 }));
+        let text = "protocol version mismatch: this node speaks 1, the peer speaks 2";
+        assert_eq!(err.to_string(), text);
+        let foreign = encode(&hello(7, Channel::Data, b""));
+        assert!(matches!(
+            read_one(&foreign),
+            Err(WireError::Version { ours: 1, theirs: 7 })
+        ));
+    }
+
+    #[test]
+    fn oversized_length_is_refused_before_allocating() {
+        for len in [MAX_PAYLOAD as u32 + 1, u32::MAX] {
+            let header = [&len.to_le_bytes()[..], &[ACK, 0, 0, 0, 0]].concat();
+            let mut r = FrameReader::new(header.as_slice());
+            // No payload follows: TooLarge (not Truncated) shows it was refused before reading on.
+            let got = r.read_message();
+            assert!(matches!(got, Err(WireError::TooLarge { len: l }) if l == len as usize));
+            assert!(r.buf.capacity() < 1024, "allocated {}", r.buf.capacity());
+        }
+    }
+
+    /// Yields at most 3001 bytes a call, with `TimedOut`, `Interrupted` and `WouldBlock` between
+    /// chunks, like a socket with a read timeout.
+    struct Trickle(Vec<u8>, usize, usize);
+
+    impl Read for Trickle {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            let Trickle(data, pos, calls) = self;
+            *calls += 1;
+            match *calls % 4 {
+                0 => return Err(io::ErrorKind::WouldBlock.into()),
+                1 => return Err(io::ErrorKind::TimedOut.into()),
+                2 => return Err(io::ErrorKind::Interrupted.into()),
+                _ => {}
+            }
+            let n = out.len().min(3001).min(data.len() - *pos);
+            out[..n].copy_from_slice(&data[*pos..*pos + n]);
+            *pos += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn idle_keeps_the_partial_frame() {
+        let msgs = all_messages();
+        let mut r = FrameReader::new(Trickle(msgs.iter().flat_map(encode).collect(), 0, 0));
+        let mut idles = 0;
+        for m in msgs.iter().map(Some).chain([None]) {
+            let got = loop {
+                match r.read_message() {
+                    Err(e) if e.is_idle() => idles += 1,
+                    got => break got,
+                }
+            };
+            match m {
+                Some(m) => assert_eq!(&got.unwrap(), m),
+                None => assert!(matches!(got, Err(WireError::Closed)), "{got:?}"),
+            }
+        }
+        assert!(idles > msgs.len() * 2, "only {idles} idle returns");
+    }
+
+    fn pages_payload(count: u32, gpas: &[u64], packed: &[u8]) -> Vec<u8> {
+        let gpas = gpas.iter().flat_map(|g| g.to_le_bytes());
+        let head = 5u64.to_le_bytes().into_iter().chain(count.to_le_bytes());
+        head.chain(gpas).chain(packed.iter().copied()).collect()
+    }
+
+    fn assert_malformed(kind: u8, payload: &[u8], needle: &str) {
+        match read_one(&frame(kind, payload)) {
+            Err(e @ WireError::Malformed(_)) => {
+                assert!(e.to_string().contains(needle), "{e} lacks {needle:?}")
+            }
+            other => panic!("expected Malformed({needle}), got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn malicious_pages_are_malformed() {
+        let page = noise(5, PAGE_SIZE);
+        let one = lz4_flex::block::compress_prepend_size(&page);
+        let with_size = |size: u32, block: &[u8]| [&size.to_le_bytes()[..], block].concat();
+        let short = with_size(4096, &lz4_flex::block::compress(&page[..100]));
+        let cases: [(u32, &[u64], Vec<u8>, &str); 6] = [
+            (
+                2,
+                &[0, 0x1000],
+                one.clone(),
+                "declares 4096 decompressed bytes for 2 pages",
+            ),
+            (1, &[0x1001], one.clone(), "gpa 0x1001 is not page aligned"),
+            (1000, &[0], one.clone(), "too short"),
+            (
+                1,
+                &[0],
+                with_size(u32::MAX, &one[4..]),
+                "declares 4294967295",
+            ),
+            (1, &[0], short, "decompress"),
+            (1, &[0], with_size(4096, &[0xff; 16]), "does not decompress"),
+        ];
+        for (count, gpas, packed, needle) in cases {
+            assert_malformed(PAGES, &pages_payload(count, gpas, &packed), needle);
+        }
+        let count = (MAX_PAGES_BYTES / PAGE_SIZE + 1) as u32;
+        let gpas = vec![0u64; count as usize];
+        assert_malformed(PAGES, &pages_payload(count, &gpas, &one), "exceeds");
+    }
+
+    #[test]
+    fn other_bad_payloads_are_refused() {
+        assert_malformed(ACK, &[1, 2, 3], "Ack payload is too short");
+        assert_malformed(ACK, &[0; 9], "1 bytes after the end of Ack");
+        assert_malformed(HEARTBEAT, &[0], "after the end of Heartbeat");
+        assert_malformed(REFUSE, &[2, 0, 0, 0, 0xc3, 0x28], "UTF-8");
+        assert_malformed(STATE, &[0, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 1], "too short");
+        assert_malformed(HELLO, &[1, 0, 0, 0, 2], "unknown channel 2");
+        for kind in [0, 12, 200] {
+            let got = read_one(&frame(kind, &[]));
+            assert!(
+                matches!(got, Err(WireError::UnknownKind(k)) if k == kind),
+                "{got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn digest_agrees_on_equal_epochs_and_names_differences() {
+        let (gpas, data) = batch();
+        let state = noise(11, 777);
+        let digest = |gpas: &[u64], data: &[u8], state: &[u8]| {
+            let mut d = EpochDigest::new();
+            d.add_pages(&gpas[..100], &data[..100 * PAGE_SIZE]);
+            d.add_pages(&gpas[100..], &data[100 * PAGE_SIZE..]);
+            d.add_state(state);
+            d
+        };
+        let Message::EpochEnd {
+            epoch,
+            pages,
+            state_bytes,
+            checksum,
+        } = digest(&gpas, &data, &state).end(8)
+        else {
+            panic!("end() is not an EpochEnd");
+        };
+        assert_eq!((epoch, pages, state_bytes), (8, 300, 777));
+        let check = |d: EpochDigest| match d.verify(epoch, pages, state_bytes, checksum) {
+            Ok(()) => String::new(),
+            Err(e @ WireError::EpochMismatch { epoch: 8, .. }) => e.to_string(),
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(check(digest(&gpas, &data, &state)), "");
+
+        let mut flipped = data.clone();
+        flipped[150 * PAGE_SIZE + 9] ^= 0x40;
+        let err = check(digest(&gpas, &flipped, &state));
+        assert!(err.starts_with("epoch 8 does not match its EpochEnd: checksum: received "));
+        assert!(
+            !err.contains("pages:") && !err.contains("state bytes:"),
+            "{err}"
+        );
+
+        let err = check(digest(&gpas[..299], &data[..299 * PAGE_SIZE], &state));
+        assert!(
+            err.contains("pages: received 299, sender declared 300; checksum"),
+            "{err}"
+        );
+
+        let err = check(digest(&gpas, &data, &state[1..]));
+        assert!(
+            err.contains("state bytes: received 776, sender declared 777"),
+            "{err}"
+        );
+
+        let mut changed = state.clone();
+        changed[0] ^= 1;
+        assert!(check(digest(&gpas, &data, &changed)).contains("checksum"));
+    }
+}

@@ -1,0 +1,297 @@
+//! Epoch-gated output: what a guest sends out (console bytes, network frames) is held per epoch
+//! and released, in order, only once the checkpoint of its epoch is acknowledged; a node that
+//! loses its role discards what it holds and releases nothing more.
+//!
+//! A [`Gate`] sits between a device and the world. Devices push into it through the sink
+//! traits that `vmm` defines ([`ConsoleGateSink`]); the checkpointer seals the running epoch at
+//! each checkpoint (the [`Held`] output travels inside the checkpoint, so that a standby that
+//! takes over can release it again) and releases sealed epochs as acknowledgements arrive.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+use vmm::devices::ConsoleSink;
+
+/// A unit of output a gate holds.
+pub trait Output: Clone + Send + 'static {
+    /// How far this item advances the output stream (bytes for a console, 1 for a frame), so
+    /// that a held run of items knows its position in the stream.
+    fn units(&self) -> u64;
+    /// Memory the item occupies while held.
+    fn held_bytes(&self) -> usize;
+}
+
+/// Where released output goes.
+pub trait Release<T>: Send {
+    fn release(&mut self, item: &T);
+}
+
+/// A chunk of the guest's console byte stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsoleChunk(pub Vec<u8>);
+
+impl Output for ConsoleChunk {
+    fn units(&self) -> u64 {
+        self.0.len() as u64
+    }
+    fn held_bytes(&self) -> usize {
+        self.0.len()
+    }
+}
+
+impl Release<ConsoleChunk> for Box<dyn ConsoleSink> {
+    fn release(&mut self, item: &ConsoleChunk) {
+        self.write_console(&item.0);
+    }
+}
+
+/// Output not yet known to be released, as carried by a checkpoint: the items and the stream
+/// position of the first one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Held<T> {
+    /// Stream position (in [`Output::units`]) of the first item.
+    pub first: u64,
+    pub items: Vec<T>,
+}
+
+impl<T: Output> Held<T> {
+    /// Stream position just after the last item.
+    pub fn end(&self) -> u64 {
+        self.first + self.items.iter().map(Output::units).sum::<u64>()
+    }
+}
+
+/// What a gate does with output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Protected: output waits for its epoch's acknowledgement.
+    Held,
+    /// Unprotected: output is released at once.
+    Open,
+    /// Deposed: output is dropped.
+    Closed,
+}
+
+struct GateState<T> {
+    mode: Mode,
+    /// Output of the running (unsealed) epoch.
+    running: Vec<T>,
+    /// Sealed epochs not yet released, oldest first.
+    sealed: VecDeque<(u64, Vec<T>)>,
+    /// Stream position of the first item not yet released.
+    released: u64,
+    out: Box<dyn Release<T>>,
+}
+
+impl<T: Output> GateState<T> {
+    fn emit(&mut self, items: Vec<T>) {
+        for item in &items {
+            self.out.release(item);
+            self.released += item.units();
+        }
+    }
+}
+
+/// An output gate; clones share it.
+pub struct Gate<T> {
+    state: Arc<Mutex<GateState<T>>>,
+}
+
+impl<T> Clone for Gate<T> {
+    fn clone(&self) -> Self {
+        Self {
+            state: self.state.clone(),
+        }
+    }
+}
+
+impl<T: Output> Gate<T> {
+    /// A gate in `mode` releasing to `out`; the stream so far has `position` units.
+    pub fn new(out: Box<dyn Release<T>>, position: u64, mode: Mode) -> Self {
+        Self {
+            state: Arc::new(Mutex::new(GateState {
+                mode,
+                running: Vec::new(),
+                sealed: VecDeque::new(),
+                released: position,
+                out,
+            })),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, GateState<T>> {
+        // A panic while releasing leaves the queues consistent.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes output from a device.
+    pub fn push(&self, item: T) {
+        let mut st = self.lock();
+        match st.mode {
+            Mode::Held => st.running.push(item),
+            Mode::Open => st.emit(vec![item]),
+            Mode::Closed => {}
+        }
+    }
+
+    /// Ends the running epoch as `epoch` and returns everything not yet released, this epoch's
+    /// output included: what a standby must release if it takes over from this checkpoint.
+    pub fn seal(&self, epoch: u64) -> Held<T> {
+        let mut st = self.lock();
+        let running = std::mem::take(&mut st.running);
+        st.sealed.push_back((epoch, running));
+        Held {
+            first: st.released,
+            items: st
+                .sealed
+                .iter()
+                .flat_map(|(_, v)| v.iter().cloned())
+                .collect(),
+        }
+    }
+
+    /// Releases, in order, the output of every sealed epoch up to `epoch` (acknowledged).
+    pub fn release_through(&self, epoch: u64) {
+        let mut st = self.lock();
+        if st.mode != Mode::Held {
+            return;
+        }
+        while st.sealed.front().is_some_and(|(e, _)| *e <= epoch) {
+            if let Some((_, items)) = st.sealed.pop_front() {
+                st.emit(items);
+            }
+        }
+    }
+
+    /// Goes unprotected: releases everything held, in order, and passes later output through.
+    pub fn open(&self) {
+        let mut st = self.lock();
+        if st.mode == Mode::Closed {
+            return;
+        }
+        st.mode = Mode::Open;
+        let mut items: Vec<T> = st.sealed.drain(..).flat_map(|(_, v)| v).collect();
+        items.append(&mut st.running);
+        st.emit(items);
+    }
+
+    /// Stops for good: drops everything held and all later output.
+    pub fn close(&self) {
+        let mut st = self.lock();
+        st.mode = Mode::Closed;
+        st.sealed.clear();
+        st.running.clear();
+    }
+
+    /// Bytes held (sealed and running).
+    pub fn held_bytes(&self) -> usize {
+        let st = self.lock();
+        st.sealed
+            .iter()
+            .flat_map(|(_, v)| v)
+            .chain(&st.running)
+            .map(Output::held_bytes)
+            .sum()
+    }
+
+    /// Stream position of the first unreleased item.
+    pub fn released(&self) -> u64 {
+        self.lock().released
+    }
+}
+
+/// The console side of a gate: hand it to the UART as its sink.
+pub struct ConsoleGateSink(pub Gate<ConsoleChunk>);
+
+impl ConsoleSink for ConsoleGateSink {
+    fn write_console(&mut self, bytes: &[u8]) {
+        self.0.push(ConsoleChunk(bytes.to_vec()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Seen(Arc<Mutex<Vec<u8>>>);
+
+    impl Release<ConsoleChunk> for Seen {
+        fn release(&mut self, item: &ConsoleChunk) {
+            self.0.lock().unwrap().extend_from_slice(&item.0);
+        }
+    }
+
+    impl Seen {
+        fn text(&self) -> String {
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    fn gate() -> (Gate<ConsoleChunk>, Seen, ConsoleGateSink) {
+        let seen = Seen::default();
+        let gate = Gate::new(Box::new(seen.clone()), 0, Mode::Held);
+        let sink = ConsoleGateSink(gate.clone());
+        (gate, seen, sink)
+    }
+
+    #[test]
+    fn output_waits_for_its_epoch_and_leaves_in_order() {
+        let (gate, seen, mut sink) = gate();
+        sink.write_console(b"a");
+        sink.write_console(b"b");
+        let held1 = gate.seal(1);
+        assert_eq!(seen.text(), "", "nothing leaves before the ack");
+        sink.write_console(b"c");
+        let held2 = gate.seal(2);
+        // Checkpoint 2 carries epoch 1's output too: its ack may not have come yet.
+        assert_eq!((held1.first, held1.items.len()), (0, 1 + 1));
+        assert_eq!((held2.first, held2.end()), (0, 3));
+        sink.write_console(b"d");
+        gate.release_through(1);
+        assert_eq!(seen.text(), "ab");
+        let held3 = gate.seal(3);
+        assert_eq!((held3.first, held3.end()), (2, 4));
+        gate.release_through(3);
+        assert_eq!(seen.text(), "abcd");
+        assert_eq!(gate.released(), 4);
+        assert_eq!(gate.held_bytes(), 0);
+        gate.release_through(3);
+        assert_eq!(seen.text(), "abcd", "a repeated ack releases nothing twice");
+    }
+
+    #[test]
+    fn open_releases_everything_held_then_passes_through() {
+        let (gate, seen, mut sink) = gate();
+        sink.write_console(b"1");
+        gate.seal(1);
+        sink.write_console(b"2");
+        assert_eq!(gate.held_bytes(), 2);
+        gate.open();
+        assert_eq!(seen.text(), "12");
+        sink.write_console(b"3");
+        assert_eq!(seen.text(), "123");
+    }
+
+    #[test]
+    fn a_closed_gate_releases_nothing_more() {
+        let (gate, seen, mut sink) = gate();
+        sink.write_console(b"x");
+        gate.seal(1);
+        gate.close();
+        gate.release_through(1);
+        gate.open();
+        sink.write_console(b"y");
+        assert_eq!(seen.text(), "");
+        assert_eq!(gate.held_bytes(), 0);
+    }
+
+    #[test]
+    fn a_gate_continues_a_stream_at_its_position() {
+        let seen = Seen::default();
+        let gate = Gate::new(Box::new(seen.clone()), 100, Mode::Open);
+        gate.push(ConsoleChunk(b"zz".to_vec()));
+        assert_eq!(gate.released(), 102);
+    }
+}

@@ -1,0 +1,202 @@
+//! `ftvmm primary` and `ftvmm standby`: the two roles of a replicated guest.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use checkpoint::link::{self, LinkError, Listener, PeerConfig};
+use checkpoint::primary::{self, PrimaryEnd, PrimaryReport};
+use checkpoint::standby::{self, Local, StandbyEnd, Takeover};
+use netbuf::{ConsoleGateSink, Gate, Mode};
+use serde::Serialize;
+use tracing::{info, warn};
+use vmm::builder::HostIo;
+use vmm::Vmm;
+
+use crate::options::{PrimaryArgs, StandbyArgs};
+use crate::run::{
+    console_sink, exit_status, host_io, load_payload, open_disk, open_net, vm_config, Error,
+};
+
+/// What `--stats-json` records about a primary's run (machine-readable status).
+#[derive(Serialize)]
+struct PrimaryStats {
+    role: &'static str,
+    outcome: String,
+    protected: bool,
+    epochs: u64,
+    precopy_pages: usize,
+    pause_us_p50: u64,
+    pause_us_p99: u64,
+    dirty_pages_total: usize,
+    wire_bytes: u64,
+    page_bytes: u64,
+    unprotected_at: Option<u64>,
+}
+
+/// What `--stats-json` records about a standby.
+#[derive(Serialize)]
+struct StandbyStats {
+    role: &'static str,
+    outcome: String,
+    took_over: bool,
+    epoch: Option<u64>,
+    reason: Option<String>,
+    detection_ms: Option<f64>,
+    restore_ms: Option<f64>,
+}
+
+/// The `q`-quantile of `values` in microseconds.
+pub fn quantile_us(values: &[Duration], q: f64) -> u64 {
+    let mut v: Vec<u64> = values.iter().map(|d| d.as_micros() as u64).collect();
+    v.sort_unstable();
+    match v.len() {
+        0 => 0,
+        n => v[((n - 1) as f64 * q).round() as usize],
+    }
+}
+
+fn write_json(path: Option<&Path>, value: &impl Serialize) -> Result<(), Error> {
+    if let Some(path) = path {
+        std::fs::write(path, serde_json::to_vec_pretty(value)?)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+pub fn primary(args: &PrimaryArgs) -> Result<ExitCode, Error> {
+    let payload = load_payload(&args.vm.payload)?;
+    let mut io = host_io(&args.vm)?;
+    // Output is held from the first byte: nothing leaves before a standby can continue from it.
+    let console = std::mem::replace(
+        &mut io.console,
+        Box::new(vmm::devices::console::StdoutConsole),
+    );
+    let gate = Gate::new(Box::new(console), 0, Mode::Held);
+    io.console = Box::new(ConsoleGateSink(gate.clone()));
+    let config = PeerConfig {
+        vm: vm_config(&args.vm),
+        disk_size: match &args.vm.disk {
+            Some(path) => Some(std::fs::metadata(path)?.len()),
+            None => None,
+        },
+        net_mac: args.vm.net.as_ref().map(|n| n.mac),
+        epoch_ms: args.epoch_ms,
+        failover_timeout_ms: args.failover_timeout_ms,
+    };
+    // Boot (which checks the payload) before connecting, so bad input never reaches the peer.
+    let mut vmm = Vmm::boot_payload(&config.vm, &payload, io)?;
+    let connect_timeout = Duration::from_millis(args.connect_timeout_ms);
+    let link = match link::connect(&args.peer, &config, connect_timeout) {
+        Ok(link) => link,
+        Err(e @ LinkError::Connect { .. }) if args.allow_unprotected => {
+            warn!("{e}; running unprotected (--allow-unprotected)");
+            gate.open();
+            vmm.start()?;
+            let outcome = vmm.wait();
+            return Ok(exit_status(outcome));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    info!(peer = %args.peer, "standby connected; protecting the guest");
+    let (end, report) = primary::protect(vmm, gate, link, &config)?;
+    write_json(args.vm.stats_json.as_deref(), &primary_stats(&end, &report))?;
+    match end {
+        PrimaryEnd::Guest(outcome) => Ok(exit_status(outcome)),
+        PrimaryEnd::Deposed => {
+            Err("the standby took over; this node stopped and released nothing more".into())
+        }
+    }
+}
+
+fn primary_stats(end: &PrimaryEnd, r: &PrimaryReport) -> PrimaryStats {
+    PrimaryStats {
+        role: "primary",
+        outcome: format!("{end:?}"),
+        protected: r.unprotected_at.is_none(),
+        epochs: r.epochs,
+        precopy_pages: r.precopy_pages,
+        pause_us_p50: quantile_us(&r.pauses, 0.5),
+        pause_us_p99: quantile_us(&r.pauses, 0.99),
+        dirty_pages_total: r.dirty_pages.iter().sum(),
+        wire_bytes: r.wire_bytes,
+        page_bytes: r.page_bytes,
+        unprotected_at: r.unprotected_at,
+    }
+}
+
+pub fn standby(args: &StandbyArgs) -> Result<ExitCode, Error> {
+    // Open local resources first: a bad flag fails here, before any primary relies on us.
+    let disk = open_disk(args.disk.as_deref())?;
+    let net = open_net(args.net.as_ref())?;
+    let local = Local {
+        disk_size: disk.as_ref().map(|d| d.size()),
+        has_net: net.is_some(),
+    };
+    let listener = Listener::bind(&args.listen)?;
+    info!(listen = %args.listen, "waiting for a primary");
+    let mut stats = StandbyStats {
+        role: "standby",
+        outcome: String::new(),
+        took_over: false,
+        epoch: None,
+        reason: None,
+        detection_ms: None,
+        restore_ms: None,
+    };
+    let result = match standby::serve(&listener, &local)? {
+        StandbyEnd::Exit(code) => {
+            stats.outcome = format!("guest exited on the primary with {code}");
+            Ok(ExitCode::from(code as u8))
+        }
+        StandbyEnd::Goodbye => {
+            stats.outcome = "goodbye".into();
+            Err("the primary continues without this standby (it said goodbye)".into())
+        }
+        StandbyEnd::Takeover(t) => {
+            stats.took_over = true;
+            stats.epoch = Some(t.epoch);
+            stats.reason = Some(t.reason.clone());
+            stats.detection_ms = Some(standby::detection_time(&t).as_secs_f64() * 1e3);
+            let restore_start = Instant::now();
+            let mut vmm = resume(*t, args, disk, net)?;
+            stats.restore_ms = Some(restore_start.elapsed().as_secs_f64() * 1e3);
+            let outcome = vmm.wait();
+            stats.outcome = format!("{outcome:?}");
+            Ok(exit_status(outcome))
+        }
+    };
+    write_json(args.stats_json.as_deref(), &stats)?;
+    result
+}
+
+/// Builds the VM from the last committed checkpoint and starts it. First releases the output
+/// that checkpoint holds (the primary may or may not have released it: a repeat lands at the
+/// same stream offset with the same bytes).
+fn resume(
+    t: Takeover,
+    args: &StandbyArgs,
+    disk: Option<Box<dyn vmm::devices::BlockBackend>>,
+    net: Option<(vmm::devices::virtio::tap::Tap, [u8; 6])>,
+) -> Result<Vmm, Error> {
+    let mut console = console_sink(&args.console, t.state.console.first)?;
+    for chunk in &t.state.console.items {
+        console.write_console(&chunk.0);
+    }
+    let io = HostIo {
+        kvm_path: args.kvm_device.clone(),
+        console,
+        disk,
+        net,
+    };
+    let detection = standby::detection_time(&t);
+    let mut vmm = Vmm::restore(&t.config.vm, t.memory, &t.state.vmm, io)?;
+    vmm.start()?;
+    info!(
+        epoch = t.epoch,
+        detection_ms = detection.as_secs_f64() * 1e3,
+        restore_ms = t.decided.elapsed().as_secs_f64() * 1e3,
+        "took over: the guest runs on this node"
+    );
+    Ok(vmm)
+}
