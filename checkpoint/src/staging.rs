@@ -98,7 +98,7 @@ impl StagedPages {
 /// The host address of the guest page at `gpa`, checked to lie wholly in RAM.
 fn host_page(memory: &GuestMemory, gpa: u64) -> Result<*mut u8, StagingError> {
     let addr = GuestAddress(gpa);
-    if gpa % PAGE_SIZE as u64 != 0
+    if !gpa.is_multiple_of(PAGE_SIZE as u64)
         || memory
             .checked_offset(addr, PAGE_SIZE - 1)
             .is_none_or(|end| memory.find_region(end).is_none())
