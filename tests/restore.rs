@@ -45,6 +45,15 @@ fn check_restore_continues(payload: &str, args: &[&str], vcpus: u32, run_for: Du
     let mut original = Vmm::boot_payload(&config, elf, io(&original_out)).unwrap();
     original.set_dirty_logging(true).unwrap();
     original.start().unwrap();
+    // Pause only after the guest has printed something, however loaded the machine is.
+    let start = std::time::Instant::now();
+    while original_out.bytes().is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the guest printed nothing"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
     std::thread::sleep(run_for);
     original.pause();
     assert_eq!(original.outcome(), None, "the guest ended before the pause");
@@ -89,7 +98,7 @@ fn seq_restored_mid_run_continues_exactly() {
 fn stencil_on_two_vcpus_restored_mid_run_continues_exactly() {
     check_restore_continues(
         "stencil",
-        &["n=256", "steps=3000", "report=200"],
+        &["n=256", "steps=20000", "report=1000"],
         2,
         Duration::from_millis(80),
     );

@@ -88,6 +88,27 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, Role> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
+
+    /// Waits until `deadline` while `waiting(role)` holds, looking again at least every TICK
+    /// (some conditions, such as the guest ending, are not signalled on the condvar).
+    fn wait_while(
+        &self,
+        deadline: Instant,
+        waiting: impl Fn(&Role) -> bool,
+    ) -> MutexGuard<'_, Role> {
+        let mut role = self.lock();
+        loop {
+            let now = Instant::now();
+            if now >= deadline || !waiting(&role) {
+                return role;
+            }
+            role = self
+                .changed
+                .wait_timeout(role, (deadline - now).min(TICK))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
 }
 
 /// One unit of work for the sender.
@@ -215,19 +236,9 @@ fn epoch_loop(
     loop {
         // Wait for the epoch's end, waking early if the guest ends or the role changes.
         {
-            let mut role = shared.lock();
-            while Instant::now() < next
-                && vmm.outcome().is_none()
-                && role.protected
-                && !role.deposed
-            {
-                let wait = (next - Instant::now()).min(TICK);
-                role = shared
-                    .changed
-                    .wait_timeout(role, wait)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
-            }
+            let role = shared.wait_while(next, |role| {
+                vmm.outcome().is_none() && role.protected && !role.deposed
+            });
             if role.deposed {
                 vmm.stop(VmOutcome::Fault("deposed".into()));
                 return Ok(PrimaryEnd::Deposed);
@@ -296,14 +307,9 @@ fn epoch_loop(
 /// releases the last output), the loss of the standby, or deposition.
 fn finish(shared: &Shared, epoch: u64, outcome: VmOutcome, config: &PeerConfig) -> PrimaryEnd {
     let limit = Instant::now() + config.failover_timeout() * 4;
-    let mut role = shared.lock();
-    while role.protected && !role.deposed && role.acked < epoch && Instant::now() < limit {
-        role = shared
-            .changed
-            .wait_timeout(role, TICK)
-            .unwrap_or_else(|e| e.into_inner())
-            .0;
-    }
+    let role = shared.wait_while(limit, |role| {
+        role.protected && !role.deposed && role.acked < epoch
+    });
     if role.deposed {
         return PrimaryEnd::Deposed;
     }
@@ -321,15 +327,8 @@ fn wait_guest(vmm: &Vmm) -> VmOutcome {
 }
 
 fn wait_role_change(shared: &Shared, limit: Duration) {
-    let end = Instant::now() + limit;
-    let mut role = shared.lock();
-    while role.protected && !role.deposed && Instant::now() < end {
-        role = shared
-            .changed
-            .wait_timeout(role, TICK)
-            .unwrap_or_else(|e| e.into_inner())
-            .0;
-    }
+    let deadline = Instant::now() + limit;
+    drop(shared.wait_while(deadline, |role| role.protected && !role.deposed));
 }
 
 /// Compresses each unit's pages on worker threads and writes the frames in order, then the
