@@ -2,7 +2,7 @@
 
 use std::path::Path;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use checkpoint::link::{self, LinkError, Listener, PeerConfig};
 use checkpoint::primary::{self, PrimaryEnd, PrimaryReport};
@@ -44,6 +44,14 @@ struct StandbyStats {
     reason: Option<String>,
     detection_ms: Option<f64>,
     restore_ms: Option<f64>,
+    /// Wall-clock times (µs since the Unix epoch) of the takeover decision and of the guest
+    /// running again, so that a drill can measure from the moment it killed the primary.
+    decided_unix_us: Option<u64>,
+    resumed_unix_us: Option<u64>,
+}
+
+fn unix_us(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_micros() as u64
 }
 
 /// The `q`-quantile of `values` in microseconds.
@@ -143,6 +151,8 @@ pub fn standby(args: &StandbyArgs) -> Result<ExitCode, Error> {
         reason: None,
         detection_ms: None,
         restore_ms: None,
+        decided_unix_us: None,
+        resumed_unix_us: None,
     };
     let result = match standby::serve(&listener, &local)? {
         StandbyEnd::Exit(code) => {
@@ -158,9 +168,11 @@ pub fn standby(args: &StandbyArgs) -> Result<ExitCode, Error> {
             stats.epoch = Some(t.epoch);
             stats.reason = Some(t.reason.clone());
             stats.detection_ms = Some(standby::detection_time(&t).as_secs_f64() * 1e3);
+            stats.decided_unix_us = Some(unix_us(SystemTime::now() - t.decided.elapsed()));
             let restore_start = Instant::now();
             let mut vmm = resume(*t, args, disk, net)?;
             stats.restore_ms = Some(restore_start.elapsed().as_secs_f64() * 1e3);
+            stats.resumed_unix_us = Some(unix_us(SystemTime::now()));
             let outcome = vmm.wait();
             stats.outcome = format!("{outcome:?}");
             Ok(exit_status(outcome))

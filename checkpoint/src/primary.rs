@@ -54,9 +54,11 @@ pub struct PrimaryReport {
     pub dirty_pages: Vec<usize>,
     /// Pages sent in pre-copy.
     pub precopy_pages: usize,
-    /// Frame bytes written to the data connection.
+    /// Frame bytes of pre-copy written to the data connection.
+    pub precopy_wire_bytes: u64,
+    /// Frame bytes of checkpoints written to the data connection.
     pub wire_bytes: u64,
-    /// Page bytes those frames carried (uncompressed).
+    /// Page bytes those checkpoint frames carried (uncompressed).
     pub page_bytes: u64,
     /// Epoch at which protection was dropped, if it was.
     pub unprotected_at: Option<u64>,
@@ -147,11 +149,13 @@ pub fn protect(
     let vmm = Arc::new(vmm);
 
     let (out_tx, out_rx) = bounded::<Outgoing>(1);
+    // Staging buffers go back from the sender to the epoch loop, to be copied into again.
+    let (spare_tx, spare_rx) = bounded::<StagedPages>(2);
     let sender = {
         let (shared, data, report) = (shared.clone(), data.clone(), report.clone());
         std::thread::Builder::new()
             .name("ckpt-send".into())
-            .spawn(move || send_loop(out_rx, data, shared, report))
+            .spawn(move || send_loop(out_rx, spare_tx, data, shared, report))
             .map_err(PrimaryError::Thread)?
     };
     let controller = {
@@ -165,7 +169,7 @@ pub fn protect(
             .map_err(PrimaryError::Thread)?
     };
 
-    let result = epoch_loop(&vmm, &gate, &shared, &out_tx, config, &report);
+    let result = epoch_loop(&vmm, &gate, &shared, &out_tx, &spare_rx, config, &report);
     drop(out_tx);
     let end = match result {
         Ok(end) => end,
@@ -202,6 +206,7 @@ fn epoch_loop(
     gate: &Gate<ConsoleChunk>,
     shared: &Shared,
     out: &crossbeam_channel::Sender<Outgoing>,
+    spare: &Receiver<StagedPages>,
     config: &PeerConfig,
     report: &Mutex<PrimaryReport>,
 ) -> Result<PrimaryEnd, PrimaryError> {
@@ -256,7 +261,8 @@ fn epoch_loop(
         let ended = vmm.outcome();
         let log = vmm.harvest_dirty()?;
         let copy_start = Instant::now();
-        let pages = StagedPages::copy(vmm.memory(), &log, false)?;
+        let mut pages = spare.try_recv().unwrap_or_default();
+        pages.copy_from(vmm.memory(), &log, false)?;
         let copy_time = copy_start.elapsed();
         let state = CheckpointState {
             vmm: vmm.save_state()?,
@@ -335,6 +341,7 @@ fn wait_role_change(shared: &Shared, limit: Duration) {
 /// state and the epoch's end.
 fn send_loop(
     input: Receiver<Outgoing>,
+    spare: crossbeam_channel::Sender<StagedPages>,
     data: Sender,
     shared: Arc<Shared>,
     report: Arc<Mutex<PrimaryReport>>,
@@ -351,7 +358,7 @@ fn send_loop(
         let mut result = Ok(());
         for (batch, frame) in unit.pages.gpas.chunks(BATCH_PAGES).zip(&frames) {
             let start = (batch.as_ptr() as usize - unit.pages.gpas.as_ptr() as usize) / 8;
-            let bytes = &unit.pages.data[start * PAGE_SIZE..(start + batch.len()) * PAGE_SIZE];
+            let bytes = &unit.pages.bytes()[start * PAGE_SIZE..(start + batch.len()) * PAGE_SIZE];
             digest.add_pages(batch, bytes);
             result = result.and_then(|()| send(frame));
         }
@@ -367,8 +374,12 @@ fn send_loop(
         }
         {
             let mut r = report.lock().unwrap_or_else(|e| e.into_inner());
-            r.wire_bytes += wire_bytes;
-            r.page_bytes += unit.pages.data.len() as u64;
+            if unit.state.is_some() {
+                r.wire_bytes += wire_bytes;
+                r.page_bytes += unit.pages.bytes().len() as u64;
+            } else {
+                r.precopy_wire_bytes += wire_bytes;
+            }
         }
         if let Err(e) = result {
             let role = shared.lock();
@@ -382,6 +393,8 @@ fn send_loop(
                 .lock()
                 .in_flight
                 .push_back((unit.epoch, Instant::now()));
+            // Pre-copy buffers (all of memory) are dropped; checkpoint buffers are reused.
+            let _ = spare.try_send(unit.pages);
         }
     }
 }
@@ -396,7 +409,7 @@ fn compress(unit: &Outgoing, workers: usize) -> Vec<Vec<u8>> {
         .map(|(i, b)| (i * BATCH_PAGES, b))
         .collect();
     let encode = |(start, gpas): &(usize, &[u64])| {
-        let bytes = &unit.pages.data[start * PAGE_SIZE..(start + gpas.len()) * PAGE_SIZE];
+        let bytes = &unit.pages.bytes()[start * PAGE_SIZE..(start + gpas.len()) * PAGE_SIZE];
         wire::encode_pages(unit.epoch, gpas, bytes)
     };
     if batches.len() < 2 || workers < 2 {

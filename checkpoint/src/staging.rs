@@ -51,22 +51,41 @@ impl CheckpointState {
 }
 
 /// Dirty pages copied out of guest memory: their addresses and, in the same order, their bytes.
+/// The buffer is reused from epoch to epoch (see `copy_from`), so it may be longer than the
+/// pages it holds: read them through `bytes`.
 #[derive(Debug, Default)]
 pub struct StagedPages {
     pub gpas: Vec<u64>,
-    pub data: Vec<u8>,
+    data: Vec<u8>,
 }
 
 impl StagedPages {
-    /// Copies the pages `log` names. While the guest is paused the copy is a plain memcpy (the
-    /// pause lasts as long as this copy); while it runs (pre-copy) pass `running`, and the
-    /// copy goes through vm-memory's volatile accessors, since the guest may write the pages
-    /// meanwhile (those pages show up dirty again in the next harvest).
+    /// Copies the pages `log` names into a new buffer.
     pub fn copy(memory: &GuestMemory, log: &DirtyLog, running: bool) -> Result<Self, StagingError> {
+        let mut pages = Self::default();
+        pages.copy_from(memory, log, running)?;
+        Ok(pages)
+    }
+
+    /// Copies the pages `log` names, replacing what this buffer held. The buffer never
+    /// shrinks: a steady dirty set lands in memory that is already faulted in, so the copy in
+    /// the pause is a plain memcpy. While the guest is paused the copy is a raw page copy;
+    /// while it runs (pre-copy) pass `running`, and the copy goes through vm-memory's volatile
+    /// accessors, since the guest may write the pages meanwhile (those pages show up dirty
+    /// again in the next harvest).
+    pub fn copy_from(
+        &mut self,
+        memory: &GuestMemory,
+        log: &DirtyLog,
+        running: bool,
+    ) -> Result<(), StagingError> {
         let count = log.count();
-        let mut gpas = Vec::with_capacity(count);
-        let mut data = vec![0u8; count * PAGE_SIZE];
-        for (gpa, dst) in log.pages().zip(data.chunks_exact_mut(PAGE_SIZE)) {
+        self.gpas.clear();
+        self.gpas.reserve(count);
+        if self.data.len() < count * PAGE_SIZE {
+            self.data.resize(count * PAGE_SIZE, 0);
+        }
+        for (gpa, dst) in log.pages().zip(self.data.chunks_exact_mut(PAGE_SIZE)) {
             if running {
                 memory
                     .read_slice(dst, GuestAddress(gpa))
@@ -78,9 +97,14 @@ impl StagedPages {
                 // device workers are paused, so nothing writes the page during the copy.
                 unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), PAGE_SIZE) };
             }
-            gpas.push(gpa);
+            self.gpas.push(gpa);
         }
-        Ok(Self { gpas, data })
+        Ok(())
+    }
+
+    /// The staged pages' bytes, in the order of `gpas`.
+    pub fn bytes(&self) -> &[u8] {
+        &self.data[..self.gpas.len() * PAGE_SIZE]
     }
 
     /// Writes staged pages into `memory` (a standby's image, which no VM runs on).
@@ -133,7 +157,7 @@ mod tests {
             let staged = StagedPages::copy(&src, &log, running).unwrap();
             assert_eq!(staged.gpas.len(), 4);
             let dst = create_guest_memory(64 << 20).unwrap();
-            StagedPages::apply(&dst, &staged.gpas, &staged.data).unwrap();
+            StagedPages::apply(&dst, &staged.gpas, staged.bytes()).unwrap();
             let mut a = vec![0u8; 64 << 20];
             let mut b = vec![0u8; 64 << 20];
             src.read_slice(&mut a, GuestAddress(0)).unwrap();

@@ -1,6 +1,9 @@
 //! `ftvmm bench`: measures, in one run, what the payload VMM costs: time from process start to
 //! the first payload byte, guest stencil speed against the same kernel run natively, and
-//! virtio-blk / virtio-net throughput with VM exits per MiB moved. Prints a Markdown table.
+//! virtio-blk / virtio-net throughput with VM exits per MiB moved; and what replication costs
+//! (`replication`). Prints a Markdown table.
+
+mod replication;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -72,7 +75,25 @@ impl Capture {
     }
 }
 
-/// Boots a builtin payload in this process.
+/// Builds (does not start) a builtin payload's VM in this process.
+fn build(
+    payload: &str,
+    config: &VmConfig,
+    console: Box<dyn ConsoleSink>,
+    disk: Option<Box<dyn BlockBackend>>,
+    net: Option<(Tap, [u8; 6])>,
+) -> Result<Vmm, Error> {
+    let io = HostIo {
+        kvm_path: "/dev/kvm".into(),
+        console,
+        disk,
+        net,
+    };
+    let elf = crate::payloads::builtin(payload).ok_or("payload missing")?;
+    Ok(Vmm::boot_payload(config, elf, io)?)
+}
+
+/// Boots and starts a builtin payload in this process with 512 MiB of memory.
 fn boot(
     payload: &str,
     vcpus: u32,
@@ -81,19 +102,12 @@ fn boot(
     net: Option<(Tap, [u8; 6])>,
 ) -> Result<(Vmm, Capture), Error> {
     let capture = Capture::default();
-    let io = HostIo {
-        kvm_path: "/dev/kvm".into(),
-        console: Box::new(capture.clone()),
-        disk,
-        net,
-    };
     let config = VmConfig {
         mem_size: 512 << 20,
         vcpus,
         args: args.to_vec(),
     };
-    let elf = crate::payloads::builtin(payload).ok_or("payload missing")?;
-    let mut vmm = Vmm::boot_payload(&config, elf, io)?;
+    let mut vmm = build(payload, &config, Box::new(capture.clone()), disk, net)?;
     vmm.start()?;
     Ok((vmm, capture))
 }
@@ -310,6 +324,7 @@ pub fn bench(args: &BenchArgs) -> Result<ExitCode, Error> {
     rows.extend(stencil(if args.quick { 1 } else { 3 })?);
     rows.extend(blk()?);
     rows.extend(net(if args.quick { 20_000 } else { 200_000 })?);
+    rows.extend(replication::rows(args.quick)?);
     let mut md = String::from("| measure | value | target |\n|---|---|---|\n");
     for r in &rows {
         md.push_str(&format!("| {} | {} | {} |\n", r.what, r.value, r.target));

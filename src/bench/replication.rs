@@ -1,0 +1,354 @@
+//! What replication costs and how fast it fails over, measured in one run: the guest's pause
+//! per epoch next to the memcpy of the same dirty pages (the part of the pause no checkpointer
+//! can avoid), stencil throughput replicated / unreplicated / tracking-only, bytes on the wire
+//! per dirty byte, and time from the primary's death to the guest running on the standby.
+//!
+//! The dirty set per 40 ms epoch is set by the stencil grid: every step rewrites one of its two
+//! `n * n` f64 grids and an epoch spans several steps, so an epoch dirties both grids,
+//! `2 * n * n * 8` bytes (the figure printed is the measured median).
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use checkpoint::link::{self, Listener, PeerConfig};
+use checkpoint::primary::{self, PrimaryEnd, PrimaryReport};
+use checkpoint::standby::{self, Local, StandbyEnd};
+use netbuf::{ConsoleGateSink, Gate, Mode};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use vmm::devices::ConsoleSink;
+use vmm::{VmConfig, VmOutcome};
+
+use super::{build, median, Capture, Row};
+use crate::node::quantile_us;
+use crate::run::Error;
+
+const EPOCH_MS: u64 = 40;
+const PAGE: f64 = 4096.0;
+const MIB: f64 = (1 << 20) as f64;
+
+/// How the stencil runs: alone, with dirty logging harvested every epoch but no replication
+/// (PVM's write-fault cost on its own), or protected by an in-process standby over loopback.
+#[derive(Clone, Copy, PartialEq)]
+enum Setup {
+    Unreplicated,
+    TrackingOnly,
+    Replicated,
+}
+
+/// One stencil run: guest-timed duration of its steps and, when replicated, the primary's report.
+struct Run {
+    time_us: f64,
+    report: Option<PrimaryReport>,
+}
+
+/// Steps of an `n * n` stencil that take about `seconds` unreplicated on one vCPU here
+/// (0.4 ns per cell and step).
+fn steps_for(n: usize, seconds: f64) -> u64 {
+    ((seconds / (n * n) as f64 / 0.4e-9) as u64).max(50)
+}
+
+fn stencil_config(n: usize, steps: u64) -> VmConfig {
+    // Both grids plus room for the runtime, in whole 64 MiB.
+    let need = 2 * n * n * 8 + (16 << 20);
+    VmConfig {
+        mem_size: need.div_ceil(64 << 20) as u64 * (64 << 20),
+        vcpus: 1,
+        args: vec![
+            format!("n={n}"),
+            format!("steps={steps}"),
+            "time".into(),
+            "report=0".into(),
+        ],
+    }
+}
+
+fn stencil_run(n: usize, steps: u64, mode: Setup) -> Result<Run, Error> {
+    let config = stencil_config(n, steps);
+    let capture = Capture::default();
+    let mut report = None;
+    match mode {
+        Setup::Unreplicated => {
+            let mut vmm = build("stencil", &config, Box::new(capture.clone()), None, None)?;
+            vmm.start()?;
+            super::run_to_end(&mut vmm)?;
+        }
+        Setup::TrackingOnly => {
+            let mut vmm = build("stencil", &config, Box::new(capture.clone()), None, None)?;
+            vmm.set_dirty_logging(true)?;
+            vmm.harvest_dirty()?;
+            vmm.start()?;
+            // Harvesting re-arms write protection, as each replicated epoch does.
+            let period = Duration::from_millis(EPOCH_MS);
+            let mut next = Instant::now() + period;
+            while vmm.outcome().is_none() {
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                next += period;
+                vmm.harvest_dirty()?;
+            }
+            super::run_to_end(&mut vmm)?;
+        }
+        Setup::Replicated => report = Some(replicated(&config, Box::new(capture.clone()))?),
+    }
+    let time_us = capture
+        .value("time_us")
+        .ok_or("stencil printed no time_us")? as f64;
+    Ok(Run { time_us, report })
+}
+
+/// Runs the stencil as a protected primary, with a standby served by a thread of this process
+/// over loopback; both must end with the guest's exit.
+fn replicated(config: &VmConfig, console: Box<dyn ConsoleSink>) -> Result<PrimaryReport, Error> {
+    let listener = Listener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?.to_string();
+    let standby = std::thread::spawn(move || standby::serve(&listener, &Local::default()));
+    let gate = Gate::new(Box::new(console), 0, Mode::Held);
+    let vmm = build(
+        "stencil",
+        config,
+        Box::new(ConsoleGateSink(gate.clone())),
+        None,
+        None,
+    )?;
+    let peer = PeerConfig {
+        vm: config.clone(),
+        disk_size: None,
+        net_mac: None,
+        epoch_ms: EPOCH_MS,
+        // Generous: a 64 MiB epoch takes a while to compress and apply on two cores.
+        failover_timeout_ms: 2000,
+    };
+    let link = link::connect(&addr, &peer, Duration::from_secs(10))?;
+    let (end, report) = primary::protect(vmm, gate, link, &peer)?;
+    let standby_end = standby.join().map_err(|_| "standby thread panicked")??;
+    if end != PrimaryEnd::Guest(VmOutcome::Exited(0)) {
+        return Err(format!("replicated bench guest ended with {end:?}").into());
+    }
+    if !matches!(standby_end, StandbyEnd::Exit(0)) || report.unprotected_at.is_some() {
+        return Err("the bench's standby did not follow the guest to its end".into());
+    }
+    Ok(report)
+}
+
+/// Median of `f(i)` over the checkpoints `i` of `r` but the first (it also carries what the
+/// last pre-copy round left): the steady state.
+fn steady(r: &PrimaryReport, f: impl Fn(usize) -> f64) -> f64 {
+    median(steady_epochs(r).map(f).collect())
+}
+
+fn steady_epochs(r: &PrimaryReport) -> std::ops::Range<usize> {
+    r.pauses.len().min(1)..r.pauses.len()
+}
+
+fn pause_rows(n: usize, r: &PrimaryReport, rows: &mut Vec<Row>) {
+    let pauses = &r.pauses[steady_epochs(r)];
+    let dirty_mib = steady(r, |i| r.dirty_pages[i] as f64 * PAGE / MIB);
+    let copy_us = steady(r, |i| r.copies[i].as_secs_f64() * 1e6);
+    let ratio = steady(r, |i| {
+        r.pauses[i].as_secs_f64() / r.copies[i].as_secs_f64().max(1e-9)
+    });
+    let (p50, p99) = (quantile_us(pauses, 0.5), quantile_us(pauses, 0.99));
+    rows.push(Row {
+        what: format!(
+            "pause per epoch, stencil {n}x{n}, {dirty_mib:.1} MiB dirty/epoch ({} epochs): \
+             p50 {p50} us; memcpy of the same pages {copy_us:.0} us",
+            pauses.len()
+        ),
+        value: format!("p99 {p99} us"),
+        target: if n == 256 { "<= 1 ms" } else { "-" },
+    });
+    rows.push(Row {
+        what: format!("pause / memcpy of the same dirty pages, {dirty_mib:.1} MiB (median)"),
+        value: format!("{ratio:.2}"),
+        target: if n == 1024 { "<= 1.5" } else { "-" },
+    });
+}
+
+fn throughput_rows(n: usize, seconds: f64, reps: usize, rows: &mut Vec<Row>) -> Result<(), Error> {
+    let steps = steps_for(n, seconds);
+    let mut best = [f64::INFINITY; 3];
+    let mut report = None;
+    for _ in 0..reps {
+        for (i, mode) in [Setup::Unreplicated, Setup::TrackingOnly, Setup::Replicated]
+            .into_iter()
+            .enumerate()
+        {
+            let run = stencil_run(n, steps, mode)?;
+            if run.time_us < best[i] {
+                best[i] = run.time_us;
+                report = run.report.or(report);
+            }
+        }
+    }
+    let report = report.ok_or("no replicated run")?;
+    let dirty_mib = steady(&report, |i| report.dirty_pages[i] as f64 * PAGE / MIB);
+    let [plain, tracking, replicated] = best.map(|us| us / 1e3);
+    rows.push(Row {
+        what: format!(
+            "stencil {n}x{n}, {steps} steps, {dirty_mib:.1} MiB dirty/epoch, 1 vCPU: \
+             replicated {replicated:.0} ms / unreplicated {plain:.0} ms (throughput ratio)"
+        ),
+        value: format!("{:.3}", plain / replicated),
+        target: if n == 512 { ">= 0.90" } else { "-" },
+    });
+    rows.push(Row {
+        what: format!(
+            "same, replicated / tracking-only {tracking:.0} ms (dirty logging, no replication)"
+        ),
+        value: format!("{:.3}", tracking / replicated),
+        target: ">= 0.95",
+    });
+    rows.push(Row {
+        what: format!("bytes on the wire per dirty byte, {dirty_mib:.1} MiB/epoch (lz4)"),
+        value: format!(
+            "{:.3}",
+            report.wire_bytes as f64 / report.page_bytes.max(1) as f64
+        ),
+        target: "-",
+    });
+    pause_rows(n, &report, rows);
+    Ok(())
+}
+
+fn unix_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64
+}
+
+/// Kills `child` (by pid) when dropped.
+struct Node(Child);
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits for `child` to exit, at most `limit`.
+fn wait_exit(child: &mut Child, limit: Duration) -> Result<(), Error> {
+    let start = Instant::now();
+    while child.try_wait()?.is_none() {
+        if start.elapsed() > limit {
+            return Err(format!("a drill node did not finish within {limit:?}").into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
+/// One failover drill with child processes: a primary protected by a standby, stopped with
+/// `signal` once protected. Returns (detection, restore) in ms: from the signal to the
+/// standby's decision, and from the decision to the guest running on the standby.
+fn drill(dir: &Path, signal: Signal, timeout_ms: u64) -> Result<(f64, f64), Error> {
+    let exe = std::env::current_exe()?;
+    let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string();
+    let (p_out, stats) = (dir.join("p.out"), dir.join("standby.json"));
+    let _ = std::fs::remove_file(&p_out);
+    let mut standby = Node(
+        Command::new(&exe)
+            .args(["standby", "--listen", &addr, "--console"])
+            .arg(format!("file:{}", dir.join("s.out").display()))
+            .arg("--stats-json")
+            .arg(&stats)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    let primary = Node(
+        Command::new(&exe)
+            .args(["primary", "--peer", &addr, "--mem", "64M"])
+            .args(["--failover-timeout-ms", &timeout_ms.to_string()])
+            .args(["--payload", "builtin:stencil", "--console"])
+            .arg(format!("file:{}", p_out.display()))
+            .args(["--", "n=256", "steps=20000", "report=1000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    // Released output means a checkpoint was acknowledged: the pair is protected.
+    let start = Instant::now();
+    while std::fs::metadata(&p_out).map_or(0, |m| m.len()) == 0 {
+        if start.elapsed() > Duration::from_secs(60) {
+            return Err("the drill's primary was never protected".into());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let pid = Pid::from_raw(primary.0.id() as i32);
+    let died = unix_us();
+    kill(pid, signal)?;
+    wait_exit(&mut standby.0, Duration::from_secs(60))?;
+    drop(primary); // SIGKILL by pid: a stopped primary is killed too
+    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&stats)?)?;
+    let at = |key: &str| {
+        json[key]
+            .as_u64()
+            .ok_or_else(|| format!("standby stats lack {key}: the standby did not take over"))
+    };
+    let (decided, resumed) = (at("decided_unix_us")?, at("resumed_unix_us")?);
+    Ok((
+        decided.saturating_sub(died) as f64 / 1e3,
+        resumed.saturating_sub(decided) as f64 / 1e3,
+    ))
+}
+
+fn failover_rows(reps: usize, rows: &mut Vec<Row>) -> Result<(), Error> {
+    let dir = std::env::temp_dir().join(format!("ftvmm-bench-drill-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let timeout_ms = 200;
+    let result = (|| -> Result<(), Error> {
+        for (signal, how, target) in [
+            (Signal::SIGKILL, "SIGKILL (connection closed)", "-"),
+            (Signal::SIGSTOP, "SIGSTOP (silence)", "<= timeout + 10 ms"),
+        ] {
+            let (mut detect, mut restore) = (Vec::new(), Vec::new());
+            for _ in 0..reps {
+                let (d, r) = drill(&dir, signal, timeout_ms)?;
+                detect.push(d);
+                restore.push(r);
+            }
+            let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+            rows.push(Row {
+                what: format!(
+                    "failover detection after {how} of the primary, timeout {timeout_ms} ms \
+                     ({reps} drills; max {:.1} ms)",
+                    max(&detect)
+                ),
+                value: format!("{:.1} ms", median(detect.clone())),
+                target,
+            });
+            rows.push(Row {
+                what: format!(
+                    "failover restore after {how}: decision to guest running on the standby \
+                     ({reps} drills; max {:.1} ms)",
+                    max(&restore)
+                ),
+                value: format!("{:.1} ms", median(restore)),
+                target: "<= 10 ms",
+            });
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+/// All replication rows.
+pub(super) fn rows(quick: bool) -> Result<Vec<Row>, Error> {
+    let (seconds, reps) = if quick { (0.6, 1) } else { (2.5, 2) };
+    let mut rows = Vec::new();
+    for n in [256, 512, 1024] {
+        throughput_rows(n, seconds, reps, &mut rows)?;
+    }
+    // 64 MiB per epoch: the pause only (the throughput rows stop at 16 MiB).
+    let n = 2048;
+    let run = stencil_run(n, steps_for(n, seconds), Setup::Replicated)?;
+    pause_rows(n, &run.report.ok_or("no report")?, &mut rows);
+    failover_rows(if quick { 2 } else { 5 }, &mut rows)?;
+    Ok(rows)
+}
