@@ -2,7 +2,7 @@
 
 use std::path::Path;
 use std::process::ExitCode;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use checkpoint::link::{self, LinkError, Listener, PeerConfig};
 use checkpoint::primary::{self, PrimaryEnd, PrimaryReport};
@@ -48,6 +48,8 @@ struct StandbyStats {
     /// running again, so that a drill can measure from the moment it killed the primary.
     decided_unix_us: Option<u64>,
     resumed_unix_us: Option<u64>,
+    /// From the decision to the last committed checkpoint ready to build (drain and decode).
+    drain_ms: Option<f64>,
 }
 
 fn unix_us(t: SystemTime) -> u64 {
@@ -153,6 +155,7 @@ pub fn standby(args: &StandbyArgs) -> Result<ExitCode, Error> {
         restore_ms: None,
         decided_unix_us: None,
         resumed_unix_us: None,
+        drain_ms: None,
     };
     let result = match standby::serve(&listener, &local)? {
         StandbyEnd::Exit(code) => {
@@ -169,9 +172,10 @@ pub fn standby(args: &StandbyArgs) -> Result<ExitCode, Error> {
             stats.reason = Some(t.reason.clone());
             stats.detection_ms = Some(standby::detection_time(&t).as_secs_f64() * 1e3);
             stats.decided_unix_us = Some(unix_us(SystemTime::now() - t.decided.elapsed()));
-            let restore_start = Instant::now();
+            stats.drain_ms = Some((t.drained - t.decided).as_secs_f64() * 1e3);
+            let drained = t.drained;
             let mut vmm = resume(*t, args, disk, net)?;
-            stats.restore_ms = Some(restore_start.elapsed().as_secs_f64() * 1e3);
+            stats.restore_ms = Some(drained.elapsed().as_secs_f64() * 1e3);
             stats.resumed_unix_us = Some(unix_us(SystemTime::now()));
             let outcome = vmm.wait();
             stats.outcome = format!("{outcome:?}");
@@ -207,7 +211,8 @@ fn resume(
     info!(
         epoch = t.epoch,
         detection_ms = detection.as_secs_f64() * 1e3,
-        restore_ms = t.decided.elapsed().as_secs_f64() * 1e3,
+        drain_ms = (t.drained - t.decided).as_secs_f64() * 1e3,
+        restore_ms = t.drained.elapsed().as_secs_f64() * 1e3,
         "took over: the guest runs on this node"
     );
     Ok(vmm)

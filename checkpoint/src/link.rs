@@ -66,11 +66,18 @@ pub const TICK: Duration = Duration::from_millis(5);
 
 /// A connection's writing half, shared by the threads that send on it.
 #[derive(Clone)]
-pub struct Sender(Arc<Mutex<TcpStream>>);
+pub struct Sender {
+    writer: Arc<Mutex<TcpStream>>,
+    /// Outside the writer's lock, so that a writer blocked on a full socket can be cut loose.
+    handle: Arc<TcpStream>,
+}
 
 impl Sender {
     pub fn new(stream: &TcpStream) -> io::Result<Self> {
-        Ok(Self(Arc::new(Mutex::new(stream.try_clone()?))))
+        Ok(Self {
+            writer: Arc::new(Mutex::new(stream.try_clone()?)),
+            handle: Arc::new(stream.try_clone()?),
+        })
     }
 
     pub fn send(&self, msg: &Message) -> io::Result<()> {
@@ -79,14 +86,13 @@ impl Sender {
 
     pub fn send_frame(&self, frame: &[u8]) -> io::Result<()> {
         use io::Write;
-        let mut s = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         s.write_all(frame)
     }
 
     /// Ends the connection both ways; a thread blocked writing on it returns with an error.
     pub fn shutdown(&self) {
-        let s = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = s.shutdown(std::net::Shutdown::Both);
+        let _ = self.handle.shutdown(std::net::Shutdown::Both);
     }
 }
 

@@ -451,6 +451,9 @@ fn control_loop(
     let mut silence = SilenceClock::new(config.failover_timeout());
     let beat = config.heartbeat_interval();
     let mut last_beat = Instant::now();
+    // The standby's last sign of progress: an ack, or a heartbeat with a new frame count.
+    let mut progress_at = Instant::now();
+    let mut standby_received = 0u64;
     let lost = |why: String| {
         let mut role = shared.lock();
         if !role.protected || role.finished {
@@ -471,6 +474,7 @@ fn control_loop(
         match reader.read_message() {
             Ok(Message::Ack { epoch }) => {
                 silence.heard();
+                progress_at = Instant::now();
                 gate.release_through(epoch);
                 let mut role = shared.lock();
                 role.acked = role.acked.max(epoch);
@@ -480,7 +484,13 @@ fn control_loop(
                 drop(role);
                 shared.changed.notify_all();
             }
-            Ok(Message::Heartbeat) => silence.heard(),
+            Ok(Message::Heartbeat { received }) => {
+                silence.heard();
+                if received != standby_received {
+                    standby_received = received;
+                    progress_at = Instant::now();
+                }
+            }
             Ok(Message::TakenOver) => {
                 error!("the standby has taken over; this node stops and releases nothing more");
                 gate.close();
@@ -506,7 +516,9 @@ fn control_loop(
         if !shared.lock().protected {
             return;
         }
-        let stalled = {
+        // Stalled: an epoch left long ago and the standby has neither acknowledged anything
+        // nor read a frame since (a slow standby working through a backlog is not stalled).
+        let stalled = progress_at.elapsed() > config.failover_timeout() && {
             let role = shared.lock();
             role.in_flight
                 .front()
@@ -525,7 +537,7 @@ fn control_loop(
         }
         if last_beat.elapsed() >= beat {
             last_beat = Instant::now();
-            if let Err(e) = control.send(&Message::Heartbeat) {
+            if let Err(e) = control.send(&Message::Heartbeat { received: 0 }) {
                 lost(format!("heartbeat failed: {e}"));
                 return;
             }

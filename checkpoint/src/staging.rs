@@ -10,6 +10,9 @@ use vmm::memory::DirtyLog;
 
 use crate::wire::PAGE_SIZE;
 
+/// Dirty sets from this many pages (8 MiB) up are copied by several threads in the pause.
+const PARALLEL_COPY_PAGES: usize = 2048;
+
 /// Everything of an epoch but its pages: VM state and the output not yet released.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct CheckpointState {
@@ -21,6 +24,8 @@ pub struct CheckpointState {
 pub enum StagingError {
     #[error("page {0:#x} is not guest RAM")]
     NotRam(u64),
+    #[error("a page copy thread panicked")]
+    CopyPanicked,
     #[error("cannot encode the VM state: {0}")]
     Encode(#[from] bincode::error::EncodeError),
     #[error("cannot decode the VM state: {0}")]
@@ -69,42 +74,69 @@ impl StagedPages {
 
     /// Copies the pages `log` names, replacing what this buffer held. The buffer never
     /// shrinks: a steady dirty set lands in memory that is already faulted in, so the copy in
-    /// the pause is a plain memcpy. While the guest is paused the copy is a raw page copy;
-    /// while it runs (pre-copy) pass `running`, and the copy goes through vm-memory's volatile
-    /// accessors, since the guest may write the pages meanwhile (those pages show up dirty
-    /// again in the next harvest).
+    /// the pause is a plain memcpy, split over several threads when the set is large (the
+    /// vCPUs are paused, so their cores are free). While the guest runs (pre-copy) pass
+    /// `running`: the copy then goes through vm-memory's volatile accessors, since the guest
+    /// may write the pages meanwhile (those pages show up dirty again in the next harvest).
     pub fn copy_from(
         &mut self,
         memory: &GuestMemory,
         log: &DirtyLog,
         running: bool,
     ) -> Result<(), StagingError> {
-        let count = log.count();
         self.gpas.clear();
-        self.gpas.reserve(count);
-        if self.data.len() < count * PAGE_SIZE {
-            self.data.resize(count * PAGE_SIZE, 0);
+        self.gpas.extend(log.pages());
+        let len = self.gpas.len() * PAGE_SIZE;
+        if self.data.len() < len {
+            self.data.resize(len, 0);
         }
-        for (gpa, dst) in log.pages().zip(self.data.chunks_exact_mut(PAGE_SIZE)) {
-            if running {
+        let (gpas, data) = (&self.gpas[..], &mut self.data[..len]);
+        if running {
+            for (&gpa, dst) in gpas.iter().zip(data.chunks_exact_mut(PAGE_SIZE)) {
                 memory
                     .read_slice(dst, GuestAddress(gpa))
                     .map_err(|_| StagingError::NotRam(gpa))?;
-            } else {
-                let src = host_page(memory, gpa)?;
-                // SAFETY: `src` is a whole page of a live guest mapping (checked by
-                // `host_page`), `dst` a distinct Vec buffer of the same size; the vCPUs and
-                // device workers are paused, so nothing writes the page during the copy.
-                unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), PAGE_SIZE) };
             }
-            self.gpas.push(gpa);
+            return Ok(());
         }
-        Ok(())
+        let threads = if gpas.len() < PARALLEL_COPY_PAGES {
+            1
+        } else {
+            std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+        };
+        if threads == 1 {
+            return copy_paused(memory, gpas, data);
+        }
+        let per = gpas.len().div_ceil(threads);
+        std::thread::scope(|s| {
+            let parts: Vec<_> = gpas
+                .chunks(per)
+                .zip(data.chunks_mut(per * PAGE_SIZE))
+                .map(|(gpas, data)| s.spawn(move || copy_paused(memory, gpas, data)))
+                .collect();
+            parts
+                .into_iter()
+                .try_for_each(|p| p.join().unwrap_or(Err(StagingError::CopyPanicked)))
+        })
     }
 
     /// The staged pages' bytes, in the order of `gpas`.
     pub fn bytes(&self) -> &[u8] {
         &self.data[..self.gpas.len() * PAGE_SIZE]
+    }
+
+    /// Writes an epoch's batches of pages into `memory`, all or nothing: every address is
+    /// checked before the first page is written, so a bad epoch leaves the image as it was.
+    pub fn apply_batches(
+        memory: &GuestMemory,
+        batches: &[(Vec<u64>, Vec<u8>)],
+    ) -> Result<(), StagingError> {
+        for &gpa in batches.iter().flat_map(|(gpas, _)| gpas) {
+            host_page(memory, gpa)?;
+        }
+        batches
+            .iter()
+            .try_for_each(|(gpas, data)| Self::apply(memory, gpas, data))
     }
 
     /// Writes staged pages into `memory` (a standby's image, which no VM runs on).
@@ -117,6 +149,18 @@ impl StagedPages {
         }
         Ok(())
     }
+}
+
+/// Copies the paused guest's pages `gpas` into `data`, page by page.
+fn copy_paused(memory: &GuestMemory, gpas: &[u64], data: &mut [u8]) -> Result<(), StagingError> {
+    for (&gpa, dst) in gpas.iter().zip(data.chunks_exact_mut(PAGE_SIZE)) {
+        let src = host_page(memory, gpa)?;
+        // SAFETY: `src` is a whole page of a live guest mapping (checked by `host_page`), `dst`
+        // a distinct buffer of the same size; the vCPUs and device workers are paused, so
+        // nothing writes the page during the copy.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), PAGE_SIZE) };
+    }
+    Ok(())
 }
 
 /// The host address of the guest page at `gpa`, checked to lie wholly in RAM.
@@ -164,6 +208,38 @@ mod tests {
             dst.read_slice(&mut b, GuestAddress(0)).unwrap();
             assert!(a == b, "images differ (running={running})");
         }
+    }
+
+    #[test]
+    fn large_dirty_sets_are_copied_by_several_threads_exactly() {
+        let pages = PARALLEL_COPY_PAGES + 1000;
+        let src = create_guest_memory(64 << 20).unwrap();
+        let mut bits = vec![0u64; (64 << 20) / 4096 / 64];
+        // Every other page, so that the threads' shares are scattered.
+        for i in 0..pages {
+            let page = 2 * i + 1;
+            src.write_slice(
+                &[(i % 251) as u8 + 1; 4096],
+                GuestAddress(page as u64 * 4096),
+            )
+            .unwrap();
+            bits[page / 64] |= 1 << (page % 64);
+        }
+        let mut log = DirtyLog::default();
+        log.add_region(GuestAddress(0), 64 << 20, bits);
+        let mut staged = StagedPages::default();
+        staged.copy_from(&src, &log, false).unwrap();
+        assert_eq!(staged.gpas.len(), pages);
+        for (i, page) in staged.bytes().chunks_exact(4096).enumerate() {
+            assert!(page.iter().all(|&b| b == (i % 251) as u8 + 1), "page {i}");
+        }
+        // A smaller set reuses the buffer and exposes only its own pages.
+        let mut few = DirtyLog::default();
+        let mut bits = vec![0u64; (64 << 20) / 4096 / 64];
+        bits[0] = 0b10;
+        few.add_region(GuestAddress(0), 64 << 20, bits);
+        staged.copy_from(&src, &few, false).unwrap();
+        assert_eq!(staged.bytes(), &[1u8; 4096][..]);
     }
 
     #[test]

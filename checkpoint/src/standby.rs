@@ -2,8 +2,8 @@
 //! apart from them, verifies it whole and only then commits it and acknowledges; takes over
 //! when the primary dies; leaves quietly when told goodbye or that the guest exited.
 
-use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -73,9 +73,11 @@ pub struct Takeover {
     pub epoch: u64,
     /// Why the primary was judged dead.
     pub reason: String,
-    /// When the primary was last heard from, and when it was judged dead.
+    /// When the primary was last heard from, when it was judged dead, and when every epoch
+    /// that had arrived was committed and the checkpoint decoded.
     pub last_heard: Instant,
     pub decided: Instant,
+    pub drained: Instant,
 }
 
 /// How a standby's watch ended.
@@ -106,12 +108,14 @@ pub fn serve(listener: &Listener, local: &Local) -> Result<StandbyEnd, StandbyEr
     let memory = memory::create_guest_memory(config.vm.mem_size)?;
     let control = Sender::new(&control_stream).map_err(LinkError::Io)?;
     let data_sender = Sender::new(&data).map_err(LinkError::Io)?;
+    let data_handle = data.try_clone().map_err(LinkError::Io)?;
     let draining = Arc::new(AtomicBool::new(false));
+    let received = Arc::new(AtomicU64::new(0));
     let receiver = {
-        let (control, draining) = (control.clone(), draining.clone());
+        let (control, draining, received) = (control.clone(), draining.clone(), received.clone());
         std::thread::Builder::new()
             .name("ckpt-recv".into())
-            .spawn(move || receive(data, memory, control, draining))
+            .spawn(move || receive(data, memory, control, draining, received))
             .map_err(StandbyError::Thread)?
     };
 
@@ -122,7 +126,7 @@ pub fn serve(listener: &Listener, local: &Local) -> Result<StandbyEnd, StandbyEr
     let mut last_heard = Instant::now();
     let reason = loop {
         match reader.read_message() {
-            Ok(Message::Heartbeat) => {}
+            Ok(Message::Heartbeat { .. }) => {}
             Ok(Message::Goodbye) => {
                 info!("the primary said goodbye: it continues without this standby");
                 data_sender.shutdown();
@@ -144,7 +148,8 @@ pub fn serve(listener: &Listener, local: &Local) -> Result<StandbyEnd, StandbyEr
                 if last_beat.elapsed() >= beat {
                     last_beat = Instant::now();
                     // A failed heartbeat shows up as a closed connection on the next read.
-                    let _ = control.send(&Message::Heartbeat);
+                    let received = received.load(Ordering::Relaxed);
+                    let _ = control.send(&Message::Heartbeat { received });
                 }
                 continue;
             }
@@ -156,8 +161,10 @@ pub fn serve(listener: &Listener, local: &Local) -> Result<StandbyEnd, StandbyEr
     };
     let decided = Instant::now();
     warn!("taking over: {reason}");
-    // Drain: commit every complete epoch that arrived before deciding.
+    // Drain: commit every complete epoch that arrived before deciding. Shutting the data
+    // connection's read side wakes the receiver at once; it still reads what is buffered.
     draining.store(true, Ordering::SeqCst);
+    let _ = data_handle.shutdown(Shutdown::Read);
     let committed = receiver
         .join()
         .map_err(|_| StandbyError::Thread(std::io::Error::other("receiver panicked")))?;
@@ -177,14 +184,15 @@ pub fn serve(listener: &Listener, local: &Local) -> Result<StandbyEnd, StandbyEr
         reason,
         last_heard,
         decided,
+        drained: Instant::now(),
     })))
 }
 
 /// The epoch being received, kept apart from the committed image until verified.
 struct Pending {
     epoch: u64,
-    gpas: Vec<u64>,
-    data: Vec<u8>,
+    /// The epoch's Pages batches as received (addresses, bytes), applied at commit.
+    batches: Vec<(Vec<u64>, Vec<u8>)>,
     state: Option<Vec<u8>>,
     digest: EpochDigest,
 }
@@ -193,22 +201,22 @@ impl Pending {
     fn new(epoch: u64) -> Self {
         Self {
             epoch,
-            gpas: Vec::new(),
-            data: Vec::new(),
+            batches: Vec::new(),
             state: None,
             digest: EpochDigest::new(),
         }
     }
 }
 
-/// Receives epochs on the data connection and commits each verified one. Stops at the end of
-/// the connection, at the first bad frame or epoch (refusing it to the primary), or, once
-/// `draining` is set, when no more bytes are waiting.
+/// Receives epochs on the data connection and commits each verified one, counting the frames
+/// read in `received`. Stops at the end of the connection, at the first bad frame or epoch
+/// (refusing it to the primary), or, once `draining` is set, when no more bytes are waiting.
 fn receive(
     stream: TcpStream,
     memory: GuestMemory,
     control: Sender,
     draining: Arc<AtomicBool>,
+    received: Arc<AtomicU64>,
 ) -> Committed {
     let mut reader = FrameReader::new(stream);
     let mut committed = Committed {
@@ -228,10 +236,20 @@ fn receive(
     };
     loop {
         let msg = match reader.read_message() {
-            Ok(msg) => msg,
+            Ok(msg) => {
+                received.fetch_add(1, Ordering::Relaxed);
+                msg
+            }
             Err(WireError::Idle) if draining.load(Ordering::SeqCst) => break,
             Err(WireError::Idle) => continue,
             Err(WireError::Closed) => break,
+            Err(e) if draining.load(Ordering::SeqCst) => {
+                info!(
+                    "dropping the incomplete epoch {} at takeover ({e}); staying on epoch {}",
+                    pending.epoch, committed.epoch
+                );
+                break;
+            }
             Err(e) => {
                 reject(&committed, &pending, e.to_string());
                 break;
@@ -243,7 +261,7 @@ fn receive(
                 epoch: 0,
                 gpas,
                 data,
-            } if committed.state.is_none() && pending.gpas.is_empty() => {
+            } if committed.state.is_none() && pending.batches.is_empty() => {
                 if let Err(e) = StagedPages::apply(&committed.memory, &gpas, &data) {
                     reject(&committed, &pending, e.to_string());
                     break;
@@ -251,8 +269,7 @@ fn receive(
             }
             Message::Pages { epoch, gpas, data } if epoch == pending.epoch => {
                 pending.digest.add_pages(&gpas, &data);
-                pending.gpas.extend_from_slice(&gpas);
-                pending.data.extend_from_slice(&data);
+                pending.batches.push((gpas, data));
             }
             Message::State { epoch, bytes } if epoch == pending.epoch => {
                 pending.digest.add_state(&bytes);
@@ -274,8 +291,7 @@ fn receive(
                 };
                 let _span = info_span!("commit", epoch).entered();
                 let start = Instant::now();
-                if let Err(e) = StagedPages::apply(&committed.memory, &pending.gpas, &pending.data)
-                {
+                if let Err(e) = StagedPages::apply_batches(&committed.memory, &pending.batches) {
                     reject(&committed, &pending, e.to_string());
                     break;
                 }

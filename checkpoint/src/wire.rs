@@ -103,7 +103,11 @@ pub enum Message {
     Ack {
         epoch: u64,
     },
-    Heartbeat,
+    /// Liveness, both ways. `received` counts the frames the sender has read on the data
+    /// connection (a standby's progress through a large backlog; 0 from the primary).
+    Heartbeat {
+        received: u64,
+    },
     /// The primary continues without this standby; it must never take over.
     Goodbye,
     /// The standby has taken over; the receiver must stop at once.
@@ -222,7 +226,10 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             f.extend_from_slice(&epoch.to_le_bytes());
             ACK
         }
-        Message::Heartbeat => HEARTBEAT,
+        Message::Heartbeat { received } => {
+            f.extend_from_slice(&received.to_le_bytes());
+            HEARTBEAT
+        }
         Message::Goodbye => GOODBYE,
         Message::TakenOver => TAKEN_OVER,
         Message::Exit { code } => {
@@ -375,7 +382,7 @@ fn decode(kind: u8, payload: &[u8]) -> Result<Message, WireError> {
             checksum: f.u32()?,
         },
         ACK => Message::Ack { epoch: f.u64()? },
-        HEARTBEAT => Message::Heartbeat,
+        HEARTBEAT => Message::Heartbeat { received: f.u64()? },
         GOODBYE => Message::Goodbye,
         TAKEN_OVER => Message::TakenOver,
         // EXIT, the only kind left after the check above.
@@ -624,7 +631,7 @@ mod tests {
                 checksum,
             },
             Message::Ack { epoch: u64::MAX },
-            Message::Heartbeat,
+            Message::Heartbeat { received: 3 },
             Message::Goodbye,
             Message::TakenOver,
             Message::Exit { code: -3 },
@@ -824,7 +831,7 @@ mod tests {
     fn other_bad_payloads_are_refused() {
         assert_malformed(ACK, &[1, 2, 3], "Ack payload is too short");
         assert_malformed(ACK, &[0; 9], "1 bytes after the end of Ack");
-        assert_malformed(HEARTBEAT, &[0], "after the end of Heartbeat");
+        assert_malformed(HEARTBEAT, &[0; 9], "after the end of Heartbeat");
         assert_malformed(REFUSE, &[2, 0, 0, 0, 0xc3, 0x28], "UTF-8");
         assert_malformed(STATE, &[0, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 1], "too short");
         assert_malformed(HELLO, &[1, 0, 0, 0, 2], "unknown channel 2");
