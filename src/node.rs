@@ -142,6 +142,7 @@ pub fn standby(args: &StandbyArgs) -> Result<ExitCode, Error> {
     let local = Local {
         disk_size: disk.as_ref().map(|d| d.size()),
         has_net: net.is_some(),
+        kvm_path: args.kvm_device.clone(),
     };
     let listener = Listener::bind(&args.listen)?;
     info!(listen = %args.listen, "waiting for a primary");
@@ -206,7 +207,7 @@ fn resume(
         net,
     };
     let detection = standby::detection_time(&t);
-    let mut vmm = Vmm::restore(&t.config.vm, t.memory, &t.state.vmm, io)?;
+    let mut vmm = t.shell.restore(&t.state.vmm, io)?;
     vmm.start()?;
     info!(
         epoch = t.epoch,

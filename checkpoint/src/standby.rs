@@ -3,6 +3,7 @@
 //! when the primary dies; leaves quietly when told goodbye or that the guest exited.
 
 use std::net::{Shutdown, TcpStream};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, error, info, info_span, warn};
 use vmm::devices::GuestMemory;
 use vmm::memory::{self, MemoryError};
+use vmm::{VmShell, Vmm};
 
 use crate::link::{LinkError, Listener, PeerConfig, Sender, SilenceClock};
 use crate::staging::{CheckpointState, StagedPages, StagingError};
@@ -21,6 +23,8 @@ pub enum StandbyError {
     Link(#[from] LinkError),
     #[error("cannot allocate the standby's guest memory: {0}")]
     Memory(#[from] MemoryError),
+    #[error("cannot prepare the standby's VM: {0}")]
+    Prepare(#[from] vmm::builder::BuildError),
     #[error("the primary was lost before its first checkpoint committed: nothing to resume")]
     NoCheckpoint,
     #[error("the committed checkpoint cannot be decoded: {0}")]
@@ -30,10 +34,12 @@ pub enum StandbyError {
 }
 
 /// The local resources a standby provides, checked against the primary's configuration.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Local {
     pub disk_size: Option<u64>,
     pub has_net: bool,
+    /// The KVM device the standby's VM is prepared on.
+    pub kvm_path: PathBuf,
 }
 
 impl Local {
@@ -65,10 +71,11 @@ impl Local {
     }
 }
 
-/// What the standby holds when it takes over: the last committed checkpoint.
+/// What the standby holds when it takes over: the last committed checkpoint, and a VM already
+/// built on its memory.
 pub struct Takeover {
     pub config: PeerConfig,
-    pub memory: GuestMemory,
+    pub shell: VmShell,
     pub state: CheckpointState,
     pub epoch: u64,
     /// Why the primary was judged dead.
@@ -90,7 +97,8 @@ pub enum StandbyEnd {
     Goodbye,
 }
 
-/// What the receiver thread hands back: the image and its last committed epoch and state.
+/// What the receiver thread hands back: its last committed epoch and state (its image is the
+/// memory of the prepared VM).
 struct Committed {
     memory: GuestMemory,
     epoch: u64,
@@ -106,6 +114,8 @@ pub fn serve(listener: &Listener, local: &Local) -> Result<StandbyEnd, StandbyEr
         "primary connected; standing by"
     );
     let memory = memory::create_guest_memory(config.vm.mem_size)?;
+    // Built now, so that a takeover only loads the checkpoint into it.
+    let shell = Vmm::prepare(&config.vm, memory.clone(), &local.kvm_path)?;
     let control = Sender::new(&control_stream).map_err(LinkError::Io)?;
     let data_sender = Sender::new(&data).map_err(LinkError::Io)?;
     let data_handle = data.try_clone().map_err(LinkError::Io)?;
@@ -178,7 +188,7 @@ pub fn serve(listener: &Listener, local: &Local) -> Result<StandbyEnd, StandbyEr
     );
     Ok(StandbyEnd::Takeover(Box::new(Takeover {
         config,
-        memory: committed.memory,
+        shell,
         state,
         epoch: committed.epoch,
         reason,

@@ -2,7 +2,7 @@
 //! vCPUs; and runs it.
 
 use std::os::unix::thread::JoinHandleExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -130,6 +130,95 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A KVM VM on its memory with its vCPUs, no devices and no state yet (see [`Vmm::prepare`]).
+pub struct VmShell {
+    vm: Vm,
+    vcpus: Vec<Vcpu>,
+    msr_indices: Vec<u32>,
+}
+
+impl VmShell {
+    /// Loads `state` (saved from a VM whose RAM this shell's memory now holds) and attaches
+    /// `io`'s devices: the VM continues where the saved one stopped. `io` must provide the
+    /// same devices the saved VM had; its `kvm_path` is unused (the shell has its VM).
+    pub fn restore(self, state: &VmmState, io: HostIo) -> Result<Vmm, BuildError> {
+        if state.vcpus.len() != self.vcpus.len() {
+            return Err(BuildError::StateMismatch("vCPU count"));
+        }
+        if io.disk.is_some() != state.devices.disk.is_some()
+            || io.net.is_some() != state.devices.net.is_some()
+        {
+            return Err(BuildError::StateMismatch("device set"));
+        }
+        let serial = SerialDevice::from_state(&state.devices.serial, io.console)
+            .map_err(BuildError::Serial)?;
+        let (vmm, _) = self.assemble(serial, io.disk, io.net)?;
+        vmm.vm.restore_state(&state.vm)?;
+        for (vcpu, saved) in vmm.vcpus.iter().zip(&state.vcpus) {
+            lock(vcpu).restore_state(saved)?;
+        }
+        if let (Some(disk), Some(saved)) = (&vmm.disk, &state.devices.disk) {
+            lock(disk).restore_state(saved)?;
+        }
+        if let (Some(net), Some(saved)) = (&vmm.net, &state.devices.net) {
+            lock(net).restore_state(saved)?;
+        }
+        let parked = state.vcpus.iter().filter(|v| v.parked).count();
+        vmm.control.set_parked(parked);
+        Ok(vmm)
+    }
+
+    /// Puts the devices on the buses: the part boot and restore share after the shell.
+    /// Returns the devices' boot-info entries.
+    fn assemble(
+        self,
+        serial: SerialDevice,
+        disk: Option<Box<dyn BlockBackend>>,
+        net: Option<(Tap, [u8; 6])>,
+    ) -> Result<(Vmm, Vec<DeviceInfo>), BuildError> {
+        let Self {
+            vm,
+            vcpus,
+            msr_indices,
+        } = self;
+        let mut bus = Bus::default();
+        let serial = Arc::new(Mutex::new(serial));
+        bus.add_pio(PORT_UART, 8, serial.clone());
+        let batch = ConsoleBatchPort::new(vm.memory().clone(), serial.clone());
+        bus.add_pio(PORT_CONSOLE_BATCH, 4, Arc::new(Mutex::new(batch)));
+        let mut devices = Vec::new();
+        let disk = disk.map(|backend| {
+            devices.push(slot_info(DeviceKind::VirtioBlk, SLOT_DISK));
+            let block = Block::new(backend, false, "ftvmm-disk");
+            attach(&mut bus, vm.memory(), SLOT_DISK, block)
+        });
+        let net = match net {
+            Some((tap, mac)) => {
+                devices.push(slot_info(DeviceKind::VirtioNet, SLOT_NET));
+                Some(attach(
+                    &mut bus,
+                    vm.memory(),
+                    SLOT_NET,
+                    Net::with_tap(mac, tap)?,
+                ))
+            }
+            None => None,
+        };
+        let vmm = Vmm {
+            vm,
+            vcpus: vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect(),
+            msr_indices,
+            threads: Vec::new(),
+            control: Arc::new(RunControl::default()),
+            bus: Arc::new(bus),
+            serial,
+            disk,
+            net,
+        };
+        Ok((vmm, devices))
+    }
+}
+
 /// A built VM with its vCPU threads.
 pub struct Vmm {
     /// Owns the VM fd and guest memory for as long as the vCPUs run.
@@ -154,7 +243,8 @@ impl Vmm {
         boot::check_payload(payload, config.mem_size)?;
         let mem = memory::create_guest_memory(config.mem_size)?;
         let serial = SerialDevice::new(io.console).map_err(BuildError::Serial)?;
-        let (vmm, devices) = Self::build(config, mem, serial, io.kvm_path, io.disk, io.net)?;
+        let shell = Self::prepare(config, mem, &io.kvm_path)?;
+        let (vmm, devices) = shell.assemble(serial, io.disk, io.net)?;
         let params = BootParams {
             vcpus: config.vcpus,
             tsc_khz: u64::from(lock(&vmm.vcpus[0]).tsc_khz()?),
@@ -168,6 +258,26 @@ impl Vmm {
         Ok(vmm)
     }
 
+    /// Builds the devices-free part of a VM on `memory`: the KVM VM and its vCPUs. A standby
+    /// prepares one while it waits, so that a takeover only loads state and attaches devices.
+    pub fn prepare(
+        config: &VmConfig,
+        memory: GuestMemory,
+        kvm_path: &Path,
+    ) -> Result<VmShell, BuildError> {
+        check_vcpus(config)?;
+        let vm = Vm::new(kvm_path, memory)?;
+        let vcpus = (0..config.vcpus)
+            .map(|id| Vcpu::new(&vm, id))
+            .collect::<Result<Vec<_>, _>>()?;
+        let msr_indices = vcpus[0].readable_msrs(&vm.msr_index_list()?)?;
+        Ok(VmShell {
+            vm,
+            vcpus,
+            msr_indices,
+        })
+    }
+
     /// Builds a VM on `memory`, which already holds the guest's RAM as of `state`, and loads
     /// `state` into it: the VM continues where the saved one stopped. `io` must provide the
     /// same devices the saved VM had.
@@ -177,86 +287,10 @@ impl Vmm {
         state: &VmmState,
         io: HostIo,
     ) -> Result<Self, BuildError> {
-        check_vcpus(config)?;
-        if state.vcpus.len() != config.vcpus as usize {
-            return Err(BuildError::StateMismatch("vCPU count"));
-        }
-        if io.disk.is_some() != state.devices.disk.is_some()
-            || io.net.is_some() != state.devices.net.is_some()
-        {
-            return Err(BuildError::StateMismatch("device set"));
-        }
-        let serial = SerialDevice::from_state(&state.devices.serial, io.console)
-            .map_err(BuildError::Serial)?;
-        let (vmm, _) = Self::build(config, memory, serial, io.kvm_path, io.disk, io.net)?;
-        vmm.vm.restore_state(&state.vm)?;
-        for (vcpu, saved) in vmm.vcpus.iter().zip(&state.vcpus) {
-            lock(vcpu).restore_state(saved)?;
-        }
-        if let (Some(disk), Some(saved)) = (&vmm.disk, &state.devices.disk) {
-            lock(disk).restore_state(saved)?;
-        }
-        if let (Some(net), Some(saved)) = (&vmm.net, &state.devices.net) {
-            lock(net).restore_state(saved)?;
-        }
-        let parked = state.vcpus.iter().filter(|v| v.parked).count();
-        vmm.control.set_parked(parked);
-        Ok(vmm)
+        Self::prepare(config, memory, &io.kvm_path)?.restore(state, io)
     }
 
-    /// The parts both boot and restore share: KVM VM on `memory`, vCPUs, and devices on the
-    /// buses. Returns the devices' boot-info entries.
-    fn build(
-        config: &VmConfig,
-        memory: GuestMemory,
-        serial: SerialDevice,
-        kvm_path: PathBuf,
-        disk: Option<Box<dyn BlockBackend>>,
-        net: Option<(Tap, [u8; 6])>,
-    ) -> Result<(Self, Vec<DeviceInfo>), BuildError> {
-        let vm = Vm::new(&kvm_path, memory)?;
-        let vcpus = (0..config.vcpus)
-            .map(|id| Vcpu::new(&vm, id))
-            .collect::<Result<Vec<_>, _>>()?;
-        let msr_indices = vcpus[0].readable_msrs(&vm.msr_index_list()?)?;
-        let mut bus = Bus::default();
-        let serial = Arc::new(Mutex::new(serial));
-        bus.add_pio(PORT_UART, 8, serial.clone());
-        let batch = ConsoleBatchPort::new(vm.memory().clone(), serial.clone());
-        bus.add_pio(PORT_CONSOLE_BATCH, 4, Arc::new(Mutex::new(batch)));
-        let mut devices = Vec::new();
-        let disk = disk.map(|backend| {
-            devices.push(slot_info(DeviceKind::VirtioBlk, SLOT_DISK));
-            let block = Block::new(backend, false, "ftvmm-disk");
-            attach(&mut bus, vm.memory(), SLOT_DISK, block)
-        });
-        let net = match net {
-            Some((tap, mac)) => {
-                devices.push(slot_info(DeviceKind::VirtioNet, SLOT_NET));
-                Some(attach(
-                    &mut bus,
-                    vm.memory(),
-                    SLOT_NET,
-                    Net::with_tap(mac, tap)?,
-                ))
-            }
-            None => None,
-        };
-        let vmm = Self {
-            vm,
-            vcpus: vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect(),
-            msr_indices,
-            threads: Vec::new(),
-            control: Arc::new(RunControl::default()),
-            bus: Arc::new(bus),
-            serial,
-            disk,
-            net,
-        };
-        Ok((vmm, devices))
-    }
-
-    /// Starts one thread per vCPU.
+    /// Starts one thread per vCPU.    /// Starts one thread per vCPU.
     pub fn start(&mut self) -> Result<(), BuildError> {
         vcpu::install_kick_handler()?;
         let n = self.vcpus.len();

@@ -10,5 +10,5 @@ pub mod memory;
 pub mod vcpu;
 pub mod vm;
 
-pub use builder::{VmConfig, Vmm};
+pub use builder::{VmConfig, VmShell, Vmm};
 pub use vcpu::VmOutcome;
