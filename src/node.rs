@@ -86,11 +86,11 @@ pub fn primary(args: &PrimaryArgs) -> Result<ExitCode, Error> {
     io.console = Box::new(ConsoleGateSink(gate.clone()));
     let config = PeerConfig {
         vm: vm_config(&args.vm),
-        disk_size: match &args.vm.disk {
+        disk_size: match &args.vm.host.disk {
             Some(path) => Some(std::fs::metadata(path)?.len()),
             None => None,
         },
-        net_mac: args.vm.net.as_ref().map(|n| n.mac),
+        net_mac: args.vm.host.net.as_ref().map(|n| n.mac),
         epoch_ms: args.epoch_ms,
         failover_timeout_ms: args.failover_timeout_ms,
     };
@@ -110,7 +110,10 @@ pub fn primary(args: &PrimaryArgs) -> Result<ExitCode, Error> {
     };
     info!(peer = %args.peer, "standby connected; protecting the guest");
     let (end, report) = primary::protect(vmm, gate, link, &config)?;
-    write_json(args.vm.stats_json.as_deref(), &primary_stats(&end, &report))?;
+    write_json(
+        args.vm.host.stats_json.as_deref(),
+        &primary_stats(&end, &report),
+    )?;
     match end {
         PrimaryEnd::Guest(outcome) => Ok(exit_status(outcome)),
         PrimaryEnd::Deposed => {
@@ -137,12 +140,12 @@ fn primary_stats(end: &PrimaryEnd, r: &PrimaryReport) -> PrimaryStats {
 
 pub fn standby(args: &StandbyArgs) -> Result<ExitCode, Error> {
     // Open local resources first: a bad flag fails here, before any primary relies on us.
-    let disk = open_disk(args.disk.as_deref())?;
-    let net = open_net(args.net.as_ref())?;
+    let disk = open_disk(args.host.disk.as_deref())?;
+    let net = open_net(args.host.net.as_ref())?;
     let local = Local {
         disk_size: disk.as_ref().map(|d| d.size()),
         has_net: net.is_some(),
-        kvm_path: args.kvm_device.clone(),
+        kvm_path: args.host.kvm_device.clone(),
     };
     let listener = Listener::bind(&args.listen)?;
     info!(listen = %args.listen, "waiting for a primary");
@@ -183,7 +186,7 @@ pub fn standby(args: &StandbyArgs) -> Result<ExitCode, Error> {
             Ok(exit_status(outcome))
         }
     };
-    write_json(args.stats_json.as_deref(), &stats)?;
+    write_json(args.host.stats_json.as_deref(), &stats)?;
     result
 }
 
@@ -196,12 +199,12 @@ fn resume(
     disk: Option<Box<dyn vmm::devices::BlockBackend>>,
     net: Option<(vmm::devices::virtio::tap::Tap, [u8; 6])>,
 ) -> Result<Vmm, Error> {
-    let mut console = console_sink(&args.console, t.state.console.first)?;
+    let mut console = console_sink(&args.host.console, t.state.console.first)?;
     for chunk in &t.state.console.items {
         console.write_console(&chunk.0);
     }
     let io = HostIo {
-        kvm_path: args.kvm_device.clone(),
+        kvm_path: args.host.kvm_device.clone(),
         console,
         disk,
         net,

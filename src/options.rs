@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-/// The VM flags of `ftvmm run` (and of the replicated roles).
+/// The VM flags of `ftvmm run` (and of `ftvmm primary`).
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
     /// The payload: a path to a static x86-64 ELF, or `builtin:NAME`.
@@ -16,24 +16,33 @@ pub struct RunArgs {
     /// Number of vCPUs; every one enters the payload with its id.
     #[arg(long, default_value_t = 1)]
     pub vcpus: u32,
-    /// A raw disk image attached as virtio-blk.
+    #[command(flatten)]
+    pub host: HostArgs,
+    /// Arguments handed to the payload.
+    #[arg(last = true)]
+    pub args: Vec<String>,
+}
+
+/// The host resources a VM uses on this node: flags of every command that runs a VM here.
+#[derive(Args, Debug, Clone)]
+pub struct HostArgs {
+    /// A raw disk image attached as virtio-blk (a standby's must have the primary's size).
     #[arg(long)]
     pub disk: Option<PathBuf>,
     /// A virtio-net device on a tap: tap=NAME[,mac=MAC][,bridge=BR].
     #[arg(long, value_parser = parse_net)]
     pub net: Option<NetSpec>,
-    /// Where the guest's console goes: stdio or file:PATH.
+    /// Where the guest's console goes: stdio or file:PATH (written at the guest's stream
+    /// offsets, so that the files of a primary and its standby line up).
     #[arg(long, default_value = "stdio", value_parser = parse_console)]
     pub console: ConsoleSpec,
-    /// On exit, write run statistics (VM exits by kind, run time) as JSON to this file.
+    /// On exit, write what this node did as JSON (VM exits and run time; a primary's epochs,
+    /// pauses and wire bytes; a standby's takeover epoch, detection and restore times).
     #[arg(long)]
     pub stats_json: Option<PathBuf>,
     /// The KVM device to use.
     #[arg(long, default_value = "/dev/kvm", hide = true)]
     pub kvm_device: PathBuf,
-    /// Arguments handed to the payload.
-    #[arg(last = true)]
-    pub args: Vec<String>,
 }
 
 /// `ftvmm primary`: the VM flags of `run` plus the replication flags.
@@ -58,28 +67,15 @@ pub struct PrimaryArgs {
     pub vm: RunArgs,
 }
 
-/// `ftvmm standby`: where to listen and the local resources the guest will use here.
+/// `ftvmm standby`: where to listen and the local resources the guest will use here after a
+/// takeover (the VM itself comes from the primary).
 #[derive(Args, Debug, Clone)]
 pub struct StandbyArgs {
     /// Address to wait for the primary on (HOST:PORT).
     #[arg(long)]
     pub listen: String,
-    /// This node's copy of the guest's disk image (must match the primary's size).
-    #[arg(long)]
-    pub disk: Option<PathBuf>,
-    /// This node's tap for the guest's NIC: tap=NAME[,mac=MAC][,bridge=BR].
-    #[arg(long, value_parser = parse_net)]
-    pub net: Option<NetSpec>,
-    /// Where the guest's console goes after a takeover: stdio or file:PATH (written at the
-    /// guest's stream offsets, so that it lines up with the primary's file).
-    #[arg(long, default_value = "stdio", value_parser = parse_console)]
-    pub console: ConsoleSpec,
-    /// On exit, write what this node did (takeover epoch, detection and restore times) as JSON.
-    #[arg(long)]
-    pub stats_json: Option<PathBuf>,
-    /// The KVM device to use.
-    #[arg(long, default_value = "/dev/kvm", hide = true)]
-    pub kvm_device: PathBuf,
+    #[command(flatten)]
+    pub host: HostArgs,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -85,10 +85,10 @@ pub fn open_net(spec: Option<&NetSpec>) -> Result<Option<(Tap, [u8; 6])>, Error>
 /// Opens the host resources the VM flags name: console, disk image, tap.
 pub fn host_io(args: &RunArgs) -> Result<HostIo, Error> {
     Ok(HostIo {
-        kvm_path: args.kvm_device.clone(),
-        console: console_sink(&args.console, 0)?,
-        disk: open_disk(args.disk.as_deref())?,
-        net: open_net(args.net.as_ref())?,
+        kvm_path: args.host.kvm_device.clone(),
+        console: console_sink(&args.host.console, 0)?,
+        disk: open_disk(args.host.disk.as_deref())?,
+        net: open_net(args.host.net.as_ref())?,
     })
 }
 
@@ -107,7 +107,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, Error> {
     let start = std::time::Instant::now();
     vmm.start()?;
     let outcome = vmm.wait();
-    if let Some(path) = &args.stats_json {
+    if let Some(path) = &args.host.stats_json {
         let stats = RunStats {
             exits: vmm.exit_counts(),
             run_ms: start.elapsed().as_secs_f64() * 1e3,
