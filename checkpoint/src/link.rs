@@ -259,6 +259,13 @@ fn session_id() -> u64 {
     t.as_nanos() as u64 ^ (u64::from(std::process::id()) << 32)
 }
 
+/// Whether `gap` between two looks at the clock, by a loop that looks at least every TICK, means
+/// that this node did not run meanwhile (frozen by SIGSTOP, or starved) rather than that a turn
+/// of the loop was slow.
+pub fn not_running(gap: Duration, timeout: Duration) -> bool {
+    gap > (timeout / 4).max(TICK * 10)
+}
+
 /// Measures how long the peer has been silent, counting only time during which this node was
 /// itself running: a node that was frozen (SIGSTOP, starved) gives the peer a fresh timeout
 /// when it wakes, so it drains what arrived meanwhile before it judges the peer.
@@ -289,7 +296,7 @@ impl SilenceClock {
         let gap = now - self.last_look;
         self.last_look = now;
         // A long gap between looks means this node did not run: restart the peer's window.
-        if gap > (self.timeout / 4).max(TICK * 10) {
+        if not_running(gap, self.timeout) {
             self.last_heard = now;
             return false;
         }

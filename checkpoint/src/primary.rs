@@ -16,7 +16,7 @@ use tracing::{error, info, info_span, warn};
 use vmm::memory::DirtyLog;
 use vmm::{VmOutcome, Vmm};
 
-use crate::link::{PeerConfig, PrimaryLink, Sender, SilenceClock, TICK};
+use crate::link::{self, PeerConfig, PrimaryLink, Sender, SilenceClock, TICK};
 use crate::staging::{CheckpointState, StagedPages, StagingError};
 use crate::wire::{self, EpochDigest, FrameReader, Message, WireError, PAGE_SIZE};
 
@@ -179,17 +179,19 @@ pub fn protect(
             return Err(e);
         }
     };
-    if let PrimaryEnd::Guest(VmOutcome::Exited(code)) = &end {
-        if shared.lock().protected {
-            let _ = control.send(&Message::Exit { code: *code });
-        }
-    }
+    // Finished before the Exit goes out: the standby closes the link as soon as it reads it,
+    // and the control thread must not take that for the loss of the standby.
     let protected = {
         let mut role = shared.lock();
         role.finished = true;
         role.protected
     };
     shared.changed.notify_all();
+    if let PrimaryEnd::Guest(VmOutcome::Exited(code)) = &end {
+        if protected {
+            let _ = control.send(&Message::Exit { code: *code });
+        }
+    }
     // The sender may be blocked on a dead standby's full socket: cut it loose.
     data.shutdown();
     let _ = sender.join();
@@ -436,6 +438,27 @@ fn compress(unit: &Outgoing, workers: usize) -> Vec<Vec<u8>> {
     ordered.into_values().collect()
 }
 
+/// Everything from the standby that is already here, after `first`: messages up to the first
+/// read that finds nothing more, or up to the error that ends the connection.
+fn read_arrived(
+    reader: &mut FrameReader<TcpStream>,
+    first: Result<Message, WireError>,
+) -> VecDeque<Result<Message, WireError>> {
+    let mut arrived = VecDeque::from([first]);
+    loop {
+        // Read again even after an idle `first`: it may have timed out while this node was
+        // stopped, with messages arriving meanwhile.
+        let next = reader.read_message();
+        let more = next.is_ok();
+        arrived.push_back(next);
+        if !more {
+            break;
+        }
+    }
+    arrived.retain(|m| !matches!(m, Err(WireError::Idle)));
+    arrived
+}
+
 /// Reads acks, heartbeats and role messages from the standby, sends heartbeats, and decides
 /// when the standby is lost.
 fn control_loop(
@@ -454,6 +477,9 @@ fn control_loop(
     // The standby's last sign of progress: an ack, or a heartbeat with a new frame count.
     let mut progress_at = Instant::now();
     let mut standby_received = 0u64;
+    // Messages read but not yet acted on, after this node was found not to have run.
+    let mut backlog = VecDeque::new();
+    let mut last_look = Instant::now();
     let lost = |why: String| {
         let mut role = shared.lock();
         if !role.protected || role.finished {
@@ -471,7 +497,33 @@ fn control_loop(
         if shared.lock().finished {
             return;
         }
-        match reader.read_message() {
+        let got = match backlog.pop_front() {
+            Some(got) => got,
+            None => {
+                let got = reader.read_message();
+                if link::not_running(last_look.elapsed(), config.failover_timeout()) {
+                    // This node did not run for a while (SIGSTOP, starvation): the standby may
+                    // have taken over meanwhile, and the acks of the epochs it committed first
+                    // sit ahead of its TakenOver. Read all that has arrived before acting on
+                    // any of it, so that a deposed node releases nothing more.
+                    backlog = read_arrived(&mut reader, got);
+                    if backlog.iter().any(|m| matches!(m, Ok(Message::TakenOver))) {
+                        backlog = VecDeque::from([Ok(Message::TakenOver)]);
+                    }
+                    // The silence was this node's own: the standby gets a fresh window.
+                    let now = Instant::now();
+                    progress_at = now;
+                    for (_, sent) in shared.lock().in_flight.iter_mut() {
+                        *sent = now;
+                    }
+                    backlog.pop_front().unwrap_or(Err(WireError::Idle))
+                } else {
+                    got
+                }
+            }
+        };
+        last_look = Instant::now();
+        match got {
             Ok(Message::Ack { epoch }) => {
                 silence.heard();
                 progress_at = Instant::now();

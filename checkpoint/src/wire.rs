@@ -711,19 +711,21 @@ mod tests {
 
     #[test]
     fn other_version_is_named() {
+        let (ours, next) = (PROTOCOL_VERSION, PROTOCOL_VERSION + 1);
         let payload = [
-            &2u32.to_le_bytes()[..],
+            &next.to_le_bytes()[..],
             b"a layout this version does not know",
         ]
         .concat();
         let err = read_one(&frame(HELLO, &payload)).unwrap_err();
-        assert!(matches!(err, WireError::Version { ours: 1, theirs: 2 }));
-        let text = "protocol version mismatch: this node speaks 1, the peer speaks 2";
+        assert!(matches!(err, WireError::Version { ours: o, theirs: t } if o == ours && t == next));
+        let text =
+            format!("protocol version mismatch: this node speaks {ours}, the peer speaks {next}");
         assert_eq!(err.to_string(), text);
         let foreign = encode(&hello(7, Channel::Data, b""));
         assert!(matches!(
             read_one(&foreign),
-            Err(WireError::Version { ours: 1, theirs: 7 })
+            Err(WireError::Version { ours: o, theirs: 7 }) if o == ours
         ));
     }
 
@@ -834,7 +836,8 @@ mod tests {
         assert_malformed(HEARTBEAT, &[0; 9], "after the end of Heartbeat");
         assert_malformed(REFUSE, &[2, 0, 0, 0, 0xc3, 0x28], "UTF-8");
         assert_malformed(STATE, &[0, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 1], "too short");
-        assert_malformed(HELLO, &[1, 0, 0, 0, 2], "unknown channel 2");
+        let bad_channel = [&PROTOCOL_VERSION.to_le_bytes()[..], &[2]].concat();
+        assert_malformed(HELLO, &bad_channel, "unknown channel 2");
         for kind in [0, 12, 200] {
             let got = read_one(&frame(kind, &[]));
             assert!(

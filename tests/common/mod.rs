@@ -1,10 +1,13 @@
 //! Helpers shared by the end-to-end tests: running the ftvmm binary with a bounded wait,
-//! hand-made ELF files, and the host-side reference of the seq payload.
+//! hand-made ELF files, the host-side reference of the seq payload, and the pieces of the
+//! replication tests (nodes whose stderr is watched while they run, signals by pid, merging
+//! the two nodes' console files).
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const FTVMM: &str = env!("CARGO_BIN_EXE_ftvmm");
@@ -78,20 +81,34 @@ pub fn wait_bounded(child: Child, limit: Duration) -> Output {
     }
 }
 
-/// The exact console transcript of `builtin:seq -- count pages work`.
+/// The exact console transcript of `builtin:seq -- count pages work` (any `pages`).
 pub fn seq_transcript(count: u64, work: u64) -> String {
+    // One step is the affine map x -> a*x + b (mod 2^64); `work` steps are its work-th power,
+    // computed by squaring so that a guest that runs for seconds (a large WORK) is checked in
+    // microseconds by this (unoptimised) test build.
+    let (a, b) = affine_power(6364136223846793005, 1442695040888963407, work);
     let mut x: u64 = 1;
     let mut s = String::new();
     for i in 1..=count {
-        for _ in 0..work {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-        }
+        x = a.wrapping_mul(x).wrapping_add(b);
         s.push_str(&format!("{i} {x:016x}\n"));
     }
     s.push_str("done\n");
     s
+}
+
+/// The map x -> a*x + b applied `n` times, as (a', b') with x -> a'*x + b' (wrapping).
+fn affine_power(mut a: u64, mut b: u64, mut n: u64) -> (u64, u64) {
+    let (mut ra, mut rb) = (1u64, 0u64);
+    while n > 0 {
+        if n & 1 == 1 {
+            // r := f after r (powers of one map commute, so the order does not matter).
+            (ra, rb) = (a.wrapping_mul(ra), a.wrapping_mul(rb).wrapping_add(b));
+        }
+        (a, b) = (a.wrapping_mul(a), a.wrapping_mul(b).wrapping_add(b));
+        n >>= 1;
+    }
+    (ra, rb)
 }
 
 /// A unique scratch directory for one test, removed on drop.
@@ -153,4 +170,205 @@ pub fn stderr_of(out: &Output) -> String {
 
 pub fn stdout_of(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Checks that ftvmm failed as ftvmm (not the guest) with one `ftvmm: error: ...` line on
+/// stderr, and returns that line.
+pub fn one_error_line(out: &Output) -> String {
+    let err = stderr_of(out);
+    assert_eq!(out.status.code(), Some(EXIT_FTVMM_ERROR), "stderr: {err}");
+    assert!(!err.contains("panicked"), "ftvmm panicked: {err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "not one line: {err}");
+    assert!(err.starts_with("ftvmm: error: "), "{err}");
+    err.trim_end().to_string()
+}
+
+/// A loopback port that nothing listens on (until a test binds it).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local address").port()
+}
+
+/// Polls `cond` every 5 ms until it holds; false if it still does not after `limit`.
+pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Length of a file, 0 if it does not exist (yet).
+pub fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
+}
+
+/// Sends `sig` to the process `pid`.
+pub fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) has no memory effects. Callers pass a child of this test that they know
+    // runs, so it is not reaped yet and its pid cannot have been reused.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
+    assert_eq!(
+        rc,
+        0,
+        "kill({pid}, {sig}): {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// Whether every thread of `pid` is stopped (state T in /proc), i.e. a SIGSTOP took effect.
+pub fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat"))
+            // The state follows the parenthesised command name, which may contain spaces.
+            .ok()
+            .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('T')))
+            .unwrap_or(false)
+    })
+}
+
+/// Stops `pid` with SIGSTOP and waits until all its threads are stopped.
+pub fn freeze(pid: u32) {
+    signal(pid, libc::SIGSTOP);
+    assert!(
+        wait_for(Duration::from_secs(5), || all_threads_stopped(pid)),
+        "process {pid} did not stop"
+    );
+}
+
+/// A running ftvmm whose stderr is collected as it comes, so that a test can wait for a log
+/// line while the process runs. Killed (by pid) if dropped while it runs.
+pub struct Node {
+    pub child: Guard,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Node {
+    /// Starts `ftvmm ARGS` with stdin and stdout closed and stderr collected.
+    pub fn spawn<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Self {
+        let mut child = Command::new(FTVMM)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ftvmm");
+        let mut pipe = child.stderr.take().expect("stderr pipe");
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let sink = stderr.clone();
+        let reader = std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = pipe.read(&mut buf) {
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Self {
+            child: Guard(child),
+            stderr,
+            reader: Some(reader),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
+    /// Everything the process wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
+    /// Waits at most `limit` for `needle` to appear on stderr; false at once if the process
+    /// exits without writing it.
+    pub fn wait_stderr(&mut self, needle: &str, limit: Duration) -> bool {
+        wait_for(limit, || {
+            let done = !self.running();
+            self.stderr().contains(needle) || done
+        }) && self.stderr().contains(needle)
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.0.try_wait(), Ok(None))
+    }
+
+    /// Waits at most `limit` for the process to exit; panics (after killing it) if it does not.
+    /// Returns its status and complete stderr.
+    pub fn wait(&mut self, limit: Duration) -> (ExitStatus, String) {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = self.child.0.try_wait().expect("wait") {
+                break status;
+            }
+            if start.elapsed() > limit {
+                let _ = self.child.0.kill();
+                let _ = self.child.0.wait();
+                panic!(
+                    "ftvmm did not finish within {limit:?}; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        // The pipe ends with the process (its children, if any, do not keep it).
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        (status, self.stderr())
+    }
+}
+
+/// Merges two console files written at stream offsets: the standby's bytes win where it wrote
+/// (unwritten bytes of a file are zero); where both wrote, they must be equal.
+pub fn merge(primary: &[u8], standby: &[u8]) -> Vec<u8> {
+    let Some(first) = standby.iter().position(|&b| b != 0) else {
+        // The standby wrote nothing (it never took over): the stream is the primary's.
+        return primary.to_vec();
+    };
+    let overlap = primary.len().min(standby.len());
+    if first < overlap {
+        assert_eq!(
+            primary[first..overlap],
+            standby[first..overlap],
+            "nodes diverge"
+        );
+    }
+    assert!(first <= primary.len(), "gap between the nodes' output");
+    let mut merged = primary[..first].to_vec();
+    merged.extend_from_slice(&standby[first..]);
+    merged
+}
+
+/// Reads a `--stats-json` file.
+pub fn stats(path: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read stats {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad stats JSON {text}: {e}"))
+}
+
+/// xorshift64: the tests' seeded source of "random" moments.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        let x = &mut self.0;
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        *x
+    }
+
+    /// A duration uniformly in `lo..hi` milliseconds.
+    pub fn millis(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(lo + self.next() % (hi - lo))
+    }
 }
