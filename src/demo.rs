@@ -17,12 +17,12 @@ use vmm::{VmConfig, VmOutcome, Vmm};
 use crate::run::Error;
 
 const N: usize = 512;
-const STEPS: u64 = 30_000;
-const REPORT: u64 = 2_500;
+const STEPS: u64 = 60_000;
+const REPORT: u64 = 5_000;
 const VCPUS: u32 = 2;
 /// The primary is killed once the guest has reported this step (its output was released, so
 /// the standby holds a checkpoint at least that far on).
-const KILL_AT_STEP: u64 = 10_000;
+const KILL_AT_STEP: u64 = 20_000;
 const LIMIT: Duration = Duration::from_secs(300);
 
 fn guest_args() -> Vec<String> {

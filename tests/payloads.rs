@@ -157,10 +157,10 @@ fn the_demo_fails_over_mid_run_and_finishes_with_the_fault_free_checksum() {
     let text = stdout_of(&out);
     assert_eq!(out.status.code(), Some(0), "{text}{}", stderr_of(&out));
     assert!(
-        text.contains("[primary] step 2500 center"),
+        text.contains("[primary] step 5000 center"),
         "shows progress: {text}"
     );
     assert!(text.contains("killed the primary with SIGKILL"), "{text}");
-    assert!(text.contains("[standby] step 30000 center"), "{text}");
+    assert!(text.contains("[standby] step 60000 center"), "{text}");
     assert!(text.contains("equals the fault-free run's: OK"), "{text}");
 }
