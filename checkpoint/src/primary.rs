@@ -16,6 +16,7 @@ use tracing::{error, info, info_span, warn};
 use vmm::memory::DirtyLog;
 use vmm::{VmOutcome, Vmm};
 
+use crate::hot::HotPages;
 use crate::link::{self, PeerConfig, PrimaryLink, Sender, SilenceClock, TICK};
 use crate::staging::{CheckpointState, StagedPages, StagingError};
 use crate::wire::{self, EpochDigest, FrameReader, Message, WireError, PAGE_SIZE};
@@ -239,6 +240,7 @@ fn epoch_loop(
 
     let period = Duration::from_millis(config.epoch_ms);
     let mut epoch = 0u64;
+    let mut hot = HotPages::default();
     let mut next = Instant::now();
     loop {
         // Wait for the epoch's end, waking early if the guest ends or the role changes.
@@ -261,7 +263,7 @@ fn epoch_loop(
         let start = Instant::now();
         vmm.pause();
         let ended = vmm.outcome();
-        let log = vmm.harvest_dirty()?;
+        let log = vmm.harvest_dirty_rearming(|log| hot.rearm(log))?;
         let copy_start = Instant::now();
         let mut pages = spare.try_recv().unwrap_or_default();
         pages.copy_from(vmm.memory(), &log, false)?;

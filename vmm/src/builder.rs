@@ -367,6 +367,15 @@ impl Vmm {
         Ok(self.vm.harvest_dirty()?)
     }
 
+    /// Harvests the dirty pages, write-protecting again only those `rearm` picks (see
+    /// [`Vm::harvest_dirty_rearming`](crate::vm::Vm::harvest_dirty_rearming)).
+    pub fn harvest_dirty_rearming(
+        &self,
+        rearm: impl FnOnce(&DirtyLog) -> DirtyLog,
+    ) -> Result<DirtyLog, BuildError> {
+        Ok(self.vm.harvest_dirty_rearming(rearm)?)
+    }
+
     /// Whether the VM has ended.
     pub fn outcome(&self) -> Option<VmOutcome> {
         self.control.outcome()

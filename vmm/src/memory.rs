@@ -90,6 +90,38 @@ impl DirtyLog {
         log
     }
 
+    /// The pages of this log for which `keep(gpa)` holds, in a log of the same regions.
+    pub fn select(&self, mut keep: impl FnMut(u64) -> bool) -> Self {
+        let mut selected = Self {
+            regions: self
+                .regions
+                .iter()
+                .map(|r| DirtyRegion {
+                    bits: vec![0; r.bits.len()],
+                    ..r.clone()
+                })
+                .collect(),
+        };
+        for (region, out) in self.regions.iter().zip(&mut selected.regions) {
+            for (i, &word) in region.bits.iter().enumerate() {
+                let mut w = word;
+                while w != 0 {
+                    let bit = w.trailing_zeros() as u64;
+                    w &= w - 1;
+                    if keep(region.start.0 + (i as u64 * 64 + bit) * PAGE_SIZE) {
+                        out.bits[i] |= 1 << bit;
+                    }
+                }
+            }
+        }
+        selected
+    }
+
+    /// Each region's bitmap, in region order.
+    pub(crate) fn region_bits(&self) -> impl Iterator<Item = &[u64]> {
+        self.regions.iter().map(|r| r.bits.as_slice())
+    }
+
     /// Number of dirty pages.
     pub fn count(&self) -> usize {
         self.regions

@@ -3,16 +3,19 @@
 use std::path::Path;
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_irqchip, kvm_pit_config, kvm_pit_state2, kvm_userspace_memory_region,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES,
-    KVM_PIT_SPEAKER_DUMMY,
+    kvm_clear_dirty_log, kvm_clock_data, kvm_enable_cap, kvm_irqchip, kvm_pit_config,
+    kvm_pit_state2, kvm_userspace_memory_region, KVMIO, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Kvm, VmFd};
 use serde::{Deserialize, Serialize};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
+use vmm_sys_util::ioctl::ioctl_with_ref;
+use vmm_sys_util::ioctl_iowr_nr;
 
 use crate::devices::GuestMemory;
-use crate::memory::DirtyLog;
+use crate::memory::{DirtyLog, PAGE_SIZE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
@@ -39,11 +42,17 @@ pub struct VmState {
     pub clock: kvm_clock_data,
 }
 
+// kvm-ioctls does not wrap KVM_CLEAR_DIRTY_LOG.
+ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
+
 /// A KVM VM with guest RAM registered as memory slots, an in-kernel irqchip and a PIT.
 pub struct Vm {
     kvm: Kvm,
     fd: VmFd,
     memory: GuestMemory,
+    /// KVM_GET_DIRTY_LOG leaves pages writable and their bits set until KVM_CLEAR_DIRTY_LOG
+    /// (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2), so a harvest can choose which pages to re-arm.
+    manual_protect: bool,
 }
 
 impl Vm {
@@ -70,7 +79,23 @@ impl Vm {
             ..Default::default()
         })
         .map_err(fail("KVM_CREATE_PIT2"))?;
-        let vm = Self { kvm, fd, memory };
+        let manual_protect = kvm.check_extension_raw(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2.into())
+            & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE as i32
+            != 0
+            && {
+                let mut cap = kvm_enable_cap {
+                    cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+                    ..Default::default()
+                };
+                cap.args[0] = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE.into();
+                fd.enable_cap(&cap).is_ok()
+            };
+        let vm = Self {
+            kvm,
+            fd,
+            memory,
+            manual_protect,
+        };
         vm.set_memory_slots(0)
             .map_err(fail("KVM_SET_USER_MEMORY_REGION"))?;
         Ok(vm)
@@ -110,6 +135,50 @@ impl Vm {
     /// and device workers are paused; otherwise a page written during the harvest shows up in
     /// this harvest or the next.
     pub fn harvest_dirty(&self) -> Result<DirtyLog, VmError> {
+        self.harvest_dirty_rearming(DirtyLog::clone)
+    }
+
+    /// Like `harvest_dirty`, but KVM write-protects again only the pages `rearm` picks from
+    /// the harvest. The others stay writable (no fault when the guest writes them again, which
+    /// costs microseconds per page under PVM) and stay in every later harvest until re-armed,
+    /// so the log never misses a write. Without KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 every page
+    /// is re-armed.
+    pub fn harvest_dirty_rearming(
+        &self,
+        rearm: impl FnOnce(&DirtyLog) -> DirtyLog,
+    ) -> Result<DirtyLog, VmError> {
+        let log = self.read_dirty()?;
+        if self.manual_protect {
+            self.clear_dirty(&rearm(&log))?;
+        }
+        Ok(log)
+    }
+
+    /// Write-protects the pages of `log` again and clears their bits in KVM's log.
+    fn clear_dirty(&self, log: &DirtyLog) -> Result<(), VmError> {
+        for (slot, (region, bits)) in self.memory.iter().zip(log.region_bits()).enumerate() {
+            let clear = kvm_clear_dirty_log {
+                slot: slot as u32,
+                num_pages: (region.len() / PAGE_SIZE) as u32,
+                first_page: 0,
+                __bindgen_anon_1: kvm_bindings::kvm_clear_dirty_log__bindgen_ty_1 {
+                    dirty_bitmap: bits.as_ptr() as *mut libc::c_void,
+                },
+            };
+            // SAFETY: `clear` names a slot of this VM and points at a bitmap of `num_pages`
+            // bits (DirtyLog regions mirror the slots), which KVM only reads during the call.
+            let ret = unsafe { ioctl_with_ref(&self.fd, KVM_CLEAR_DIRTY_LOG(), &clear) };
+            if ret < 0 {
+                return Err(self.kvm_err("KVM_CLEAR_DIRTY_LOG")(
+                    kvm_ioctls::Error::last(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// KVM's log and the VMM's bitmap (which it resets), merged.
+    fn read_dirty(&self) -> Result<DirtyLog, VmError> {
         let mut log = DirtyLog::default();
         for (slot, region) in self.memory.iter().enumerate() {
             let mut bits = self

@@ -1,0 +1,68 @@
+//! Which dirty pages stay writable between epochs. Under PVM a write to a write-protected page
+//! costs a fault of several microseconds, far more than copying the page into one more
+//! checkpoint; so a page found dirty stays writable (and is copied every epoch) for a few
+//! epochs before it is write-protected again to see whether the guest still writes it.
+
+use vmm::memory::DirtyLog;
+
+use crate::wire::PAGE_SIZE;
+
+/// Epochs a page found dirty stays writable before it is write-protected again.
+pub const HOT_EPOCHS: u8 = 3;
+
+/// Per guest page: epochs left before it is write-protected again (0: write-protected).
+#[derive(Debug, Default)]
+pub struct HotPages {
+    left: Vec<u8>,
+}
+
+impl HotPages {
+    /// Of the pages of an epoch's harvest `log`, those to write-protect again: pages writable
+    /// for `HOT_EPOCHS` epochs. A page that is not re-armed stays in every harvest, so the
+    /// log keeps naming it until then.
+    pub fn rearm(&mut self, log: &DirtyLog) -> DirtyLog {
+        log.select(|gpa| {
+            let page = (gpa / PAGE_SIZE as u64) as usize;
+            if page >= self.left.len() {
+                self.left.resize(page + 1, 0);
+            }
+            let left = &mut self.left[page];
+            if *left == 0 {
+                *left = HOT_EPOCHS;
+                false
+            } else {
+                *left -= 1;
+                *left == 0
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestAddress;
+
+    fn log(pages: &[u64]) -> DirtyLog {
+        let mut bits = vec![0u64; 2];
+        for &p in pages {
+            bits[(p / 64) as usize] |= 1 << (p % 64);
+        }
+        let mut log = DirtyLog::default();
+        log.add_region(GuestAddress(0), 128 * 4096, bits);
+        log
+    }
+
+    #[test]
+    fn a_dirty_page_is_rearmed_after_its_window_and_starts_a_new_one_when_dirty_again() {
+        let mut hot = HotPages::default();
+        // Page 5 is dirty and, never re-armed, stays in the harvests of its window.
+        for _ in 0..HOT_EPOCHS {
+            assert_eq!(hot.rearm(&log(&[5, 70])).count(), 0);
+        }
+        let rearmed: Vec<u64> = hot.rearm(&log(&[5, 70])).pages().collect();
+        assert_eq!(rearmed, vec![5 * 4096, 70 * 4096]);
+        // Written again after re-arming: a new window.
+        assert_eq!(hot.rearm(&log(&[5])).count(), 0);
+    }
+}
