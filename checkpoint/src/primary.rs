@@ -262,16 +262,20 @@ fn epoch_loop(
         let span = info_span!("epoch", epoch).entered();
         let start = Instant::now();
         vmm.pause();
+        let stopped = start.elapsed();
         let ended = vmm.outcome();
         let log = vmm.harvest_dirty_rearming(|log| hot.rearm(log))?;
         let copy_start = Instant::now();
+        let harvest = copy_start - start - stopped;
         let mut pages = spare.try_recv().unwrap_or_default();
         pages.copy_from(vmm.memory(), &log, false)?;
         let copy_time = copy_start.elapsed();
+        let save_start = Instant::now();
         let state = CheckpointState {
             vmm: vmm.save_state()?,
             console: gate.seal(epoch),
         };
+        let save = save_start.elapsed();
         if ended.is_none() {
             vmm.resume();
         }
@@ -280,7 +284,10 @@ fn epoch_loop(
         info!(
             dirty,
             pause_us = pause.as_micros() as u64,
+            stop_us = stopped.as_micros() as u64,
+            harvest_us = harvest.as_micros() as u64,
             copy_us = copy_time.as_micros() as u64,
+            save_us = save.as_micros() as u64,
             "checkpoint"
         );
         {
