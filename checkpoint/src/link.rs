@@ -259,6 +259,17 @@ fn session_id() -> u64 {
     t.as_nanos() as u64 ^ (u64::from(std::process::id()) << 32)
 }
 
+/// Lowers the calling thread's scheduling priority (nice 10), so that replication work runs on
+/// the cycles the guest's vCPUs leave: the guest keeps its speed, and a checkpoint that takes
+/// longer to ship stretches the next epoch. Best effort: an error leaves the priority as it was.
+pub fn yield_to_guest() {
+    // SAFETY: plain syscalls on the calling thread's own id; no memory is passed.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+    }
+}
+
 /// Whether `gap` between two looks at the clock, by a loop that looks at least every TICK, means
 /// that this node did not run meanwhile (frozen by SIGSTOP, or starved) rather than that a turn
 /// of the loop was slow.

@@ -149,6 +149,10 @@ pub fn protect(
     vmm.start()?;
     let vmm = Arc::new(vmm);
 
+    // Compression gets the cores the vCPUs leave (at least one): the guest comes first, and a
+    // checkpoint that takes longer to ship stretches the next epoch instead of slowing it.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = cores.saturating_sub(config.vm.vcpus as usize).clamp(1, 4);
     let (out_tx, out_rx) = bounded::<Outgoing>(1);
     // Staging buffers go back from the sender to the epoch loop, to be copied into again.
     let (spare_tx, spare_rx) = bounded::<StagedPages>(2);
@@ -156,7 +160,7 @@ pub fn protect(
         let (shared, data, report) = (shared.clone(), data.clone(), report.clone());
         std::thread::Builder::new()
             .name("ckpt-send".into())
-            .spawn(move || send_loop(out_rx, spare_tx, data, shared, report))
+            .spawn(move || send_loop(out_rx, spare_tx, data, shared, report, workers))
             .map_err(PrimaryError::Thread)?
     };
     let controller = {
@@ -356,8 +360,9 @@ fn send_loop(
     data: Sender,
     shared: Arc<Shared>,
     report: Arc<Mutex<PrimaryReport>>,
+    workers: usize,
 ) {
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
+    link::yield_to_guest();
     for unit in input {
         let frames = compress(&unit, workers);
         let mut digest = EpochDigest::new();
@@ -436,6 +441,7 @@ fn compress(unit: &Outgoing, workers: usize) -> Vec<Vec<u8>> {
         for _ in 0..workers {
             let (job_rx, done_tx, batches) = (job_rx.clone(), done_tx.clone(), &batches);
             s.spawn(move || {
+                link::yield_to_guest();
                 for i in job_rx {
                     let _ = done_tx.send((i, encode(&batches[i])));
                 }

@@ -228,6 +228,8 @@ fn receive(
     draining: Arc<AtomicBool>,
     received: Arc<AtomicU64>,
 ) -> Committed {
+    // On a host it shares with running guests, the standby's work must not slow them.
+    crate::link::yield_to_guest();
     let mut reader = FrameReader::new(stream);
     let mut committed = Committed {
         memory,

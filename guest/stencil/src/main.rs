@@ -8,7 +8,8 @@
 //! - `n=N`        grid side, N >= 3 (default 512)
 //! - `steps=S`    number of Jacobi steps (default 1000)
 //! - `report=R`   print `step {s} center {value}` every R steps (default 100; 0: never)
-//! - `time`       print `time_us {t}`: TSC microseconds for the S steps (benchmarks; not
+//! - `time`       print `time_us {t}`: TSC microseconds for the S steps, and add `t_us {t}`
+//!   (microseconds since the first step) to each progress line (benchmarks; not
 //!   deterministic, hence opt-in)
 //! - `disk=off`   do not write the result even if a virtio-blk disk is attached
 //!
@@ -146,7 +147,12 @@ fn main(ctx: &Ctx) {
             // SAFETY: `dst` is only read until the next step's barrier (the next step reads it
             // and writes the other buffer).
             let center = unsafe { *dst.add((n / 2) * n + n / 2) };
-            println!("step {done} center {center:.9}");
+            if p.time {
+                let t = ticks_to_us(rdtsc().wrapping_sub(start));
+                println!("step {done} center {center:.9} t_us {t}");
+            } else {
+                println!("step {done} center {center:.9}");
+            }
         }
     }
     let elapsed = rdtsc().wrapping_sub(start);
