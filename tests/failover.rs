@@ -1,12 +1,12 @@
-//! Replication end to end on loopback: a primary killed with SIGKILL at seeded moments after
-//! protection starts; the standby takes over and finishes the guest exactly.
+//! Replication end to end on loopback: a primary killed with SIGKILL at seeded moments of its
+//! guest's run; the standby takes over and finishes the guest exactly.
 
 mod common;
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{file_len, free_port, merge, stats, wait_for, Node, Rng, Scratch};
+use common::{free_port, merge, stats, wait_for, Node, Rng, Scratch};
 
 /// Each test runs a replicated pair that needs about a CPU and a half; on a small machine two
 /// at once would starve each other into spurious failovers and time-outs.
@@ -20,15 +20,17 @@ struct Trial {
     ran: Duration,
 }
 
-/// Runs the payload on a primary/standby pair, SIGKILLs the primary `delay` after protection
-/// starts (its first released output: a checkpoint was acknowledged), and lets the standby
-/// finish, which must exit 0.
+/// Runs the payload, which prints `lines` lines in all, on a primary/standby pair. Once
+/// protection starts (the first released output: a checkpoint was acknowledged), picks a
+/// seeded point in the first two thirds of the lines still to come, SIGKILLs the primary when
+/// it has released that many (the moment follows the guest's progress, whatever this machine's
+/// speed), and lets the standby finish, which must exit 0.
 fn kill_primary(
     dir: &Scratch,
     vm: &[&str],
     payload: &[String],
     timeout_ms: u64,
-    delay: Duration,
+    (lines, rng): (usize, &mut Rng),
     what: &str,
 ) -> Trial {
     let (p_out, s_out, s_stats) = (dir.path("p.out"), dir.path("s.out"), dir.path("s.json"));
@@ -49,8 +51,12 @@ fn kill_primary(
     args.push("--".into());
     args.extend_from_slice(payload);
     let mut primary = Node::spawn(&args);
+    let released_lines = || {
+        let out = std::fs::read(&p_out).unwrap_or_default();
+        out.iter().filter(|&&b| b == b'\n').count()
+    };
     let up = wait_for(Duration::from_secs(60), || {
-        file_len(&p_out) > 0 || !primary.running()
+        released_lines() > 0 || !primary.running()
     });
     assert!(
         up && primary.running(),
@@ -58,7 +64,13 @@ fn kill_primary(
         primary.stderr()
     );
     let start = Instant::now();
-    std::thread::sleep(delay);
+    let protected_at = released_lines();
+    let to_come = lines.saturating_sub(protected_at) as u64;
+    let kill_at = protected_at + rng.range(0, (to_come * 2 / 3).max(1)) as usize;
+    let reached = wait_for(Duration::from_secs(60), || {
+        released_lines() >= kill_at || !primary.running()
+    });
+    assert!(reached, "{what}: stalled before line {kill_at}");
     // SIGKILL of the ftvmm process itself (by pid).
     primary.child.0.kill().unwrap();
     let (status, s_err) = standby.wait(Duration::from_secs(120));
@@ -90,18 +102,16 @@ fn stencil_survives_primary_sigkill_at_seeded_moments() {
         format!("steps={steps}"),
         "report=2000".into(),
     ];
-    // Seeded for repeatability: kill 0..600 ms after protection starts.
     let mut rng = Rng(0x5eed_f00d);
     for trial in 0..6 {
-        let delay = rng.millis(0, 600);
         let dir = Scratch::new(&format!("failover{trial}"));
-        let what = format!("stencil trial {trial} ({delay:?})");
+        let what = format!("stencil trial {trial}");
         let t = kill_primary(
             &dir,
             &["--vcpus", "2", "--payload", "builtin:stencil"],
             &args,
             200,
-            delay,
+            ((steps / 2000) as usize, &mut rng),
             &what,
         );
         assert!(
@@ -143,9 +153,7 @@ fn seq_survives_primary_sigkill_at_seeded_moments() {
         } else {
             (slow, &want_slow)
         };
-        // Both variants run about 2 s once protected on this machine (debug build).
-        let delay = rng.millis(0, 1500);
-        let what = format!("seq {count} {pages} {work} trial {trial} ({delay:?})");
+        let what = format!("seq {count} {pages} {work} trial {trial}");
         let dir = Scratch::new(&format!("seqfail{trial}"));
         let args = [count, pages, work].map(|n| n.to_string());
         // A killed primary's sockets close at once, so the timeout hardly delays detection;
@@ -155,7 +163,7 @@ fn seq_survives_primary_sigkill_at_seeded_moments() {
             &["--payload", "builtin:seq"],
             &args,
             1000,
-            delay,
+            (count as usize, &mut rng),
             &what,
         );
         assert!(

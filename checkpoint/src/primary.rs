@@ -241,6 +241,9 @@ fn epoch_loop(
         }
     }
     drop(span);
+    // The pages dirtied since the last round was copied (or that round itself): the harvest
+    // above already cleared them from the dirty log, so the first checkpoint must add them.
+    let mut carried = Some(log);
 
     let period = Duration::from_millis(config.epoch_ms);
     let mut epoch = 0u64;
@@ -268,7 +271,10 @@ fn epoch_loop(
         vmm.pause();
         let stopped = start.elapsed();
         let ended = vmm.outcome();
-        let log = vmm.harvest_dirty_rearming(|log| hot.rearm(log))?;
+        let mut log = vmm.harvest_dirty_rearming(|log| hot.rearm(log))?;
+        if let Some(carried) = carried.take() {
+            log.union_with(&carried);
+        }
         let copy_start = Instant::now();
         let harvest = copy_start - start - stopped;
         let mut pages = spare.try_recv().unwrap_or_default();

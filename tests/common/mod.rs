@@ -368,7 +368,12 @@ impl Rng {
     }
 
     /// A duration uniformly in `lo..hi` milliseconds.
+    /// A number in lo..hi.
+    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.next() % (hi - lo)
+    }
+
     pub fn millis(&mut self, lo: u64, hi: u64) -> Duration {
-        Duration::from_millis(lo + self.next() % (hi - lo))
+        Duration::from_millis(self.range(lo, hi))
     }
 }

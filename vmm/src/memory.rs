@@ -117,6 +117,15 @@ impl DirtyLog {
         selected
     }
 
+    /// Adds the pages of `other`, a log of the same memory.
+    pub fn union_with(&mut self, other: &DirtyLog) {
+        for (mine, theirs) in self.regions.iter_mut().zip(&other.regions) {
+            for (a, b) in mine.bits.iter_mut().zip(&theirs.bits) {
+                *a |= b;
+            }
+        }
+    }
+
     /// Each region's bitmap, in region order.
     pub(crate) fn region_bits(&self) -> impl Iterator<Item = &[u64]> {
         self.regions.iter().map(|r| r.bits.as_slice())
