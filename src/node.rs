@@ -11,7 +11,7 @@ use netbuf::{ConsoleGateSink, Gate, Mode};
 use serde::Serialize;
 use tracing::{info, warn};
 use vmm::builder::HostIo;
-use vmm::Vmm;
+use vmm::{VmOutcome, Vmm};
 
 use crate::options::{PrimaryArgs, StandbyArgs};
 use crate::run::{
@@ -178,16 +178,27 @@ pub fn standby(args: &StandbyArgs) -> Result<ExitCode, Error> {
             stats.decided_unix_us = Some(unix_us(SystemTime::now() - t.decided.elapsed()));
             stats.drain_ms = Some((t.drained - t.decided).as_secs_f64() * 1e3);
             let drained = t.drained;
-            let mut vmm = resume(*t, args, disk, net)?;
-            stats.restore_ms = Some(drained.elapsed().as_secs_f64() * 1e3);
-            stats.resumed_unix_us = Some(unix_us(SystemTime::now()));
-            let outcome = vmm.wait();
+            let outcome = match resume(*t, args, disk, net)? {
+                Resumed::Running(mut vmm) => {
+                    stats.restore_ms = Some(drained.elapsed().as_secs_f64() * 1e3);
+                    stats.resumed_unix_us = Some(unix_us(SystemTime::now()));
+                    vmm.wait()
+                }
+                Resumed::Ended(outcome) => outcome,
+            };
             stats.outcome = format!("{outcome:?}");
             Ok(exit_status(outcome))
         }
     };
     write_json(args.host.stats_json.as_deref(), &stats)?;
     result
+}
+
+/// What a takeover resumed.
+enum Resumed {
+    Running(Vmm),
+    /// The checkpoint was the final one of a guest that had ended this way.
+    Ended(VmOutcome),
 }
 
 /// Builds the VM from the last committed checkpoint and starts it. First releases the output
@@ -198,10 +209,18 @@ fn resume(
     args: &StandbyArgs,
     disk: Option<Box<dyn vmm::devices::BlockBackend>>,
     net: Option<(vmm::devices::virtio::tap::Tap, [u8; 6])>,
-) -> Result<Vmm, Error> {
+) -> Result<Resumed, Error> {
     let mut console = console_sink(&args.host.console, t.state.console.first)?;
     for chunk in &t.state.console.items {
         console.write_console(&chunk.0);
+    }
+    if let Some(outcome) = t.state.ended {
+        info!(
+            epoch = t.epoch,
+            ?outcome,
+            "took over a guest that had ended"
+        );
+        return Ok(Resumed::Ended(outcome));
     }
     let io = HostIo {
         kvm_path: args.host.kvm_device.clone(),
@@ -219,5 +238,5 @@ fn resume(
         restore_ms = t.drained.elapsed().as_secs_f64() * 1e3,
         "took over: the guest runs on this node"
     );
-    Ok(vmm)
+    Ok(Resumed::Running(vmm))
 }

@@ -20,17 +20,25 @@ struct Trial {
     ran: Duration,
 }
 
-/// Runs the payload, which prints `lines` lines in all, on a primary/standby pair. Once
-/// protection starts (the first released output: a checkpoint was acknowledged), picks a
-/// seeded point in the first two thirds of the lines still to come, SIGKILLs the primary when
-/// it has released that many (the moment follows the guest's progress, whatever this machine's
-/// speed), and lets the standby finish, which must exit 0.
+/// A seeded point in the first two thirds of the `lines` a guest prints that are still to come
+/// when protection starts at line `protected_at`.
+fn mid_run(lines: usize, rng: &mut Rng) -> impl FnOnce(usize) -> usize + '_ {
+    move |protected_at| {
+        let to_come = lines.saturating_sub(protected_at) as u64;
+        protected_at + rng.range(0, (to_come * 2 / 3).max(1)) as usize
+    }
+}
+
+/// Runs the payload on a primary/standby pair. Once protection starts (the first released
+/// output: a checkpoint was acknowledged, at line `protected_at`), SIGKILLs the primary when it
+/// has released `kill_at(protected_at)` lines (the moment follows the guest's progress,
+/// whatever this machine's speed), and lets the standby finish, which must exit 0.
 fn kill_primary(
     dir: &Scratch,
     vm: &[&str],
     payload: &[String],
     timeout_ms: u64,
-    (lines, rng): (usize, &mut Rng),
+    kill_at: impl FnOnce(usize) -> usize,
     what: &str,
 ) -> Trial {
     let (p_out, s_out, s_stats) = (dir.path("p.out"), dir.path("s.out"), dir.path("s.json"));
@@ -64,9 +72,7 @@ fn kill_primary(
         primary.stderr()
     );
     let start = Instant::now();
-    let protected_at = released_lines();
-    let to_come = lines.saturating_sub(protected_at) as u64;
-    let kill_at = protected_at + rng.range(0, (to_come * 2 / 3).max(1)) as usize;
+    let kill_at = kill_at(released_lines());
     let reached = wait_for(Duration::from_secs(60), || {
         released_lines() >= kill_at || !primary.running()
     });
@@ -111,7 +117,7 @@ fn stencil_survives_primary_sigkill_at_seeded_moments() {
             &["--vcpus", "2", "--payload", "builtin:stencil"],
             &args,
             200,
-            ((steps / 2000) as usize, &mut rng),
+            mid_run((steps / 2000) as usize, &mut rng),
             &what,
         );
         assert!(
@@ -163,7 +169,7 @@ fn seq_survives_primary_sigkill_at_seeded_moments() {
             &["--payload", "builtin:seq"],
             &args,
             1000,
-            (count as usize, &mut rng),
+            mid_run(count as usize, &mut rng),
             &what,
         );
         assert!(
@@ -188,5 +194,40 @@ fn seq_survives_primary_sigkill_at_seeded_moments() {
                 &t.merged[at.saturating_sub(40)..(at + 40).min(t.merged.len())]
             );
         }
+    }
+}
+
+/// The primary killed as its guest ends, once it has released one of the last lines: the
+/// final checkpoint (taken after the guest's exit) may be committed, and the Exit message may
+/// or may not have left. The standby either hears the exit or takes over a guest that has ended: either
+/// way it ends with the guest's code at once (resuming vCPUs past their exit would spin
+/// forever), and the merged console is exact.
+#[test]
+fn primary_killed_as_the_guest_exits_leaves_the_standby_ending_the_same_way() {
+    let _one = ONE_PAIR.lock().unwrap_or_else(|e| e.into_inner());
+    let (n, steps) = (256usize, 80_000u64);
+    let expected = format!(
+        "checksum {:016x}",
+        stencil_core::reference_checksum(n, steps)
+    );
+    let args = [
+        format!("n={n}"),
+        format!("steps={steps}"),
+        "report=2000".into(),
+    ];
+    let lines = (steps / 2000) as usize + 1;
+    for trial in 0..3 {
+        let dir = Scratch::new(&format!("exitkill{trial}"));
+        let what = format!("exit trial {trial}");
+        let t = kill_primary(
+            &dir,
+            &["--vcpus", "2", "--payload", "builtin:stencil"],
+            &args,
+            200,
+            |_| lines - 2 - trial % 2,
+            &what,
+        );
+        assert_eq!(t.merged.lines().last(), Some(expected.as_str()), "{what}");
+        assert_eq!(t.merged.lines().count(), lines, "{what}: gapless");
     }
 }

@@ -284,6 +284,7 @@ fn epoch_loop(
         let state = CheckpointState {
             vmm: vmm.save_state()?,
             console: gate.seal(epoch),
+            ended: ended.clone(),
         };
         let save = save_start.elapsed();
         if ended.is_none() {

@@ -7,6 +7,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm::builder::VmmState;
 use vmm::devices::GuestMemory;
 use vmm::memory::DirtyLog;
+use vmm::VmOutcome;
 
 use crate::wire::PAGE_SIZE;
 
@@ -18,6 +19,10 @@ const PARALLEL_COPY_PAGES: usize = 2048;
 pub struct CheckpointState {
     pub vmm: VmmState,
     pub console: Held<ConsoleChunk>,
+    /// Set in the final checkpoint of a guest that ended: its vCPUs are past their last
+    /// instruction (an exit port write, a fault), so a standby resuming from it must not run
+    /// them but end the same way, once it has released the held output.
+    pub ended: Option<VmOutcome>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -59,7 +59,7 @@ pub struct VcpuState {
 }
 
 /// How a VM run ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VmOutcome {
     /// The guest wrote its exit code to the exit port, or every vCPU parked (code 0).
     Exited(i32),
