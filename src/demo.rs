@@ -7,14 +7,12 @@ use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vmm::builder::HostIo;
-use vmm::devices::ConsoleSink;
 use vmm::{VmConfig, VmOutcome, Vmm};
 
-use crate::run::Error;
+use crate::run::{Capture, Error};
 
 const N: usize = 512;
 const STEPS: u64 = 60_000;
@@ -31,19 +29,6 @@ fn guest_args() -> Vec<String> {
         format!("steps={STEPS}"),
         format!("report={REPORT}"),
     ]
-}
-
-/// Keeps everything the guest printed.
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl ConsoleSink for Capture {
-    fn write_console(&mut self, bytes: &[u8]) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend_from_slice(bytes);
-    }
 }
 
 fn checksum_of(text: &str) -> Option<u64> {
@@ -73,9 +58,7 @@ fn fault_free() -> Result<u64, Error> {
         VmOutcome::Exited(0) => {}
         other => return Err(format!("the fault-free run ended with {other:?}").into()),
     }
-    let text =
-        String::from_utf8_lossy(&capture.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
-    Ok(checksum_of(&text).ok_or("the fault-free run printed no checksum")?)
+    Ok(checksum_of(&capture.text()).ok_or("the fault-free run printed no checksum")?)
 }
 
 /// A child node, killed by pid if the demo leaves early.

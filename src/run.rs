@@ -2,6 +2,8 @@
 
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use vmm::builder::HostIo;
 use vmm::devices::console::{FileConsole, StdoutConsole};
@@ -117,4 +119,41 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, Error> {
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     Ok(exit_status(outcome))
+}
+
+/// A console sink that keeps everything the guest printed.
+#[derive(Clone, Default)]
+pub struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl ConsoleSink for Capture {
+    fn write_console(&mut self, bytes: &[u8]) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(bytes);
+    }
+}
+
+impl Capture {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+
+    /// The value after `key ` on the first line that starts with it.
+    pub fn value(&self, key: &str) -> Option<u64> {
+        self.text()
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    pub fn wait_for(&self, prefix: &str, limit: Duration) -> Result<(), Error> {
+        let start = Instant::now();
+        while !self.text().lines().any(|l| l.starts_with(prefix)) {
+            if start.elapsed() > limit {
+                return Err(format!("guest did not print '{prefix}' within {limit:?}").into());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
 }

@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
 use vmm::builder::HostIo;
@@ -18,7 +18,7 @@ use vmm::devices::virtio::tap::Tap;
 use vmm::devices::{BlockBackend, ConsoleSink};
 use vmm::{VmConfig, VmOutcome, Vmm};
 
-use crate::run::Error;
+use crate::run::{Capture, Error};
 use crate::testbed::{Topology, BRIDGE, GUEST_IP};
 
 #[derive(clap::Args, Debug)]
@@ -36,43 +36,6 @@ struct Row {
     what: String,
     value: String,
     target: &'static str,
-}
-
-/// A console sink that keeps everything the guest printed.
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl ConsoleSink for Capture {
-    fn write_console(&mut self, bytes: &[u8]) {
-        self.0
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend_from_slice(bytes);
-    }
-}
-
-impl Capture {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
-    }
-
-    /// The value after `key ` on the first line that starts with it.
-    fn value(&self, key: &str) -> Option<u64> {
-        self.text()
-            .lines()
-            .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.parse().ok())
-    }
-
-    fn wait_for(&self, prefix: &str, limit: Duration) -> Result<(), Error> {
-        let start = Instant::now();
-        while !self.text().lines().any(|l| l.starts_with(prefix)) {
-            if start.elapsed() > limit {
-                return Err(format!("guest did not print '{prefix}' within {limit:?}").into());
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        Ok(())
-    }
 }
 
 /// Builds (does not start) a builtin payload's VM in this process.
