@@ -6,13 +6,13 @@
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use vmm::builder::HostIo;
 use vmm::{VmConfig, VmOutcome, Vmm};
 
-use crate::run::{Capture, Error};
+use crate::run::{Capture, Error, Node};
 
 const N: usize = 512;
 const STEPS: u64 = 60_000;
@@ -59,18 +59,6 @@ fn fault_free() -> Result<u64, Error> {
         other => return Err(format!("the fault-free run ended with {other:?}").into()),
     }
     Ok(checksum_of(&capture.text()).ok_or("the fault-free run printed no checksum")?)
-}
-
-/// A child node, killed by pid if the demo leaves early.
-struct Node(Child);
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
 }
 
 /// Shows a node's console file as it grows. Both nodes write the guest's console stream at

@@ -52,7 +52,8 @@ struct StandbyStats {
     drain_ms: Option<f64>,
 }
 
-fn unix_us(t: SystemTime) -> u64 {
+/// `t` in microseconds since the Unix epoch (the stats' wall-clock times).
+pub fn unix_us(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).unwrap_or_default().as_micros() as u64
 }
 

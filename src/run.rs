@@ -157,3 +157,15 @@ impl Capture {
         Ok(())
     }
 }
+
+/// A child ftvmm node (demo, bench drills), killed by pid when dropped if it still runs.
+pub struct Node(pub std::process::Child);
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}

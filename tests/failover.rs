@@ -95,21 +95,29 @@ fn kill_primary(
     }
 }
 
+/// The arguments of a 256x256 stencil run of `steps` reporting every `report` steps, and the
+/// checksum line it must end with.
+fn stencil(steps: u64, report: u64) -> ([String; 3], String) {
+    let n = 256;
+    let args = [
+        format!("n={n}"),
+        format!("steps={steps}"),
+        format!("report={report}"),
+    ];
+    let expected = format!(
+        "checksum {:016x}",
+        stencil_core::reference_checksum(n, steps)
+    );
+    (args, expected)
+}
+
 #[test]
 fn stencil_survives_primary_sigkill_at_seeded_moments() {
     let _one = ONE_PAIR.lock().unwrap_or_else(|e| e.into_inner());
     // Long enough (some 2.5 s on 2 vCPUs) that protection starts early in the run even when
     // a loaded machine makes pre-copy slow.
-    let (n, steps) = (256usize, 200_000u64);
-    let expected = format!(
-        "checksum {:016x}",
-        stencil_core::reference_checksum(n, steps)
-    );
-    let args = [
-        format!("n={n}"),
-        format!("steps={steps}"),
-        "report=5000".into(),
-    ];
+    let steps = 200_000u64;
+    let (args, expected) = stencil(steps, 5000);
     let mut rng = Rng(0x5eed_f00d);
     for trial in 0..6 {
         let dir = Scratch::new(&format!("failover{trial}"));
@@ -201,22 +209,14 @@ fn seq_survives_primary_sigkill_at_seeded_moments() {
 
 /// The primary killed as its guest ends, once it has released one of the last lines: the
 /// final checkpoint (taken after the guest's exit) may be committed, and the Exit message may
-/// or may not have left. The standby either hears the exit or takes over a guest that has ended: either
-/// way it ends with the guest's code at once (resuming vCPUs past their exit would spin
-/// forever), and the merged console is exact.
+/// or may not have left. The standby either hears the exit or takes over a guest that has
+/// ended: either way it ends with the guest's code at once (resuming vCPUs past their exit
+/// would spin forever), and the merged console is exact.
 #[test]
 fn primary_killed_as_the_guest_exits_leaves_the_standby_ending_the_same_way() {
     let _one = ONE_PAIR.lock().unwrap_or_else(|e| e.into_inner());
-    let (n, steps) = (256usize, 80_000u64);
-    let expected = format!(
-        "checksum {:016x}",
-        stencil_core::reference_checksum(n, steps)
-    );
-    let args = [
-        format!("n={n}"),
-        format!("steps={steps}"),
-        "report=2000".into(),
-    ];
+    let steps = 80_000u64;
+    let (args, expected) = stencil(steps, 2000);
     let lines = (steps / 2000) as usize + 1;
     for trial in 0..3 {
         let dir = Scratch::new(&format!("exitkill{trial}"));

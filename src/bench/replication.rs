@@ -10,7 +10,7 @@
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use checkpoint::hot::HotPages;
 use checkpoint::link::{self, Listener, PeerConfig};
@@ -23,8 +23,9 @@ use vmm::devices::ConsoleSink;
 use vmm::{VmConfig, VmOutcome};
 
 use super::{build, median, Capture, Row};
-use crate::node::quantile_us;
+use crate::node::{quantile_us, unix_us};
 use crate::run::Error;
+use crate::run::Node;
 
 const EPOCH_MS: u64 = 40;
 const PAGE: f64 = 4096.0;
@@ -265,23 +266,6 @@ fn throughput_rows(n: usize, seconds: f64, reps: usize, rows: &mut Vec<Row>) -> 
     Ok(())
 }
 
-fn unix_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_micros() as u64
-}
-
-/// Kills `child` (by pid) when dropped.
-struct Node(Child);
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Waits for `child` to exit, at most `limit`.
 fn wait_exit(child: &mut Child, limit: Duration) -> Result<(), Error> {
     let start = Instant::now();
@@ -342,7 +326,7 @@ fn drill(dir: &Path, signal: Signal, timeout_ms: u64) -> Result<Failover, Error>
     }
     std::thread::sleep(Duration::from_millis(200));
     let pid = Pid::from_raw(primary.0.id() as i32);
-    let died = unix_us();
+    let died = unix_us(SystemTime::now());
     kill(pid, signal)?;
     wait_exit(&mut standby.0, Duration::from_secs(60))?;
     drop(primary); // SIGKILL by pid: a stopped primary is killed too
