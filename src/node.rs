@@ -5,12 +5,15 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use checkpoint::link::{self, LinkError, Listener, PeerConfig};
+use checkpoint::outputs::Outputs;
 use checkpoint::primary::{self, PrimaryEnd, PrimaryReport};
 use checkpoint::standby::{self, Local, StandbyEnd, Takeover};
-use netbuf::{ConsoleGateSink, Gate, Mode};
+use netbuf::{ConsoleGateSink, Gate, Ipv4, Mode, FRAME_HOLD_LIMIT};
 use serde::Serialize;
 use tracing::{info, warn};
 use vmm::builder::HostIo;
+use vmm::devices::virtio::tap::Tap;
+use vmm::devices::FrameSink;
 use vmm::{VmOutcome, Vmm};
 
 use crate::options::{PrimaryArgs, StandbyArgs};
@@ -83,8 +86,8 @@ pub fn primary(args: &PrimaryArgs) -> Result<ExitCode, Error> {
         &mut io.console,
         Box::new(vmm::devices::console::StdoutConsole),
     );
-    let gate = Gate::new(Box::new(console), 0, Mode::Held);
-    io.console = Box::new(ConsoleGateSink(gate.clone()));
+    let console = Gate::new(Box::new(console), 0, Mode::Held);
+    io.console = Box::new(ConsoleGateSink(console.clone()));
     let config = PeerConfig {
         vm: vm_config(&args.vm),
         disk_size: match &args.vm.host.disk {
@@ -97,12 +100,13 @@ pub fn primary(args: &PrimaryArgs) -> Result<ExitCode, Error> {
     };
     // Boot (which checks the payload) before connecting, so bad input never reaches the peer.
     let mut vmm = Vmm::boot_payload(&config.vm, &payload, io)?;
+    let outputs = Outputs::attach(console, Mode::Held, &vmm, FRAME_HOLD_LIMIT);
     let connect_timeout = Duration::from_millis(args.connect_timeout_ms);
     let link = match link::connect(&args.peer, &config, connect_timeout) {
         Ok(link) => link,
         Err(e @ LinkError::Connect { .. }) if args.allow_unprotected => {
             warn!("{e}; running unprotected (--allow-unprotected)");
-            gate.open();
+            outputs.open();
             vmm.start()?;
             let outcome = vmm.wait();
             return Ok(exit_status(outcome));
@@ -110,7 +114,7 @@ pub fn primary(args: &PrimaryArgs) -> Result<ExitCode, Error> {
         Err(e) => return Err(e.into()),
     };
     info!(peer = %args.peer, "standby connected; protecting the guest");
-    let (end, report) = primary::protect(vmm, gate, link, &config)?;
+    let (end, report) = primary::protect(vmm, outputs, link, &config)?;
     write_json(
         args.vm.host.stats_json.as_deref(),
         &primary_stats(&end, &report),
@@ -209,11 +213,18 @@ fn resume(
     t: Takeover,
     args: &StandbyArgs,
     disk: Option<Box<dyn vmm::devices::BlockBackend>>,
-    net: Option<(vmm::devices::virtio::tap::Tap, [u8; 6])>,
+    mut net: Option<(Tap, [u8; 6])>,
 ) -> Result<Resumed, Error> {
-    let mut console = console_sink(&args.host.console, t.state.console.first)?;
-    for chunk in &t.state.console.items {
+    let held = &t.state.output;
+    let mut console = console_sink(&args.host.console, held.console.first)?;
+    for chunk in &held.console.items {
         console.write_console(&chunk.0);
+    }
+    if let Some((tap, mac)) = &mut net {
+        for frame in &held.frames.items {
+            tap.send_frame(&frame.0);
+        }
+        announce(tap, *mac, &held.addresses)?;
     }
     if let Some(outcome) = t.state.ended {
         info!(
@@ -240,4 +251,27 @@ fn resume(
         "took over: the guest runs on this node"
     );
     Ok(Resumed::Running(vmm))
+}
+
+/// Rounds of announcements after a takeover, and the pause before each after the first (as
+/// QEMU's self-announce: a switch that missed one round learns from the next).
+const ANNOUNCE_GAPS_MS: [u64; 3] = [0, 50, 150];
+
+/// Tells the network that the guest with `mac` (and `addresses`) is now behind `tap`, from a
+/// thread while the guest runs.
+fn announce(tap: &Tap, mac: [u8; 6], addresses: &[Ipv4]) -> Result<(), Error> {
+    let frames = netbuf::announcements(mac, addresses);
+    let mut out = tap.try_clone()?;
+    info!(?addresses, "announcing the guest's new location");
+    std::thread::Builder::new()
+        .name("announce".into())
+        .spawn(move || {
+            for gap in ANNOUNCE_GAPS_MS {
+                std::thread::sleep(Duration::from_millis(gap));
+                for frame in &frames {
+                    out.send_frame(frame);
+                }
+            }
+        })?;
+    Ok(())
 }

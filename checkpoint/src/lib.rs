@@ -4,6 +4,7 @@
 
 pub mod hot;
 pub mod link;
+pub mod outputs;
 pub mod primary;
 pub mod staging;
 pub mod standby;

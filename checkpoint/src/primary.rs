@@ -11,13 +11,13 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver};
-use netbuf::{ConsoleChunk, Gate};
 use tracing::{error, info, info_span, warn};
 use vmm::memory::DirtyLog;
 use vmm::{VmOutcome, Vmm};
 
 use crate::hot::HotPages;
 use crate::link::{self, PeerConfig, PrimaryLink, Sender, SilenceClock, TICK};
+use crate::outputs::Outputs;
 use crate::staging::{CheckpointState, StagedPages, StagingError};
 use crate::wire::{self, EpochDigest, FrameReader, Message, WireError, PAGE_SIZE};
 
@@ -123,10 +123,10 @@ struct Outgoing {
 }
 
 /// Runs `vmm` (booted, not started) as a protected primary over `link` until the guest ends or
-/// the standby takes over. `gate` holds the console output of `vmm`.
+/// the standby takes over. `outputs` hold what `vmm` sends out.
 pub fn protect(
     mut vmm: Vmm,
-    gate: Gate<ConsoleChunk>,
+    outputs: Outputs,
     link: PrimaryLink,
     config: &PeerConfig,
 ) -> Result<(PrimaryEnd, PrimaryReport), PrimaryError> {
@@ -164,17 +164,17 @@ pub fn protect(
             .map_err(PrimaryError::Thread)?
     };
     let controller = {
-        let (shared, gate, vmm) = (shared.clone(), gate.clone(), vmm.clone());
+        let (shared, outputs, vmm) = (shared.clone(), outputs.clone(), vmm.clone());
         let (control, data) = (control.clone(), data.clone());
         let stream = link.control.try_clone()?;
         let config = config.clone();
         std::thread::Builder::new()
             .name("ckpt-control".into())
-            .spawn(move || control_loop(stream, control, data, shared, gate, vmm, config))
+            .spawn(move || control_loop(stream, control, data, shared, outputs, vmm, config))
             .map_err(PrimaryError::Thread)?
     };
 
-    let result = epoch_loop(&vmm, &gate, &shared, &out_tx, &spare_rx, config, &report);
+    let result = epoch_loop(&vmm, &outputs, &shared, &out_tx, &spare_rx, config, &report);
     drop(out_tx);
     let end = match result {
         Ok(end) => end,
@@ -210,7 +210,7 @@ pub fn protect(
 
 fn epoch_loop(
     vmm: &Vmm,
-    gate: &Gate<ConsoleChunk>,
+    outputs: &Outputs,
     shared: &Shared,
     out: &crossbeam_channel::Sender<Outgoing>,
     spare: &Receiver<StagedPages>,
@@ -283,7 +283,7 @@ fn epoch_loop(
         let save_start = Instant::now();
         let state = CheckpointState {
             vmm: vmm.save_state()?,
-            console: gate.seal(epoch),
+            output: outputs.seal(epoch),
             ended: ended.clone(),
         };
         let save = save_start.elapsed();
@@ -488,7 +488,7 @@ fn control_loop(
     control: Sender,
     data: Sender,
     shared: Arc<Shared>,
-    gate: Gate<ConsoleChunk>,
+    outputs: Outputs,
     vmm: Arc<Vmm>,
     config: PeerConfig,
 ) {
@@ -511,7 +511,7 @@ fn control_loop(
         role.protected = false;
         drop(role);
         shared.changed.notify_all();
-        gate.open();
+        outputs.open();
         let _ = control.send(&Message::Goodbye);
         data.shutdown();
     };
@@ -549,7 +549,7 @@ fn control_loop(
             Ok(Message::Ack { epoch }) => {
                 silence.heard();
                 progress_at = Instant::now();
-                gate.release_through(epoch);
+                outputs.release_through(epoch);
                 let mut role = shared.lock();
                 role.acked = role.acked.max(epoch);
                 while role.in_flight.front().is_some_and(|(e, _)| *e <= epoch) {
@@ -567,7 +567,7 @@ fn control_loop(
             }
             Ok(Message::TakenOver) => {
                 error!("the standby has taken over; this node stops and releases nothing more");
-                gate.close();
+                outputs.close();
                 shared.lock().deposed = true;
                 shared.changed.notify_all();
                 vmm.stop(VmOutcome::Fault("deposed".into()));

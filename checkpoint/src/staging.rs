@@ -1,7 +1,6 @@
 //! An epoch's checkpoint as it leaves the VM: the dirty pages copied aside while the guest is
 //! paused, and the VM state with the output its epoch holds.
 
-use netbuf::{ConsoleChunk, Held};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm::builder::VmmState;
@@ -9,6 +8,7 @@ use vmm::devices::GuestMemory;
 use vmm::memory::DirtyLog;
 use vmm::VmOutcome;
 
+use crate::outputs::HeldOutput;
 use crate::wire::PAGE_SIZE;
 
 /// Dirty sets from this many pages (8 MiB) up are copied by several threads in the pause.
@@ -18,7 +18,7 @@ const PARALLEL_COPY_PAGES: usize = 2048;
 #[derive(Debug, Serialize, Deserialize)]
 pub struct CheckpointState {
     pub vmm: VmmState,
-    pub console: Held<ConsoleChunk>,
+    pub output: HeldOutput,
     /// Set in the final checkpoint of a guest that ended: its vCPUs are past their last
     /// instruction (an exit port write, a fault), so a standby resuming from it must not run
     /// them but end the same way, once it has released the held output.

@@ -3,15 +3,20 @@
 //! loses its role discards what it holds and releases nothing more.
 //!
 //! A [`Gate`] sits between a device and the world. Devices push into it through the sink
-//! traits that `vmm` defines ([`ConsoleGateSink`]); the checkpointer seals the running epoch at
-//! each checkpoint (the [`Held`] output travels inside the checkpoint, so that a standby that
-//! takes over can release it again) and releases sealed epochs as acknowledgements arrive.
+//! traits that `vmm` defines ([`ConsoleGateSink`], [`FrameGateSink`]); the checkpointer seals
+//! the running epoch at each checkpoint (the [`Held`] output travels inside the checkpoint, so
+//! that a standby that takes over can release it again) and releases sealed epochs as
+//! acknowledgements arrive.
+
+mod announce;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
-use vmm::devices::ConsoleSink;
+use vmm::devices::{ConsoleSink, FrameSink};
+
+pub use announce::{announcements, GuestAddresses, Ipv4};
 
 /// A unit of output a gate holds.
 pub trait Output: Clone + Send + 'static {
@@ -46,6 +51,25 @@ impl Release<ConsoleChunk> for Box<dyn ConsoleSink> {
     }
 }
 
+/// One Ethernet frame the guest transmitted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Frame(pub Vec<u8>);
+
+impl Output for Frame {
+    fn units(&self) -> u64 {
+        1
+    }
+    fn held_bytes(&self) -> usize {
+        self.0.len()
+    }
+}
+
+impl Release<Frame> for Box<dyn FrameSink> {
+    fn release(&mut self, item: &Frame) {
+        self.send_frame(&item.0);
+    }
+}
+
 /// Output not yet known to be released, as carried by a checkpoint: the items and the stream
 /// position of the first one.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,6 +77,15 @@ pub struct Held<T> {
     /// Stream position (in [`Output::units`]) of the first item.
     pub first: u64,
     pub items: Vec<T>,
+}
+
+impl<T> Default for Held<T> {
+    fn default() -> Self {
+        Self {
+            first: 0,
+            items: Vec::new(),
+        }
+    }
 }
 
 impl<T: Output> Held<T> {
@@ -81,7 +114,11 @@ struct GateState<T> {
     sealed: VecDeque<(u64, Vec<T>)>,
     /// Stream position of the first item not yet released.
     released: u64,
+    /// Bytes of the items held (running and sealed).
+    held: usize,
     out: Box<dyn Release<T>>,
+    /// Told after output left, so that a producer waiting for room can go on.
+    on_release: Option<Box<dyn Fn() + Send>>,
 }
 
 impl<T: Output> GateState<T> {
@@ -90,6 +127,12 @@ impl<T: Output> GateState<T> {
             self.out.release(item);
             self.released += item.units();
         }
+    }
+
+    /// Emits items that were held.
+    fn emit_held(&mut self, items: Vec<T>) {
+        self.held -= items.iter().map(Output::held_bytes).sum::<usize>();
+        self.emit(items);
     }
 }
 
@@ -115,7 +158,9 @@ impl<T: Output> Gate<T> {
                 running: Vec::new(),
                 sealed: VecDeque::new(),
                 released: position,
+                held: 0,
                 out,
+                on_release: None,
             })),
         }
     }
@@ -125,11 +170,28 @@ impl<T: Output> Gate<T> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Calls `hook` (outside the gate's lock) each time held output leaves.
+    pub fn set_on_release(&self, hook: Box<dyn Fn() + Send>) {
+        self.lock().on_release = Some(hook);
+    }
+
+    fn released_held(&self) {
+        let st = self.lock();
+        if let Some(hook) = st.on_release.as_ref() {
+            // Called with the lock held so that the hook cannot race a replacement; hooks only
+            // signal (e.g. write an eventfd) and never take the gate.
+            hook();
+        }
+    }
+
     /// Takes output from a device.
     pub fn push(&self, item: T) {
         let mut st = self.lock();
         match st.mode {
-            Mode::Held => st.running.push(item),
+            Mode::Held => {
+                st.held += item.held_bytes();
+                st.running.push(item);
+            }
             Mode::Open => st.emit(vec![item]),
             Mode::Closed => {}
         }
@@ -157,10 +219,16 @@ impl<T: Output> Gate<T> {
         if st.mode != Mode::Held {
             return;
         }
+        let mut any = false;
         while st.sealed.front().is_some_and(|(e, _)| *e <= epoch) {
             if let Some((_, items)) = st.sealed.pop_front() {
-                st.emit(items);
+                any |= !items.is_empty();
+                st.emit_held(items);
             }
+        }
+        drop(st);
+        if any {
+            self.released_held();
         }
     }
 
@@ -173,7 +241,9 @@ impl<T: Output> Gate<T> {
         st.mode = Mode::Open;
         let mut items: Vec<T> = st.sealed.drain(..).flat_map(|(_, v)| v).collect();
         items.append(&mut st.running);
-        st.emit(items);
+        st.emit_held(items);
+        drop(st);
+        self.released_held();
     }
 
     /// Stops for good: drops everything held and all later output.
@@ -182,17 +252,15 @@ impl<T: Output> Gate<T> {
         st.mode = Mode::Closed;
         st.sealed.clear();
         st.running.clear();
+        st.held = 0;
+        drop(st);
+        // Whoever waits for room must not wait forever: closed output is dropped at once.
+        self.released_held();
     }
 
     /// Bytes held (sealed and running).
     pub fn held_bytes(&self) -> usize {
-        let st = self.lock();
-        st.sealed
-            .iter()
-            .flat_map(|(_, v)| v)
-            .chain(&st.running)
-            .map(Output::held_bytes)
-            .sum()
+        self.lock().held
     }
 
     /// Stream position of the first unreleased item.
@@ -207,6 +275,30 @@ pub struct ConsoleGateSink(pub Gate<ConsoleChunk>);
 impl ConsoleSink for ConsoleGateSink {
     fn write_console(&mut self, bytes: &[u8]) {
         self.0.push(ConsoleChunk(bytes.to_vec()));
+    }
+}
+
+/// Default bound of the frames a primary holds, in bytes: two epochs of a fast TCP stream
+/// here. At the bound the NIC's TX queue stalls until acknowledgements release frames.
+pub const FRAME_HOLD_LIMIT: usize = 8 << 20;
+
+/// The network side of a gate: hand it to the virtio-net device as its TX sink. It learns the
+/// guest's IPv4 addresses from what it sends (for a takeover's announcements) and has no room
+/// while the gate holds `limit` bytes or more.
+pub struct FrameGateSink {
+    pub gate: Gate<Frame>,
+    pub addresses: GuestAddresses,
+    pub limit: usize,
+}
+
+impl FrameSink for FrameGateSink {
+    fn send_frame(&mut self, frame: &[u8]) {
+        self.addresses.learn(frame);
+        self.gate.push(Frame(frame.to_vec()));
+    }
+
+    fn has_room(&self) -> bool {
+        self.gate.held_bytes() < self.limit
     }
 }
 
@@ -285,6 +377,42 @@ mod tests {
         sink.write_console(b"y");
         assert_eq!(seen.text(), "");
         assert_eq!(gate.held_bytes(), 0);
+    }
+
+    #[derive(Clone, Default)]
+    struct Frames(Arc<Mutex<Vec<Vec<u8>>>>);
+
+    impl Release<Frame> for Frames {
+        fn release(&mut self, item: &Frame) {
+            self.0.lock().unwrap().push(item.0.clone());
+        }
+    }
+
+    #[test]
+    fn a_frame_sink_is_full_at_its_bound_until_an_ack_releases_frames() {
+        let out = Frames::default();
+        let gate = Gate::new(Box::new(out.clone()), 0, Mode::Held);
+        let woken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let w = woken.clone();
+        gate.set_on_release(Box::new(move || {
+            w.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }));
+        let mut sink = FrameGateSink {
+            gate: gate.clone(),
+            addresses: GuestAddresses::default(),
+            limit: 100,
+        };
+        sink.send_frame(&[1; 60]);
+        assert!(sink.has_room());
+        sink.send_frame(&[2; 60]);
+        assert!(!sink.has_room(), "120 bytes held, bound 100");
+        gate.seal(1);
+        assert!(out.0.lock().unwrap().is_empty());
+        gate.release_through(1);
+        assert!(sink.has_room());
+        assert_eq!(*out.0.lock().unwrap(), vec![vec![1; 60], vec![2; 60]]);
+        assert_eq!(woken.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(gate.released(), 2, "frames count one unit each");
     }
 
     #[test]

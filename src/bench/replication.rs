@@ -14,9 +14,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use checkpoint::hot::HotPages;
 use checkpoint::link::{self, Listener, PeerConfig};
+use checkpoint::outputs::Outputs;
 use checkpoint::primary::{self, PrimaryEnd, PrimaryReport};
 use checkpoint::standby::{self, Local, StandbyEnd};
-use netbuf::{ConsoleGateSink, Gate, Mode};
+use netbuf::{ConsoleGateSink, Gate, Mode, FRAME_HOLD_LIMIT};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use vmm::devices::ConsoleSink;
@@ -158,7 +159,8 @@ fn replicated(
         failover_timeout_ms: 2000,
     };
     let link = link::connect(&addr, &peer, Duration::from_secs(10))?;
-    let (end, report) = primary::protect(vmm, gate, link, &peer)?;
+    let outputs = Outputs::attach(gate, Mode::Held, &vmm, FRAME_HOLD_LIMIT);
+    let (end, report) = primary::protect(vmm, outputs, link, &peer)?;
     let standby_end = standby.join().map_err(|_| "standby thread panicked")??;
     if end != PrimaryEnd::Guest(VmOutcome::Exited(0)) {
         return Err(format!("replicated bench guest ended with {end:?}").into());

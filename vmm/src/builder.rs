@@ -20,10 +20,10 @@ use crate::devices::virtio::blk::BlockState;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::mmio::{MmioError, MmioState};
 use crate::devices::virtio::net::NetState;
-use crate::devices::virtio::net::{Net, NetError};
+use crate::devices::virtio::net::{Net, NetControl, NetError};
 use crate::devices::virtio::tap::Tap;
 use crate::devices::virtio::VirtioDevice;
-use crate::devices::{BlockBackend, ConsoleSink, GuestMemory};
+use crate::devices::{BlockBackend, ConsoleSink, FrameSink, GuestMemory};
 use crate::memory::{self, DirtyLog, MemoryError};
 use crate::vcpu::{self, RunControl, Vcpu, VcpuError, VcpuState, VmOutcome};
 use crate::vm::{Vm, VmError, VmState};
@@ -400,6 +400,26 @@ impl Vmm {
     /// VM exits served by the device buses so far.
     pub fn exit_counts(&self) -> crate::bus::ExitCounts {
         self.bus.exit_counts()
+    }
+
+    /// Puts `wrap` (an output-commit buffer) in front of where the NIC's transmitted frames
+    /// go (its tap); false if the VM has no NIC.
+    pub fn wrap_net_sink(
+        &self,
+        wrap: impl FnOnce(Box<dyn FrameSink>) -> Box<dyn FrameSink>,
+    ) -> bool {
+        match &self.net {
+            Some(net) => {
+                lock(net).device_mut().wrap_sink(wrap);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A handle on the NIC for its sink's owner (to wake a stalled TX queue).
+    pub fn net_control(&self) -> Option<NetControl> {
+        self.net.as_ref().map(|net| lock(net).device().control())
     }
 }
 

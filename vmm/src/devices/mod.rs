@@ -28,6 +28,11 @@ pub trait ConsoleSink: Send {
 /// Where a network device's transmitted frames go.
 pub trait FrameSink: Send {
     fn send_frame(&mut self, frame: &[u8]);
+    /// Whether the sink takes another frame now. When it does not, the device leaves the
+    /// guest's frames in its queue (backpressure) until the sink's owner wakes it.
+    fn has_room(&self) -> bool {
+        true
+    }
 }
 
 /// Storage behind a virtio-blk device.

@@ -3,17 +3,21 @@
 //! Every buffer starts with a 12-byte `virtio_net_hdr_v1` (VERSION_1 layout). TX runs on the
 //! vCPU thread that kicks queue 1: each chain's frame (header skipped) goes to the
 //! [`FrameSink`]. RX runs on a worker thread started at activation: it waits (epoll) on the
-//! frame source, a "guest added RX buffers" eventfd (written on each kick of queue 0) and a stop
-//! eventfd, and copies frames into RX buffers while the guest has some. With no buffers, frames
-//! stay queued in the source (the tap), not dropped.
+//! frame source, a wake eventfd (written on each kick of queue 0, on resume and by
+//! [`NetControl::wake`]) and a stop eventfd, and copies frames into RX buffers while the guest
+//! has some. With no buffers, frames stay queued in the source (the tap), not dropped.
+//!
+//! # Backpressure
+//! A sink that has no room ([`FrameSink::has_room`], e.g. an output-commit buffer at its bound)
+//! stalls TX: the guest's frames stay in its ring, unread, and the guest sees a full queue. The
+//! sink's owner calls [`NetControl::wake`] when room frees; the worker then transmits the rest.
 //!
 //! # Pausing (checkpoints)
-//! All RX guest-memory writes (buffers and used ring) happen while the worker holds the device's
-//! RX mutex and only when the device is not paused. [`Net::pause`] (or [`RxControl::pause`],
-//! which needs no access to the transport) takes that mutex and sets the paused flag, so when it
-//! returns no RX write is in progress and none will start until [`Net::resume`]. TX writes
-//! happen only inside a vCPU's MMIO exit, so a paused vCPU set plus a paused RX worker means the
-//! device writes no guest memory.
+//! All guest-memory writes (RX buffers, both used rings) happen while a thread holds the
+//! device's mutex and only when the device is not paused. [`Net::pause`] (or
+//! [`NetControl::pause`], which needs no access to the transport) takes that mutex and sets the
+//! paused flag, so when it returns no write is in progress and none will start until
+//! [`Net::resume`].
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -94,37 +98,42 @@ enum RxOutcome {
     Budget,
 }
 
-struct RxInner {
+struct Inner {
     source: Box<dyn FrameSource>,
+    sink: Box<dyn FrameSink>,
     paused: bool,
-    active: Option<ActiveQueue>,
+    rx: Option<ActiveQueue>,
+    tx: Option<ActiveQueue>,
+    /// TX chains wait in the ring (a full sink, or a kick while paused) for the worker.
+    tx_stalled: bool,
 }
 
-struct RxShared {
-    inner: Mutex<RxInner>,
-    /// Written when the guest kicks the RX queue or the device resumes.
+struct Shared {
+    inner: Mutex<Inner>,
+    /// Wakes the worker: the guest kicked the RX queue, the device resumed, or the sink has
+    /// room again.
     kick: EventFd,
 }
 
-impl RxShared {
-    fn lock(&self) -> MutexGuard<'_, RxInner> {
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic elsewhere must not wedge the device; the data stays consistent per frame.
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn wake(&self) {
         if let Err(e) = self.kick.write(1) {
-            tracing::warn!("virtio-net: cannot wake RX worker: {e}");
+            tracing::warn!("virtio-net: cannot wake the device's worker: {e}");
         }
     }
 }
 
-/// A handle that pauses and resumes a net device's RX worker without access to the device.
+/// A handle that pauses, resumes and wakes a net device without access to its transport.
 #[derive(Clone)]
-pub struct RxControl(Arc<RxShared>);
+pub struct NetControl(Arc<Shared>);
 
-impl RxControl {
-    /// Returns once no RX guest-memory write is in progress; none starts until `resume`.
+impl NetControl {
+    /// Returns once no guest-memory write is in progress; none starts until `resume`.
     pub fn pause(&self) {
         self.0.lock().paused = true;
     }
@@ -137,15 +146,20 @@ impl RxControl {
     pub fn is_paused(&self) -> bool {
         self.0.lock().paused
     }
+
+    /// The sink has room again: transmit the frames a full sink left in the ring.
+    pub fn wake(&self) {
+        self.0.wake();
+    }
 }
 
-impl RxInner {
+impl Inner {
     /// Copies queued frames into the guest's RX buffers, at most [`RX_BUDGET`] of them.
     fn deliver(&mut self, buf: &mut [u8]) -> RxOutcome {
         if self.paused {
             return RxOutcome::Paused;
         }
-        let Some(rx) = self.active.as_mut() else {
+        let Some(rx) = self.rx.as_mut() else {
             return RxOutcome::NoBuffers;
         };
         let mut delivered = 0;
@@ -215,6 +229,59 @@ impl RxInner {
         }
         outcome
     }
+
+    /// Sends the frames the guest queued to the sink, until the ring is empty or the sink is
+    /// full (then the rest wait, see the module docs).
+    fn transmit(&mut self) {
+        if self.paused {
+            self.tx_stalled = true;
+            return;
+        }
+        let Some(tx) = self.tx.as_mut() else {
+            return;
+        };
+        self.tx_stalled = false;
+        let mut frame = Vec::new();
+        let mut completed = 0usize;
+        loop {
+            if !self.sink.has_room() {
+                self.tx_stalled = true;
+                break;
+            }
+            let Some(chain) = tx.queue.pop_descriptor_chain(&tx.mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            match chain.reader(&tx.mem) {
+                Ok(mut r) => {
+                    let total = r.available_bytes();
+                    if total < NET_HDR_LEN || total - NET_HDR_LEN > MAX_FRAME_LEN {
+                        tracing::warn!("virtio-net: TX packet of {total} bytes dropped");
+                    } else {
+                        let mut hdr = [0u8; NET_HDR_LEN];
+                        frame.resize(total - NET_HDR_LEN, 0);
+                        let read = io::Read::read_exact(&mut r, &mut hdr)
+                            .and_then(|()| io::Read::read_exact(&mut r, &mut frame));
+                        match read {
+                            Ok(()) => self.sink.send_frame(&frame),
+                            Err(e) => tracing::warn!("virtio-net: TX read failed: {e}"),
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!("virtio-net: bad TX chain: {e}"),
+            }
+            // TX buffers are device-readable only: the used length is 0.
+            if let Err(e) = tx.queue.add_used(&tx.mem, head, 0) {
+                // A bad head index (guest bug) loses only that chain; go on with the rest.
+                tracing::warn!("virtio-net: cannot add TX used entry: {e}");
+                continue;
+            }
+            completed += 1;
+        }
+        if completed > 0 {
+            tx.interrupt.signal_used_queue();
+        }
+    }
 }
 
 struct Worker {
@@ -222,8 +289,8 @@ struct Worker {
     handle: JoinHandle<()>,
 }
 
-/// The RX worker loop; see the module docs.
-fn rx_worker(shared: Arc<RxShared>, stop: EventFd, source_fd: RawFd) {
+/// The worker loop; see the module docs.
+fn worker(shared: Arc<Shared>, stop: EventFd, source_fd: RawFd) {
     let epoll = match Epoll::new() {
         Ok(e) => e,
         Err(e) => {
@@ -249,7 +316,13 @@ fn rx_worker(shared: Arc<RxShared>, stop: EventFd, source_fd: RawFd) {
     let mut buf = vec![0u8; NET_HDR_LEN + MAX_FRAME_LEN];
     let mut events = [EpollEvent::default(); 4];
     loop {
-        let outcome = shared.lock().deliver(&mut buf);
+        let outcome = {
+            let mut inner = shared.lock();
+            if inner.tx_stalled {
+                inner.transmit();
+            }
+            inner.deliver(&mut buf)
+        };
         // Watch the source only while frames can be delivered; otherwise a level-triggered
         // readable tap would spin this loop. A kick (new buffers, resume) re-arms it.
         let want_armed = matches!(outcome, RxOutcome::Drained | RxOutcome::Budget);
@@ -286,14 +359,19 @@ fn rx_worker(shared: Arc<RxShared>, stop: EventFd, source_fd: RawFd) {
     }
 }
 
+/// The sink a device has for the instant its sink is being replaced.
+struct Unplugged;
+
+impl FrameSink for Unplugged {
+    fn send_frame(&mut self, _frame: &[u8]) {}
+}
+
 /// The virtio-net device model.
 pub struct Net {
     mac: [u8; 6],
     queue_sizes: [u16; 2],
-    rx: Arc<RxShared>,
+    shared: Arc<Shared>,
     source_fd: RawFd,
-    tx: Option<ActiveQueue>,
-    sink: Box<dyn FrameSink>,
     worker: Option<Worker>,
 }
 
@@ -309,17 +387,18 @@ impl Net {
         Ok(Net {
             mac,
             queue_sizes: [NET_QUEUE_SIZE, NET_QUEUE_SIZE],
-            rx: Arc::new(RxShared {
-                inner: Mutex::new(RxInner {
+            shared: Arc::new(Shared {
+                inner: Mutex::new(Inner {
                     source,
+                    sink,
                     paused: false,
-                    active: None,
+                    rx: None,
+                    tx: None,
+                    tx_stalled: false,
                 }),
                 kick,
             }),
             source_fd,
-            tx: None,
-            sink,
             worker: None,
         })
     }
@@ -334,76 +413,48 @@ impl Net {
         self.mac
     }
 
-    /// Replaces the TX sink (e.g. with an output-commit buffer); returns the old one.
-    pub fn replace_sink(&mut self, sink: Box<dyn FrameSink>) -> Box<dyn FrameSink> {
-        std::mem::replace(&mut self.sink, sink)
+    /// Puts `wrap` in front of the TX sink (e.g. an output-commit buffer that sends to the
+    /// old sink): the sink becomes `wrap(old sink)`.
+    pub fn wrap_sink(&mut self, wrap: impl FnOnce(Box<dyn FrameSink>) -> Box<dyn FrameSink>) {
+        let mut inner = self.shared.lock();
+        let old = std::mem::replace(&mut inner.sink, Box::new(Unplugged));
+        inner.sink = wrap(old);
     }
 
-    /// A handle to pause/resume RX from another thread without the transport's lock.
-    pub fn rx_control(&self) -> RxControl {
-        RxControl(self.rx.clone())
-    }
-
-    fn process_tx(&mut self) {
-        let Some(tx) = self.tx.as_mut() else {
-            return;
-        };
-        let mut frame = Vec::new();
-        let mut completed = 0usize;
-        while let Some(chain) = tx.queue.pop_descriptor_chain(&tx.mem) {
-            let head = chain.head_index();
-            match chain.reader(&tx.mem) {
-                Ok(mut r) => {
-                    let total = r.available_bytes();
-                    if total < NET_HDR_LEN || total - NET_HDR_LEN > MAX_FRAME_LEN {
-                        tracing::warn!("virtio-net: TX packet of {total} bytes dropped");
-                    } else {
-                        let mut hdr = [0u8; NET_HDR_LEN];
-                        frame.resize(total - NET_HDR_LEN, 0);
-                        let read = io::Read::read_exact(&mut r, &mut hdr)
-                            .and_then(|()| io::Read::read_exact(&mut r, &mut frame));
-                        match read {
-                            Ok(()) => self.sink.send_frame(&frame),
-                            Err(e) => tracing::warn!("virtio-net: TX read failed: {e}"),
-                        }
-                    }
-                }
-                Err(e) => tracing::warn!("virtio-net: bad TX chain: {e}"),
-            }
-            // TX buffers are device-readable only: the used length is 0.
-            if let Err(e) = tx.queue.add_used(&tx.mem, head, 0) {
-                // A bad head index (guest bug) loses only that chain; go on with the rest.
-                tracing::warn!("virtio-net: cannot add TX used entry: {e}");
-                continue;
-            }
-            completed += 1;
-        }
-        if completed > 0 {
-            tx.interrupt.signal_used_queue();
-        }
+    /// A handle to pause, resume and wake the device from another thread without the
+    /// transport's lock.
+    pub fn control(&self) -> NetControl {
+        NetControl(self.shared.clone())
     }
 
     fn start_worker(&mut self) -> Result<(), DeviceError> {
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceError::Worker)?;
         let stop_clone = stop.try_clone().map_err(DeviceError::Worker)?;
-        let shared = self.rx.clone();
+        let shared = self.shared.clone();
         let fd = self.source_fd;
         let handle = std::thread::Builder::new()
-            .name("ftvmm-net-rx".into())
-            .spawn(move || rx_worker(shared, stop_clone, fd))
+            .name("ftvmm-net".into())
+            .spawn(move || worker(shared, stop_clone, fd))
             .map_err(DeviceError::Worker)?;
         self.worker = Some(Worker { stop, handle });
         Ok(())
     }
 
+    fn deactivate(&mut self) {
+        let mut inner = self.shared.lock();
+        inner.rx = None;
+        inner.tx = None;
+        inner.tx_stalled = false;
+    }
+
     fn stop_worker(&mut self) {
         if let Some(w) = self.worker.take() {
             if let Err(e) = w.stop.write(1) {
-                tracing::error!("virtio-net: cannot stop RX worker: {e}");
+                tracing::error!("virtio-net: cannot stop the worker: {e}");
                 return;
             }
             if w.handle.join().is_err() {
-                tracing::error!("virtio-net: RX worker panicked");
+                tracing::error!("virtio-net: the worker panicked");
             }
         }
     }
@@ -454,19 +505,21 @@ impl VirtioDevice for Net {
                     got: q.len(),
                 })?;
         self.stop_worker();
-        self.rx.lock().active = Some(ActiveQueue {
-            mem: mem.clone(),
-            queue: rx,
-            interrupt: interrupt.clone(),
-        });
-        self.tx = Some(ActiveQueue {
-            mem,
-            queue: tx,
-            interrupt,
-        });
+        {
+            let mut inner = self.shared.lock();
+            inner.rx = Some(ActiveQueue {
+                mem: mem.clone(),
+                queue: rx,
+                interrupt: interrupt.clone(),
+            });
+            inner.tx = Some(ActiveQueue {
+                mem,
+                queue: tx,
+                interrupt,
+            });
+        }
         if let Err(e) = self.start_worker() {
-            self.rx.lock().active = None;
-            self.tx = None;
+            self.deactivate();
             return Err(e);
         }
         Ok(())
@@ -474,22 +527,21 @@ impl VirtioDevice for Net {
 
     fn queue_notify(&mut self, index: u16) {
         match index {
-            RX_QUEUE => self.rx.wake(),
-            TX_QUEUE => self.process_tx(),
+            RX_QUEUE => self.shared.wake(),
+            TX_QUEUE => self.shared.lock().transmit(),
             _ => tracing::warn!("virtio-net: notify of nonexistent queue {index}"),
         }
     }
 
     fn reset(&mut self) {
         self.stop_worker();
-        self.rx.lock().active = None;
-        self.tx = None;
+        self.deactivate();
     }
 
     fn queue_states(&self) -> Vec<QueueState> {
-        let rx = self.rx.lock().active.as_ref().map(|a| a.queue.state());
-        match (rx, self.tx.as_ref()) {
-            (Some(rx), Some(tx)) => vec![rx, tx.queue.state()],
+        let inner = self.shared.lock();
+        match (inner.rx.as_ref(), inner.tx.as_ref()) {
+            (Some(rx), Some(tx)) => vec![rx.queue.state(), tx.queue.state()],
             _ => Vec::new(),
         }
     }
@@ -504,11 +556,11 @@ impl VirtioDevice for Net {
     }
 
     fn pause(&mut self) {
-        self.rx_control().pause();
+        self.control().pause();
     }
 
     fn resume(&mut self) {
-        self.rx_control().resume();
+        self.control().resume();
     }
 }
 
@@ -518,6 +570,7 @@ mod tests {
     use crate::devices::virtio::mmio::{MmioState, MmioTransport};
     use crate::devices::virtio::testutil::*;
     use crate::devices::MmioDevice;
+    use std::sync::atomic::AtomicUsize;
     use std::os::fd::{FromRawFd, OwnedFd};
     use std::time::{Duration, Instant};
     use vm_memory::{Bytes, GuestAddress};
@@ -574,12 +627,22 @@ mod tests {
         assert_eq!(n, frame.len() as isize);
     }
 
-    #[derive(Clone, Default)]
-    struct TestSink(Arc<Mutex<Vec<Vec<u8>>>>);
+    /// Keeps the frames it gets; has room for at most `.1` of them.
+    #[derive(Clone)]
+    struct TestSink(Arc<Mutex<Vec<Vec<u8>>>>, Arc<AtomicUsize>);
+
+    impl Default for TestSink {
+        fn default() -> Self {
+            Self(Arc::default(), Arc::new(AtomicUsize::new(usize::MAX)))
+        }
+    }
 
     impl FrameSink for TestSink {
         fn send_frame(&mut self, frame: &[u8]) {
             self.0.lock().unwrap().push(frame.to_vec());
+        }
+        fn has_room(&self) -> bool {
+            self.0.lock().unwrap().len() < self.1.load(Ordering::SeqCst)
         }
     }
 
@@ -745,10 +808,45 @@ mod tests {
         assert_eq!(r.wait_rx_used(1).len(), 1);
     }
 
+    /// Queues `n` 60-byte TX frames (ids `first..`) and kicks the TX queue once.
+    fn queue_tx(r: &mut Rig, first: u8, n: u8) {
+        for i in first..first + n {
+            let base = TX_BUFS + u64::from(i) * 0x100;
+            r.mem
+                .write_slice(&[0u8; NET_HDR_LEN], GuestAddress(base))
+                .unwrap();
+            r.mem
+                .write_slice(&frame(i, 60), GuestAddress(base + 12))
+                .unwrap();
+            r.txq.add_chain(&r.mem, &[(base, 72, false)]);
+        }
+        wr(&mut r.t, 0x050, 1);
+    }
+
+    #[test]
+    fn a_full_sink_stalls_tx_until_woken_and_loses_nothing() {
+        let mut r = rig();
+        r.sink.1.store(2, Ordering::SeqCst);
+        queue_tx(&mut r, 0, 5);
+        assert_eq!(r.txq.take_used(&r.mem).len(), 2, "only what the sink takes");
+        // Room for everything, then a wake: the worker sends the frames left in the ring.
+        r.sink.1.store(usize::MAX, Ordering::SeqCst);
+        r.t.device().control().wake();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut used = 0;
+        while used < 3 && Instant::now() < deadline {
+            used += r.txq.take_used(&r.mem).len();
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert_eq!(used, 3);
+        let frames = r.sink.0.lock().unwrap().clone();
+        assert_eq!(frames, (0..5u8).map(|i| frame(i, 60)).collect::<Vec<_>>());
+    }
+
     #[test]
     fn paused_rx_writes_no_guest_memory() {
         let mut r = rig();
-        let ctl = r.t.device().rx_control();
+        let ctl = r.t.device().control();
         r.t.pause();
         assert!(ctl.is_paused());
         let addrs = r.post_rx(1, 2048);

@@ -1,0 +1,100 @@
+//! What a primary holds back per epoch: the guest's console bytes and network frames, released
+//! when the epoch's checkpoint is acknowledged, and what travels in the checkpoint so that a
+//! standby that takes over can release it itself.
+
+use netbuf::{ConsoleChunk, Frame, FrameGateSink, Gate, GuestAddresses, Held, Ipv4, Mode};
+use serde::{Deserialize, Serialize};
+use vmm::Vmm;
+
+/// The network side of a primary's output: the frame gate and the addresses the guest used.
+#[derive(Clone)]
+pub struct NetOutput {
+    pub gate: Gate<Frame>,
+    pub addresses: GuestAddresses,
+}
+
+/// The gates of a protected guest's outputs; clones share them.
+#[derive(Clone)]
+pub struct Outputs {
+    pub console: Gate<ConsoleChunk>,
+    pub net: Option<NetOutput>,
+}
+
+/// The output an epoch's checkpoint carries: everything not yet released when it was taken.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldOutput {
+    pub console: Held<ConsoleChunk>,
+    pub frames: Held<Frame>,
+    /// The guest's IPv4 addresses, for a takeover's announcements.
+    pub addresses: Vec<Ipv4>,
+}
+
+impl Outputs {
+    /// Ends the running epoch as `epoch` (see [`Gate::seal`]).
+    pub fn seal(&self, epoch: u64) -> HeldOutput {
+        HeldOutput {
+            console: self.console.seal(epoch),
+            frames: self
+                .net
+                .as_ref()
+                .map(|n| n.gate.seal(epoch))
+                .unwrap_or_default(),
+            addresses: self
+                .net
+                .as_ref()
+                .map(|n| n.addresses.list())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Checkpoint `epoch` is acknowledged: its output and all before it leave.
+    pub fn release_through(&self, epoch: u64) {
+        self.console.release_through(epoch);
+        if let Some(net) = &self.net {
+            net.gate.release_through(epoch);
+        }
+    }
+
+    /// Unprotected from now on: everything held leaves, later output passes through.
+    pub fn open(&self) {
+        self.console.open();
+        if let Some(net) = &self.net {
+            net.gate.open();
+        }
+    }
+
+    /// Deposed: nothing more leaves.
+    pub fn close(&self) {
+        self.console.close();
+        if let Some(net) = &self.net {
+            net.gate.close();
+        }
+    }
+}
+
+impl Outputs {
+    /// Holds `vmm`'s output from now on: its console behind `console` (the gate the VM was
+    /// built with) and its NIC's frames, if it has one, behind a new gate in `console`'s mode
+    /// that holds at most `frame_limit` bytes before the NIC's queue stalls.
+    pub fn attach(console: Gate<ConsoleChunk>, mode: Mode, vmm: &Vmm, frame_limit: usize) -> Self {
+        let addresses = GuestAddresses::default();
+        let mut net = None;
+        vmm.wrap_net_sink(|tap| {
+            let gate = Gate::new(Box::new(tap), 0, mode);
+            net = Some(NetOutput {
+                gate: gate.clone(),
+                addresses: addresses.clone(),
+            });
+            Box::new(FrameGateSink {
+                gate,
+                addresses,
+                limit: frame_limit,
+            })
+        });
+        if let (Some(net), Some(control)) = (&net, vmm.net_control()) {
+            // Frames leaving make room: the NIC's stalled queue goes on.
+            net.gate.set_on_release(Box::new(move || control.wake()));
+        }
+        Self { console, net }
+    }
+}
