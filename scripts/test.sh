@@ -14,7 +14,7 @@ status=0
 {
     cargo test --workspace --locked --tests &&
     # An empty RUSTFLAGS replaces the freestanding link flags of guest/.cargo/config.toml.
-    (cd guest && RUSTFLAGS="" cargo test --locked -p stencil-core -p guest-rt --tests)
+    (cd guest && RUSTFLAGS="" cargo test --locked -p stencil-core -p guest-rt -p journal --tests)
 } 2>&1 | tee "$log" || status=$?
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
 exit "$status"

@@ -2,11 +2,12 @@
 //! `--payload builtin:NAME` needs no file.
 
 /// Names of the builtin payloads.
-pub const NAMES: &[&str] = &["seq", "stencil", "kv"];
+pub const NAMES: &[&str] = &["seq", "stencil", "kv", "journal"];
 
 static SEQ: &[u8] = include_bytes!(concat!(env!("FTVMM_PAYLOAD_DIR"), "/seq"));
 static STENCIL: &[u8] = include_bytes!(concat!(env!("FTVMM_PAYLOAD_DIR"), "/stencil"));
 static KV: &[u8] = include_bytes!(concat!(env!("FTVMM_PAYLOAD_DIR"), "/kv"));
+static JOURNAL: &[u8] = include_bytes!(concat!(env!("FTVMM_PAYLOAD_DIR"), "/journal"));
 
 /// The ELF image of the builtin payload `name`, if there is one.
 pub fn builtin(name: &str) -> Option<&'static [u8]> {
@@ -14,6 +15,7 @@ pub fn builtin(name: &str) -> Option<&'static [u8]> {
         "seq" => Some(SEQ),
         "stencil" => Some(STENCIL),
         "kv" => Some(KV),
+        "journal" => Some(JOURNAL),
         _ => None,
     }
 }

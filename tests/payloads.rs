@@ -164,3 +164,147 @@ fn the_demo_fails_over_mid_run_and_finishes_with_the_fault_free_checksum() {
     assert!(text.contains("[standby] step 60000 center"), "{text}");
     assert!(text.contains("equals the fault-free run's: OK"), "{text}");
 }
+
+/// Runs `builtin:journal` on `disk` with `args`.
+fn journal(disk: &std::path::Path, args: &[&str]) -> std::process::Output {
+    let mut all = vec![
+        "run",
+        "--disk",
+        disk.to_str().unwrap(),
+        "--payload",
+        "builtin:journal",
+        "--",
+    ];
+    all.extend_from_slice(args);
+    ftvmm(&all, LIMIT)
+}
+
+/// Checks the records on the image from the host, independently of the guest's code: sector
+/// `n` holds magic `FTJR`, seq `n`, payload length 492 and the CRC32C (crc32c crate) of bytes
+/// 0..508, for every `n < count`; every sector after them is still zero.
+fn check_journal_image(img: &[u8], count: usize) {
+    for (n, sector) in img.chunks_exact(512).enumerate() {
+        if n >= count {
+            assert!(sector.iter().all(|&b| b == 0), "sector {n} past the log");
+            continue;
+        }
+        assert_eq!(&sector[..4], b"FTJR", "magic of sector {n}");
+        let seq = u64::from_le_bytes(sector[4..12].try_into().unwrap());
+        assert_eq!(seq, n as u64, "seq of sector {n}");
+        let len = u32::from_le_bytes(sector[12..16].try_into().unwrap());
+        assert_eq!(len, 492, "payload length of sector {n}");
+        let crc = u32::from_le_bytes(sector[508..512].try_into().unwrap());
+        assert_eq!(crc, crc32c::crc32c(&sector[..508]), "CRC of sector {n}");
+    }
+}
+
+fn committed_lines(out: &str) -> Vec<u64> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix("committed "))
+        .map(|n| n.parse().expect("committed count"))
+        .collect()
+}
+
+#[test]
+fn journal_commits_every_batch_and_verify_reads_every_record_back() {
+    let s = Scratch::new("journal");
+    let disk = s.path("journal.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let out = journal(&disk, &["1000"]);
+    let text = stdout_of(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", stderr_of(&out));
+    // Increasing multiples of the default batch (16), then the last partial batch.
+    let want: Vec<u64> = (1..=62).map(|i| i * 16).chain([1000]).collect();
+    assert_eq!(committed_lines(&text), want, "{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), want.len() + 1, "{text}");
+    assert_eq!(lines[lines.len() - 2], "committed 1000");
+    let done = lines[lines.len() - 1];
+    let us = done
+        .strip_prefix("done 1000 records in ")
+        .and_then(|r| r.strip_suffix(" us"))
+        .unwrap_or_else(|| panic!("no done line: {text}"));
+    us.parse::<u64>().expect("microseconds");
+    check_journal_image(&std::fs::read(&disk).unwrap(), 1000);
+
+    let out = journal(&disk, &["verify"]);
+    assert_eq!(stdout_of(&out), "ok 1000\n", "{}", stderr_of(&out));
+    assert_eq!(out.status.code(), Some(0));
+
+    // Another batch size: multiples of 7, the last one COUNT.
+    let small = s.path("small.img");
+    std::fs::write(&small, vec![0u8; 64 << 10]).unwrap();
+    let out = journal(&small, &["50", "batch=7"]);
+    let text = stdout_of(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", stderr_of(&out));
+    let want: Vec<u64> = (1..=7).map(|i| i * 7).chain([50]).collect();
+    assert_eq!(committed_lines(&text), want, "{text}");
+    assert!(text.ends_with(" us\n") && text.contains("done 50 records in "));
+    check_journal_image(&std::fs::read(&small).unwrap(), 50);
+}
+
+#[test]
+fn journal_verify_finds_a_corrupted_record_and_stops_at_a_blank_one() {
+    let s = Scratch::new("journal-corrupt");
+    let disk = s.path("journal.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let out = journal(&disk, &["1000", "batch=64"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout_of(&out));
+    let mut img = std::fs::read(&disk).unwrap();
+    check_journal_image(&img, 1000);
+
+    // One flipped payload bit in record 500: the CRC no longer matches.
+    img[500 * 512 + 100] ^= 0x01;
+    std::fs::write(&disk, &img).unwrap();
+    let out = journal(&disk, &["verify"]);
+    assert_eq!(stdout_of(&out), "corrupt at 500\n", "{}", stderr_of(&out));
+    assert_eq!(out.status.code(), Some(1));
+
+    // Record 500 never written (a torn log's end): the first 500 are the log.
+    img[500 * 512..501 * 512].fill(0);
+    std::fs::write(&disk, &img).unwrap();
+    let out = journal(&disk, &["verify"]);
+    assert_eq!(stdout_of(&out), "ok 500\n", "{}", stderr_of(&out));
+    assert_eq!(out.status.code(), Some(0));
+
+    // A record with a valid CRC but at the wrong place (record 3 copied over record 2).
+    img.copy_within(3 * 512..4 * 512, 2 * 512);
+    std::fs::write(&disk, &img).unwrap();
+    let out = journal(&disk, &["verify"]);
+    assert_eq!(stdout_of(&out), "corrupt at 2\n", "{}", stderr_of(&out));
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn journal_refuses_bad_arguments() {
+    let s = Scratch::new("journal-args");
+    let disk = s.path("small.img");
+    // 128 sectors.
+    std::fs::write(&disk, vec![0u8; 64 << 10]).unwrap();
+    let refused = |out: std::process::Output| {
+        let text = stdout_of(&out);
+        assert_eq!(out.status.code(), Some(2), "{text}{}", stderr_of(&out));
+        assert_eq!(text.lines().count(), 1, "one line: {text}");
+        assert!(text.starts_with("journal: "), "{text}");
+        text
+    };
+    let no_disk = ftvmm(&["run", "--payload", "builtin:journal", "--", "10"], LIMIT);
+    assert!(refused(no_disk).contains("no disk"));
+    let text = refused(journal(&disk, &["129"]));
+    assert!(text.contains("larger than the disk"), "{text}");
+    refused(journal(&disk, &["ten"]));
+    refused(journal(&disk, &[]));
+    refused(journal(&disk, &["10", "batch=0"]));
+    refused(journal(&disk, &["10", "batch=x"]));
+    refused(journal(&disk, &["10", "extra"]));
+    refused(journal(&disk, &["verify", "now"]));
+    assert!(
+        std::fs::read(&disk).unwrap().iter().all(|&b| b == 0),
+        "nothing written"
+    );
+    // The whole disk is fine.
+    let out = journal(&disk, &["128", "batch=128"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout_of(&out));
+    let out = journal(&disk, &["verify"]);
+    assert_eq!(stdout_of(&out), "ok 128\n");
+}
