@@ -8,12 +8,15 @@ use checkpoint::link::{self, LinkError, Listener, PeerConfig};
 use checkpoint::outputs::Outputs;
 use checkpoint::primary::{self, PrimaryEnd, PrimaryReport};
 use checkpoint::standby::{self, Local, StandbyEnd, Takeover};
+use disk_sync::{
+    bitmap_path, EpochRecorder, MarkingBackend, RecordingBackend, Replica, WriteIntentBitmap,
+};
 use netbuf::{ConsoleGateSink, Gate, Ipv4, Mode, FRAME_HOLD_LIMIT};
 use serde::Serialize;
 use tracing::{info, warn};
 use vmm::builder::HostIo;
 use vmm::devices::virtio::tap::Tap;
-use vmm::devices::FrameSink;
+use vmm::devices::{BlockBackend, FrameSink};
 use vmm::{VmOutcome, Vmm};
 
 use crate::options::{PrimaryArgs, StandbyArgs};
@@ -99,8 +102,9 @@ pub fn primary(args: &PrimaryArgs) -> Result<ExitCode, Error> {
         failover_timeout_ms: args.failover_timeout_ms,
     };
     // Boot (which checks the payload) before connecting, so bad input never reaches the peer.
+    let recorder = record_disk(&mut io, args.vm.host.disk.as_deref())?;
     let mut vmm = Vmm::boot_payload(&config.vm, &payload, io)?;
-    let outputs = Outputs::attach(console, Mode::Held, &vmm, FRAME_HOLD_LIMIT);
+    let outputs = Outputs::attach(console, Mode::Held, &vmm, FRAME_HOLD_LIMIT, recorder);
     let connect_timeout = Duration::from_millis(args.connect_timeout_ms);
     let link = match link::connect(&args.peer, &config, connect_timeout) {
         Ok(link) => link,
@@ -147,9 +151,16 @@ pub fn standby(args: &StandbyArgs) -> Result<ExitCode, Error> {
     // Open local resources first: a bad flag fails here, before any primary relies on us.
     let disk = open_disk(args.host.disk.as_deref())?;
     let net = open_net(args.host.net.as_ref())?;
+    let (replica, bitmap) = match (&args.host.disk, &disk) {
+        (Some(path), Some(backend)) => (
+            Some(Replica::open(path)?),
+            Some(WriteIntentBitmap::open(&bitmap_path(path), backend.size())?),
+        ),
+        _ => (None, None),
+    };
     let local = Local {
         disk_size: disk.as_ref().map(|d| d.size()),
-        has_net: net.is_some(),
+        net_mac: net.as_ref().map(|(_, mac)| *mac),
         kvm_path: args.host.kvm_device.clone(),
     };
     let listener = Listener::bind(&args.listen)?;
@@ -166,7 +177,7 @@ pub fn standby(args: &StandbyArgs) -> Result<ExitCode, Error> {
         resumed_unix_us: None,
         drain_ms: None,
     };
-    let result = match standby::serve(&listener, &local)? {
+    let result = match standby::serve(&listener, &local, replica)? {
         StandbyEnd::Exit(code) => {
             stats.outcome = format!("guest exited on the primary with {code}");
             Ok(ExitCode::from(code as u8))
@@ -183,6 +194,13 @@ pub fn standby(args: &StandbyArgs) -> Result<ExitCode, Error> {
             stats.decided_unix_us = Some(unix_us(SystemTime::now() - t.decided.elapsed()));
             stats.drain_ms = Some((t.drained - t.decided).as_secs_f64() * 1e3);
             let drained = t.drained;
+            // Alone now: every write marks the bitmap, for the resync when a peer returns.
+            let disk = match (disk, bitmap) {
+                (Some(d), Some(b)) => {
+                    Some(Box::new(MarkingBackend::new(d, b)) as Box<dyn BlockBackend>)
+                }
+                (d, _) => d,
+            };
             let outcome = match resume(*t, args, disk, net)? {
                 Resumed::Running(mut vmm) => {
                     stats.restore_ms = Some(drained.elapsed().as_secs_f64() * 1e3);
@@ -212,7 +230,7 @@ enum Resumed {
 fn resume(
     t: Takeover,
     args: &StandbyArgs,
-    disk: Option<Box<dyn vmm::devices::BlockBackend>>,
+    disk: Option<Box<dyn BlockBackend>>,
     mut net: Option<(Tap, [u8; 6])>,
 ) -> Result<Resumed, Error> {
     let held = &t.state.output;
@@ -274,4 +292,16 @@ fn announce(tap: &Tap, mac: [u8; 6], addresses: &[Ipv4]) -> Result<(), Error> {
             }
         })?;
     Ok(())
+}
+
+/// Puts the primary's disk (the image at `path`) behind a recorder of the guest's writes, which
+/// also marks them in the image's write-intent bitmap.
+fn record_disk(io: &mut HostIo, path: Option<&Path>) -> Result<Option<EpochRecorder>, Error> {
+    let (Some(inner), Some(path)) = (io.disk.take(), path) else {
+        return Ok(None);
+    };
+    let bitmap = WriteIntentBitmap::open(&bitmap_path(path), inner.size())?;
+    let (backend, recorder) = RecordingBackend::new(inner, Some(bitmap));
+    io.disk = Some(Box::new(backend));
+    Ok(Some(recorder))
 }

@@ -44,6 +44,8 @@ impl Topology {
         ip(&["netns", "add", &topo.client])?;
         ip(&["-n", &topo.host, "link", "add", BRIDGE, "type", "bridge"])?;
         ip(&["-n", &topo.host, "link", "set", BRIDGE, "up"])?;
+        // Loopback in the host namespace: a primary and its standby talk over it.
+        ip(&["-n", &topo.host, "link", "set", "lo", "up"])?;
         ip(&[
             "link", "add", &veth_c, "type", "veth", "peer", "name", &veth_b,
         ])?;
@@ -71,6 +73,14 @@ impl Topology {
         in_namespace(&self.client, f)
     }
 
+    /// Starts `f` on a thread that has entered the client namespace and returns at once.
+    pub fn spawn_in_client<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        spawn_in_namespace(&self.client, f)
+    }
+
     /// Runs `f` on a thread that has entered the host namespace (where taps must be created).
     pub fn in_host<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         in_namespace(&self.host, f)
@@ -80,16 +90,23 @@ impl Topology {
 /// Runs `f` on a new thread that has entered network namespace `name`; what it opens (sockets,
 /// taps) lives there and keeps working from any thread. A panic in `f` reaches the caller.
 fn in_namespace<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let result = spawn_in_namespace(name, f).join();
+    result.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+/// Starts `f` on a new thread that has entered network namespace `name`.
+fn spawn_in_namespace<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
     let path = format!("/run/netns/{name}");
-    let result = std::thread::spawn(move || {
+    std::thread::spawn(move || {
         let ns = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
         // SAFETY: setns on a namespace fd we own; it changes only this thread's namespace.
         let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
         assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
         f()
     })
-    .join();
-    result.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 impl Drop for Topology {

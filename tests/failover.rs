@@ -36,6 +36,7 @@ fn mid_run(lines: usize, rng: &mut Rng) -> impl FnOnce(usize) -> usize + '_ {
 fn kill_primary(
     dir: &Scratch,
     vm: &[&str],
+    standby_vm: &[&str],
     payload: &[String],
     timeout_ms: u64,
     kill_at: impl FnOnce(usize) -> usize,
@@ -43,13 +44,18 @@ fn kill_primary(
 ) -> Trial {
     let (p_out, s_out, s_stats) = (dir.path("p.out"), dir.path("s.out"), dir.path("s.json"));
     let addr = format!("127.0.0.1:{}", free_port());
-    let mut standby = Node::spawn(&[
-        "standby".into(),
-        "--listen".into(),
-        addr.clone(),
-        format!("--console=file:{}", s_out.display()),
-        format!("--stats-json={}", s_stats.display()),
-    ]);
+    let mut standby = Node::spawn(
+        &[
+            "standby".into(),
+            "--listen".into(),
+            addr.clone(),
+            format!("--console=file:{}", s_out.display()),
+            format!("--stats-json={}", s_stats.display()),
+        ]
+        .into_iter()
+        .chain(standby_vm.iter().map(|a| a.to_string()))
+        .collect::<Vec<_>>(),
+    );
     let mut args: Vec<String> = ["primary", "--peer", &addr, "--mem", "64M"]
         .map(String::from)
         .into();
@@ -125,6 +131,7 @@ fn stencil_survives_primary_sigkill_at_seeded_moments() {
         let t = kill_primary(
             &dir,
             &["--vcpus", "2", "--payload", "builtin:stencil"],
+            &[],
             &args,
             200,
             mid_run((steps / 5000) as usize, &mut rng),
@@ -177,6 +184,7 @@ fn seq_survives_primary_sigkill_at_seeded_moments() {
         let t = kill_primary(
             &dir,
             &["--payload", "builtin:seq"],
+            &[],
             &args,
             1000,
             mid_run(count as usize, &mut rng),
@@ -224,6 +232,7 @@ fn primary_killed_as_the_guest_exits_leaves_the_standby_ending_the_same_way() {
         let t = kill_primary(
             &dir,
             &["--vcpus", "2", "--payload", "builtin:stencil"],
+            &[],
             &args,
             200,
             |_| lines - 2 - trial % 2,
@@ -231,5 +240,82 @@ fn primary_killed_as_the_guest_exits_leaves_the_standby_ending_the_same_way() {
         );
         assert_eq!(t.merged.lines().last(), Some(expected.as_str()), "{what}");
         assert_eq!(t.merged.lines().count(), lines, "{what}: gapless");
+    }
+}
+
+/// Records in each journal trial: some 20 MB of disk, a few seconds of writing.
+const JOURNAL_RECORDS: u64 = 40_000;
+
+/// A sparse zero image big enough for the journal trials.
+fn journal_image(path: &std::path::Path) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len((JOURNAL_RECORDS * 512).next_multiple_of(1 << 20) + (1 << 20))
+        .unwrap();
+}
+
+#[test]
+fn journal_on_disk_survives_primary_sigkill_at_seeded_moments() {
+    let _one = ONE_PAIR.lock().unwrap_or_else(|e| e.into_inner());
+    let batches = JOURNAL_RECORDS.div_ceil(16) as usize;
+    let mut rng = Rng(0xd15c_0001);
+    for trial in 0..4 {
+        let dir = Scratch::new(&format!("journal{trial}"));
+        let what = format!("journal trial {trial}");
+        let (p_img, s_img) = (dir.path("p.img"), dir.path("s.img"));
+        journal_image(&p_img);
+        journal_image(&s_img);
+        let p_disk = format!("--disk={}", p_img.display());
+        let s_disk = format!("--disk={}", s_img.display());
+        let t = kill_primary(
+            &dir,
+            &[&p_disk, "--payload", "builtin:journal"],
+            &[&s_disk],
+            &[JOURNAL_RECORDS.to_string()],
+            200,
+            mid_run(batches, &mut rng),
+            &what,
+        );
+        assert_eq!(t.standby["took_over"], true, "{what}: {}", t.merged);
+        // Every batch the guest saw committed, in order, and its end.
+        let committed: Vec<u64> = t
+            .merged
+            .lines()
+            .filter_map(|l| l.strip_prefix("committed "))
+            .map(|n| n.parse().expect("committed count"))
+            .collect();
+        let want: Vec<u64> = (1..=JOURNAL_RECORDS / 16)
+            .map(|i| i * 16)
+            .chain((!JOURNAL_RECORDS.is_multiple_of(16)).then_some(JOURNAL_RECORDS))
+            .collect();
+        assert!(committed == want, "{what}: committed lines: {}", t.merged);
+        assert!(
+            t.merged
+                .contains(&format!("done {JOURNAL_RECORDS} records in ")),
+            "{what}: {}",
+            t.merged
+        );
+        // The standby's disk holds every record, each intact.
+        let verify = common::ftvmm(
+            &[
+                "run",
+                &s_disk,
+                "--payload",
+                "builtin:journal",
+                "--",
+                "verify",
+            ],
+            Duration::from_secs(60),
+        );
+        assert_eq!(
+            common::stdout_of(&verify),
+            format!("ok {JOURNAL_RECORDS}\n"),
+            "{what}: {}",
+            common::stderr_of(&verify)
+        );
+        println!(
+            "{what}: took over at epoch {} after {:.1} s",
+            t.standby["epoch"],
+            t.ran.as_secs_f64()
+        );
     }
 }

@@ -1,7 +1,9 @@
 //! What a primary holds back per epoch: the guest's console bytes and network frames, released
 //! when the epoch's checkpoint is acknowledged, and what travels in the checkpoint so that a
-//! standby that takes over can release it itself.
+//! standby that takes over can release it itself; and the epoch's disk writes, which the
+//! standby applies when the epoch commits.
 
+use disk_sync::{EpochRecorder, EpochWrites};
 use netbuf::{ConsoleChunk, Frame, FrameGateSink, Gate, GuestAddresses, Held, Ipv4, Mode};
 use serde::{Deserialize, Serialize};
 use vmm::Vmm;
@@ -18,6 +20,8 @@ pub struct NetOutput {
 pub struct Outputs {
     pub console: Gate<ConsoleChunk>,
     pub net: Option<NetOutput>,
+    /// The record of the guest's disk writes, if it has a disk.
+    pub disk: Option<EpochRecorder>,
 }
 
 /// The output an epoch's checkpoint carries: everything not yet released when it was taken.
@@ -30,9 +34,15 @@ pub struct HeldOutput {
 }
 
 impl Outputs {
-    /// Ends the running epoch as `epoch` (see [`Gate::seal`]).
-    pub fn seal(&self, epoch: u64) -> HeldOutput {
-        HeldOutput {
+    /// Ends the running epoch as `epoch` (see [`Gate::seal`]): what its checkpoint holds, and
+    /// its disk writes.
+    pub fn seal(&self, epoch: u64) -> (HeldOutput, EpochWrites) {
+        let disk = self
+            .disk
+            .as_ref()
+            .map(|d| d.seal(epoch))
+            .unwrap_or_default();
+        let held = HeldOutput {
             console: self.console.seal(epoch),
             frames: self
                 .net
@@ -44,7 +54,8 @@ impl Outputs {
                 .as_ref()
                 .map(|n| n.addresses.list())
                 .unwrap_or_default(),
-        }
+        };
+        (held, disk)
     }
 
     /// Checkpoint `epoch` is acknowledged: its output and all before it leave.
@@ -52,6 +63,12 @@ impl Outputs {
         self.console.release_through(epoch);
         if let Some(net) = &self.net {
             net.gate.release_through(epoch);
+        }
+        if let Some(disk) = &self.disk {
+            if let Err(e) = disk.acked(epoch) {
+                // The bits stay set: a later resync copies a little more, nothing is lost.
+                tracing::warn!("cannot update the disk's write-intent bitmap: {e}");
+            }
         }
     }
 
@@ -61,6 +78,9 @@ impl Outputs {
         if let Some(net) = &self.net {
             net.gate.open();
         }
+        if let Some(disk) = &self.disk {
+            disk.stop();
+        }
     }
 
     /// Deposed: nothing more leaves.
@@ -69,14 +89,24 @@ impl Outputs {
         if let Some(net) = &self.net {
             net.gate.close();
         }
+        if let Some(disk) = &self.disk {
+            disk.stop();
+        }
     }
 }
 
 impl Outputs {
     /// Holds `vmm`'s output from now on: its console behind `console` (the gate the VM was
-    /// built with) and its NIC's frames, if it has one, behind a new gate in `console`'s mode
-    /// that holds at most `frame_limit` bytes before the NIC's queue stalls.
-    pub fn attach(console: Gate<ConsoleChunk>, mode: Mode, vmm: &Vmm, frame_limit: usize) -> Self {
+    /// built with), its NIC's frames, if it has one, behind a new gate in `mode` that holds at
+    /// most `frame_limit` bytes before the NIC's queue stalls, and its disk writes in `disk`
+    /// (the recorder of the backend the VM was built with).
+    pub fn attach(
+        console: Gate<ConsoleChunk>,
+        mode: Mode,
+        vmm: &Vmm,
+        frame_limit: usize,
+        disk: Option<EpochRecorder>,
+    ) -> Self {
         let addresses = GuestAddresses::default();
         let mut net = None;
         vmm.wrap_net_sink(|tap| {
@@ -95,6 +125,6 @@ impl Outputs {
             // Frames leaving make room: the NIC's stalled queue goes on.
             net.gate.set_on_release(Box::new(move || control.wake()));
         }
-        Self { console, net }
+        Self { console, net, disk }
     }
 }

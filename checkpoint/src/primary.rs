@@ -18,8 +18,9 @@ use vmm::{VmOutcome, Vmm};
 use crate::hot::HotPages;
 use crate::link::{self, PeerConfig, PrimaryLink, Sender, SilenceClock, TICK};
 use crate::outputs::Outputs;
-use crate::staging::{CheckpointState, StagedPages, StagingError};
+use crate::staging::{self, CheckpointState, StagedPages, StagingError};
 use crate::wire::{self, EpochDigest, FrameReader, Message, WireError, PAGE_SIZE};
+use disk_sync::EpochWrites;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PrimaryError {
@@ -120,6 +121,8 @@ struct Outgoing {
     pages: StagedPages,
     /// The checkpoint's state; None for a pre-copy round (epoch 0), which has no end.
     state: Option<Vec<u8>>,
+    /// The epoch's disk writes.
+    disk: EpochWrites,
 }
 
 /// Runs `vmm` (booted, not started) as a protected primary over `link` until the guest ends or
@@ -231,6 +234,7 @@ fn epoch_loop(
             epoch: 0,
             pages,
             state: None,
+            disk: EpochWrites::new(),
         };
         if out.send(round_out).is_err() || vmm.outcome().is_some() {
             break;
@@ -281,9 +285,10 @@ fn epoch_loop(
         pages.copy_from(vmm.memory(), &log, false)?;
         let copy_time = copy_start.elapsed();
         let save_start = Instant::now();
+        let (output, disk) = outputs.seal(epoch);
         let state = CheckpointState {
             vmm: vmm.save_state()?,
-            output: outputs.seal(epoch),
+            output,
             ended: ended.clone(),
         };
         let save = save_start.elapsed();
@@ -315,6 +320,7 @@ fn epoch_loop(
                 epoch,
                 pages,
                 state: Some(encoded),
+                disk,
             })
             .is_err()
         {
@@ -386,6 +392,15 @@ fn send_loop(
             result = result.and_then(|()| send(frame));
         }
         if let Some(state) = &unit.state {
+            // Disk writes first: the standby applies them at the epoch's end, with its pages.
+            for bytes in staging::encode_disk(&unit.disk) {
+                digest.add_state(&bytes);
+                let msg = Message::Disk {
+                    epoch: unit.epoch,
+                    bytes,
+                };
+                result = result.and_then(|()| send(&wire::encode(&msg)));
+            }
             digest.add_state(state);
             let state_msg = Message::State {
                 epoch: unit.epoch,

@@ -1,6 +1,7 @@
 //! An epoch's checkpoint as it leaves the VM: the dirty pages copied aside while the guest is
 //! paused, and the VM state with the output its epoch holds.
 
+use disk_sync::{DiskOp, EpochWrites};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm::builder::VmmState;
@@ -35,6 +36,8 @@ pub enum StagingError {
     Encode(#[from] bincode::error::EncodeError),
     #[error("cannot decode the VM state: {0}")]
     Decode(#[from] bincode::error::DecodeError),
+    #[error("malformed disk writes: {0}")]
+    DiskOps(&'static str),
 }
 
 fn bincode_config() -> impl bincode::config::Config {
@@ -58,6 +61,65 @@ impl CheckpointState {
         }
         Ok(state)
     }
+}
+
+/// Disk writes go in Disk frames of about this many data bytes (an op is never split), so
+/// that an epoch with many writes stays well inside a frame's limit.
+const DISK_FRAME_BYTES: usize = 8 << 20;
+const OP_WRITE: u8 = 0;
+const OP_FLUSH: u8 = 1;
+
+/// An epoch's disk writes as the blobs of its Disk frames, in order. Each op is a kind byte,
+/// then for a write its offset (u64 LE), length (u32 LE) and data: written directly, as a
+/// generic serialiser would encode the data byte by byte.
+pub fn encode_disk(ops: &[DiskOp]) -> Vec<Vec<u8>> {
+    let mut blobs = Vec::new();
+    let mut blob = Vec::new();
+    for op in ops {
+        if blob.len() >= DISK_FRAME_BYTES {
+            blobs.push(std::mem::take(&mut blob));
+        }
+        match op {
+            DiskOp::Write { offset, data } => {
+                blob.push(OP_WRITE);
+                blob.extend_from_slice(&offset.to_le_bytes());
+                blob.extend_from_slice(&(data.len() as u32).to_le_bytes());
+                blob.extend_from_slice(data);
+            }
+            DiskOp::Flush => blob.push(OP_FLUSH),
+        }
+    }
+    if !blob.is_empty() {
+        blobs.push(blob);
+    }
+    blobs
+}
+
+/// The disk writes of one Disk frame's blob.
+pub fn decode_disk(mut blob: &[u8]) -> Result<EpochWrites, StagingError> {
+    fn take<'a>(blob: &mut &'a [u8], n: usize) -> Result<&'a [u8], StagingError> {
+        if blob.len() < n {
+            return Err(StagingError::DiskOps("truncated"));
+        }
+        let (head, rest) = blob.split_at(n);
+        *blob = rest;
+        Ok(head)
+    }
+    let mut ops = Vec::new();
+    while let Some((&kind, rest)) = blob.split_first() {
+        blob = rest;
+        match kind {
+            OP_WRITE => {
+                let offset = u64::from_le_bytes(take(&mut blob, 8)?.try_into().unwrap_or_default());
+                let len = u32::from_le_bytes(take(&mut blob, 4)?.try_into().unwrap_or_default());
+                let data = take(&mut blob, len as usize)?.to_vec();
+                ops.push(DiskOp::Write { offset, data });
+            }
+            OP_FLUSH => ops.push(DiskOp::Flush),
+            _ => return Err(StagingError::DiskOps("unknown operation")),
+        }
+    }
+    Ok(ops)
 }
 
 /// Dirty pages copied out of guest memory: their addresses and, in the same order, their bytes.
@@ -187,6 +249,43 @@ fn host_page(memory: &GuestMemory, gpa: u64) -> Result<*mut u8, StagingError> {
 mod tests {
     use super::*;
     use vmm::memory::create_guest_memory;
+
+    #[test]
+    fn disk_writes_round_trip_in_frames_of_bounded_size() {
+        let big = vec![7u8; DISK_FRAME_BYTES / 2 + 1];
+        let ops = vec![
+            DiskOp::Write {
+                offset: 512,
+                data: vec![1, 2, 3],
+            },
+            DiskOp::Flush,
+            DiskOp::Write {
+                offset: 1 << 40,
+                data: big.clone(),
+            },
+            DiskOp::Write {
+                offset: 0,
+                data: big,
+            },
+            DiskOp::Flush,
+        ];
+        let blobs = encode_disk(&ops);
+        assert_eq!(blobs.len(), 2, "a new frame once one holds the bound");
+        let decoded: Vec<DiskOp> = blobs.iter().flat_map(|b| decode_disk(b).unwrap()).collect();
+        assert_eq!(decoded, ops);
+        assert!(encode_disk(&[]).is_empty());
+        let first = &blobs[0];
+        for cut in [1, 9, 13, first.len() - 1] {
+            assert!(
+                matches!(
+                    decode_disk(&first[..cut]),
+                    Err(StagingError::DiskOps("truncated"))
+                ),
+                "cut at {cut}"
+            );
+        }
+        assert!(decode_disk(&[9]).is_err(), "unknown kind");
+    }
 
     #[test]
     fn staged_pages_reach_another_image_exactly() {

@@ -14,8 +14,9 @@ use vmm::memory::{self, MemoryError};
 use vmm::{VmShell, Vmm};
 
 use crate::link::{LinkError, Listener, PeerConfig, Sender, SilenceClock};
-use crate::staging::{CheckpointState, StagedPages, StagingError};
+use crate::staging::{self, CheckpointState, StagedPages, StagingError};
 use crate::wire::{EpochDigest, FrameReader, Message, WireError};
+use disk_sync::{EpochWrites, Replica};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StandbyError {
@@ -31,13 +32,16 @@ pub enum StandbyError {
     State(#[from] StagingError),
     #[error("cannot start the receiver thread: {0}")]
     Thread(std::io::Error),
+    #[error("cannot take over: this node's disk no longer matches any checkpoint ({0})")]
+    DiskFailed(String),
 }
 
 /// The local resources a standby provides, checked against the primary's configuration.
 #[derive(Debug, Clone)]
 pub struct Local {
     pub disk_size: Option<u64>,
-    pub has_net: bool,
+    /// The MAC of this node's NIC for the guest, if it has one.
+    pub net_mac: Option<[u8; 6]>,
     /// The KVM device the standby's VM is prepared on.
     pub kvm_path: PathBuf,
 }
@@ -55,15 +59,18 @@ impl Local {
             (None, Some(_)) => return Err("the standby has a disk and the primary has none".into()),
             _ => {}
         }
-        if config.net_mac.is_some() != self.has_net {
+        if config.net_mac != self.net_mac {
+            let name = |mac: Option<[u8; 6]>| match mac {
+                Some(m) => format!(
+                    "MAC {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                    m[0], m[1], m[2], m[3], m[4], m[5]
+                ),
+                None => "no network device".into(),
+            };
             return Err(format!(
-                "network device differs: the primary {} one, the standby {}",
-                if config.net_mac.is_some() {
-                    "has"
-                } else {
-                    "has no"
-                },
-                if self.has_net { "has" } else { "has none" },
+                "network device differs: the primary has {}, the standby {}",
+                name(config.net_mac),
+                name(self.net_mac)
             ));
         }
         memory::check_mem_size(config.vm.mem_size).map_err(|e| e.to_string())?;
@@ -103,10 +110,17 @@ struct Committed {
     memory: GuestMemory,
     epoch: u64,
     state: Option<Vec<u8>>,
+    /// Why an epoch's disk writes could not be applied, if they could not.
+    disk_failed: Option<String>,
 }
 
 /// Serves one primary that connects to `listener` until it exits, says goodbye, or dies.
-pub fn serve(listener: &Listener, local: &Local) -> Result<StandbyEnd, StandbyError> {
+/// Committed epochs' disk writes go to `replica` (this node's copy of the guest's disk).
+pub fn serve(
+    listener: &Listener,
+    local: &Local,
+    replica: Option<Replica>,
+) -> Result<StandbyEnd, StandbyError> {
     let (config, data, control_stream) = listener.accept(|c| local.check(c))?;
     info!(
         mem = config.vm.mem_size,
@@ -125,7 +139,7 @@ pub fn serve(listener: &Listener, local: &Local) -> Result<StandbyEnd, StandbyEr
         let (control, draining, received) = (control.clone(), draining.clone(), received.clone());
         std::thread::Builder::new()
             .name("ckpt-recv".into())
-            .spawn(move || receive(data, memory, control, draining, received))
+            .spawn(move || receive(data, memory, replica, control, draining, received))
             .map_err(StandbyError::Thread)?
     };
 
@@ -178,6 +192,11 @@ pub fn serve(listener: &Listener, local: &Local) -> Result<StandbyEnd, StandbyEr
     let committed = receiver
         .join()
         .map_err(|_| StandbyError::Thread(std::io::Error::other("receiver panicked")))?;
+    if let Some(reason) = committed.disk_failed {
+        // Memory and disk may be from different epochs: resuming would corrupt the guest.
+        control.shutdown();
+        return Err(StandbyError::DiskFailed(reason));
+    }
     let _ = control.send(&Message::TakenOver);
     control.shutdown();
     let state = committed.state.ok_or(StandbyError::NoCheckpoint)?;
@@ -204,6 +223,8 @@ struct Pending {
     /// The epoch's Pages batches as received (addresses, bytes), applied at commit.
     batches: Vec<(Vec<u64>, Vec<u8>)>,
     state: Option<Vec<u8>>,
+    /// The epoch's disk writes, applied at commit.
+    disk: EpochWrites,
     digest: EpochDigest,
 }
 
@@ -213,6 +234,7 @@ impl Pending {
             epoch,
             batches: Vec::new(),
             state: None,
+            disk: EpochWrites::new(),
             digest: EpochDigest::new(),
         }
     }
@@ -224,6 +246,7 @@ impl Pending {
 fn receive(
     stream: TcpStream,
     memory: GuestMemory,
+    mut replica: Option<Replica>,
     control: Sender,
     draining: Arc<AtomicBool>,
     received: Arc<AtomicU64>,
@@ -235,6 +258,7 @@ fn receive(
         memory,
         epoch: 0,
         state: None,
+        disk_failed: None,
     };
     let mut pending = Pending::new(1);
     let reject = |committed: &Committed, pending: &Pending, reason: String| {
@@ -287,6 +311,16 @@ fn receive(
                 pending.digest.add_state(&bytes);
                 pending.state = Some(bytes);
             }
+            Message::Disk { epoch, bytes } if epoch == pending.epoch => {
+                pending.digest.add_state(&bytes);
+                match staging::decode_disk(&bytes) {
+                    Ok(mut ops) => pending.disk.append(&mut ops),
+                    Err(e) => {
+                        reject(&committed, &pending, format!("bad disk writes: {e}"));
+                        break;
+                    }
+                }
+            }
             Message::EpochEnd {
                 epoch,
                 pages,
@@ -303,8 +337,26 @@ fn receive(
                 };
                 let _span = info_span!("commit", epoch).entered();
                 let start = Instant::now();
+                if !pending.disk.is_empty() {
+                    // The disk first, durably: an acknowledged epoch's writes survive this node.
+                    let applied = match replica.as_mut() {
+                        Some(replica) => replica.apply(&pending.disk).map_err(|e| e.to_string()),
+                        None => Err("the epoch has disk writes and this node has no disk".into()),
+                    };
+                    if let Err(e) = applied {
+                        let reason = format!("standby disk: {e}");
+                        reject(&committed, &pending, reason.clone());
+                        committed.disk_failed = Some(reason);
+                        break;
+                    }
+                }
                 if let Err(e) = StagedPages::apply_batches(&committed.memory, &pending.batches) {
                     reject(&committed, &pending, e.to_string());
+                    if !pending.disk.is_empty() {
+                        committed.disk_failed = Some(format!(
+                            "epoch {epoch}'s disk writes are applied, its pages are not: {e}"
+                        ));
+                    }
                     break;
                 }
                 committed.epoch = epoch;
@@ -321,6 +373,7 @@ fn receive(
                 let what = match &other {
                     Message::Pages { epoch, .. }
                     | Message::State { epoch, .. }
+                    | Message::Disk { epoch, .. }
                     | Message::EpochEnd { epoch, .. } => format!("a frame of epoch {epoch}"),
                     m => format!("{m:?}"),
                 };

@@ -11,7 +11,7 @@
 use std::io::{self, Read, Write};
 
 /// Version spoken by this build; a `Hello` of any other version is refused.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest payload a frame may declare; bigger lengths are refused before allocating.
 pub const MAX_PAYLOAD: usize = 64 << 20;
 /// Guest page size: `Pages` carry whole pages at page-aligned guest-physical addresses.
@@ -93,6 +93,12 @@ pub enum Message {
         epoch: u64,
         bytes: Vec<u8>,
     },
+    /// Some of the epoch's disk writes, opaque bytes serialised by the caller (an epoch may
+    /// have several, in order, before its State).
+    Disk {
+        epoch: u64,
+        bytes: Vec<u8>,
+    },
     /// Closes an epoch: what it held and a checksum of it (see [`EpochDigest`]).
     EpochEnd {
         epoch: u64,
@@ -129,8 +135,9 @@ const HEARTBEAT: u8 = 8;
 const GOODBYE: u8 = 9;
 const TAKEN_OVER: u8 = 10;
 const EXIT: u8 = 11;
+const DISK: u8 = 12;
 /// Names of the kinds above, for error messages.
-const KIND_NAMES: [&str; 12] = [
+const KIND_NAMES: [&str; 13] = [
     "",
     "Hello",
     "Welcome",
@@ -143,6 +150,7 @@ const KIND_NAMES: [&str; 12] = [
     "Goodbye",
     "TakenOver",
     "Exit",
+    "Disk",
 ];
 
 /// Appends a `u32` length prefix and the bytes.
@@ -209,6 +217,11 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             f.extend_from_slice(&epoch.to_le_bytes());
             put_blob(&mut f, bytes);
             STATE
+        }
+        Message::Disk { epoch, bytes } => {
+            f.extend_from_slice(&epoch.to_le_bytes());
+            put_blob(&mut f, bytes);
+            DISK
         }
         Message::EpochEnd {
             epoch,
@@ -385,6 +398,10 @@ fn decode(kind: u8, payload: &[u8]) -> Result<Message, WireError> {
         HEARTBEAT => Message::Heartbeat { received: f.u64()? },
         GOODBYE => Message::Goodbye,
         TAKEN_OVER => Message::TakenOver,
+        DISK => Message::Disk {
+            epoch: f.u64()?,
+            bytes: f.blob()?,
+        },
         // EXIT, the only kind left after the check above.
         _ => Message::Exit {
             code: i32::from_le_bytes(f.array()?),
@@ -509,7 +526,7 @@ impl EpochDigest {
         }
     }
 
-    /// Chains the state bytes.
+    /// Chains the bytes of an opaque blob (State, Disk); `state_bytes` counts them all.
     pub fn add_state(&mut self, bytes: &[u8]) {
         self.crc = crc32c::crc32c_append(self.crc, bytes);
         self.state_bytes += bytes.len() as u64;
@@ -623,6 +640,10 @@ mod tests {
             Message::State {
                 epoch: 5,
                 bytes: vec![],
+            },
+            Message::Disk {
+                epoch: 5,
+                bytes: noise(10, 700),
             },
             Message::EpochEnd {
                 epoch: 4,
@@ -838,7 +859,7 @@ mod tests {
         assert_malformed(STATE, &[0, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 1], "too short");
         let bad_channel = [&PROTOCOL_VERSION.to_le_bytes()[..], &[2]].concat();
         assert_malformed(HELLO, &bad_channel, "unknown channel 2");
-        for kind in [0, 12, 200] {
+        for kind in [0, 13, 200] {
             let got = read_one(&frame(kind, &[]));
             assert!(
                 matches!(got, Err(WireError::UnknownKind(k)) if k == kind),

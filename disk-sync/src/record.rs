@@ -29,6 +29,8 @@ struct Shared {
     /// marked until a resync rewrites the bitmap.
     failed: BTreeSet<u64>,
     bitmap: Option<WriteIntentBitmap>,
+    /// No peer any more (see [`EpochRecorder::stop`]): writes only mark the bitmap.
+    stopped: bool,
 }
 
 /// A lock that survives a panic elsewhere: the state is a record, consistent after each
@@ -111,6 +113,7 @@ impl BlockBackend for RecordingBackend {
             }
         }
         match &result {
+            Ok(()) if shared.stopped => {}
             Ok(()) => {
                 shared.running_blocks.extend(blocks(span));
                 shared.running_bytes += buf.len();
@@ -129,7 +132,10 @@ impl BlockBackend for RecordingBackend {
 
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()?;
-        lock(&self.shared).running.push(DiskOp::Flush);
+        let mut shared = lock(&self.shared);
+        if !shared.stopped {
+            shared.running.push(DiskOp::Flush);
+        }
         Ok(())
     }
 }
@@ -176,6 +182,18 @@ impl EpochRecorder {
         bitmap.clear(&clear)
     }
 
+    /// The node runs on without a peer: nothing more is recorded (so nothing piles up) and
+    /// what was recorded is dropped; every block written since the last acknowledged epoch,
+    /// and from now on, stays marked in the bitmap for a later resync.
+    pub fn stop(&self) {
+        let mut shared = lock(&self.shared);
+        shared.stopped = true;
+        shared.running = Vec::new();
+        shared.running_bytes = 0;
+        shared.sealed.clear();
+        shared.running_blocks.clear();
+    }
+
     /// Bytes recorded in the running epoch (for stats / bounds).
     pub fn running_bytes(&self) -> usize {
         lock(&self.shared).running_bytes
@@ -196,6 +214,30 @@ mod tests {
 
     fn set(blocks: &[u64]) -> BTreeSet<u64> {
         blocks.iter().copied().collect()
+    }
+
+    #[test]
+    fn a_stopped_recorder_records_nothing_and_keeps_marking() {
+        let dir = TempDir::new("stop");
+        let image = dir.path().join("img");
+        let size = 4 * BLOCK_SIZE;
+        let bitmap = WriteIntentBitmap::open(&bitmap_path(&image), size).unwrap();
+        let (mut backend, recorder) =
+            RecordingBackend::new(Box::new(MemBackend::new(size as usize)), Some(bitmap));
+        backend.write_at(0, &[1; 512]).unwrap();
+        recorder.seal(1);
+        recorder.stop();
+        backend.write_at(2 * BLOCK_SIZE, &[2; 512]).unwrap();
+        backend.flush().unwrap();
+        assert!(recorder.seal(2).is_empty());
+        assert_eq!(recorder.running_bytes(), 0);
+        recorder.acked(2).unwrap();
+        let reopened = WriteIntentBitmap::open(&bitmap_path(&image), size).unwrap();
+        assert_eq!(
+            reopened.blocks(),
+            set(&[0, 2]),
+            "unacknowledged and later writes stay marked"
+        );
     }
 
     fn write(offset: u64, data: &[u8]) -> DiskOp {

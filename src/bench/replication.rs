@@ -138,10 +138,10 @@ fn replicated(
     let addr = listener.local_addr()?.to_string();
     let local = Local {
         disk_size: None,
-        has_net: false,
+        net_mac: None,
         kvm_path: "/dev/kvm".into(),
     };
-    let standby = std::thread::spawn(move || standby::serve(&listener, &local));
+    let standby = std::thread::spawn(move || standby::serve(&listener, &local, None));
     let gate = Gate::new(Box::new(console), 0, Mode::Held);
     let vmm = build(
         "stencil",
@@ -159,7 +159,7 @@ fn replicated(
         failover_timeout_ms: 2000,
     };
     let link = link::connect(&addr, &peer, Duration::from_secs(10))?;
-    let outputs = Outputs::attach(gate, Mode::Held, &vmm, FRAME_HOLD_LIMIT);
+    let outputs = Outputs::attach(gate, Mode::Held, &vmm, FRAME_HOLD_LIMIT, None);
     let (end, report) = primary::protect(vmm, outputs, link, &peer)?;
     let standby_end = standby.join().map_err(|_| "standby thread panicked")??;
     if end != PrimaryEnd::Guest(VmOutcome::Exited(0)) {

@@ -255,8 +255,21 @@ pub struct Node {
 impl Node {
     /// Starts `ftvmm ARGS` with stdin and stdout closed and stderr collected.
     pub fn spawn<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Self {
-        let mut child = Command::new(FTVMM)
-            .args(args)
+        let mut cmd = Command::new(FTVMM);
+        cmd.args(args);
+        Self::start(cmd)
+    }
+
+    /// Starts `ftvmm ARGS` in network namespace `netns` (`ip netns exec` execs ftvmm, so the
+    /// pid is ftvmm's).
+    pub fn spawn_in<S: AsRef<std::ffi::OsStr>>(netns: &str, args: &[S]) -> Self {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns, FTVMM]).args(args);
+        Self::start(cmd)
+    }
+
+    fn start(mut cmd: Command) -> Self {
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -367,12 +380,12 @@ impl Rng {
         *x
     }
 
-    /// A duration uniformly in `lo..hi` milliseconds.
     /// A number in lo..hi.
     pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
         lo + self.next() % (hi - lo)
     }
 
+    /// A duration uniformly in `lo..hi` milliseconds.
     pub fn millis(&mut self, lo: u64, hi: u64) -> Duration {
         Duration::from_millis(self.range(lo, hi))
     }

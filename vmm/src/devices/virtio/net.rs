@@ -570,8 +570,8 @@ mod tests {
     use crate::devices::virtio::mmio::{MmioState, MmioTransport};
     use crate::devices::virtio::testutil::*;
     use crate::devices::MmioDevice;
-    use std::sync::atomic::AtomicUsize;
     use std::os::fd::{FromRawFd, OwnedFd};
+    use std::sync::atomic::AtomicUsize;
     use std::time::{Duration, Instant};
     use vm_memory::{Bytes, GuestAddress};
 

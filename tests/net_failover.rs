@@ -1,0 +1,150 @@
+//! Network output commit end to end: a client on a test host keeps one TCP connection to
+//! builtin:kv on a replicated pair whose taps share a bridge; the primary is killed (SIGKILL) or
+//! frozen (SIGSTOP) mid-stream, and the same connection goes on with the standby, with no reset
+//! and no wrong or missing reply.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{free_port, signal, wait_for, Node, Scratch};
+use ftvmm::testbed::{Topology, BRIDGE, GUEST_IP};
+
+/// One replicated pair at a time: each needs most of this machine.
+static ONE_PAIR: Mutex<()> = Mutex::new(());
+
+const MAC: &str = "02:00:00:00:00:02";
+/// Requests answered before the fault, and after it.
+const BEFORE: u64 = 60;
+const AFTER: u64 = 120;
+
+/// What the client saw: the last k answered and the longest wait for a reply.
+struct Stream {
+    last: u64,
+    longest_gap: Duration,
+}
+
+/// Sends k = 1, 2, 3, ... on one connection, checking each reply `{k} {total}`, publishing
+/// the last k answered in `progress`, until `stop` is set. Any error (reset, wrong or
+/// missing reply, a reply slower than 10 s) panics.
+fn client(progress: Arc<AtomicU64>, stop: Arc<AtomicBool>) -> Stream {
+    let addr = format!("{GUEST_IP}:7000").parse().unwrap();
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connect");
+    stream.set_nodelay(true).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut writer = stream;
+    let mut total = 0u64;
+    let mut longest_gap = Duration::ZERO;
+    let mut k = 0;
+    while !stop.load(Ordering::SeqCst) {
+        k += 1;
+        let asked = Instant::now();
+        writeln!(writer, "{k}").unwrap_or_else(|e| panic!("request {k}: {e}"));
+        let mut reply = String::new();
+        reader
+            .read_line(&mut reply)
+            .unwrap_or_else(|e| panic!("reply to {k}: {e}"));
+        total += k;
+        assert_eq!(reply, format!("{k} {total}\n"), "reply to {k}");
+        longest_gap = longest_gap.max(asked.elapsed());
+        progress.store(k, Ordering::SeqCst);
+    }
+    Stream {
+        last: k,
+        longest_gap,
+    }
+}
+
+/// Starts a standby and a kv primary on taps of the topology's bridge, waits for kv to answer
+/// under protection, runs `fault` on the primary once the client has `BEFORE` replies, and
+/// checks that the stream goes on for `AFTER` more on the standby.
+fn stream_survives(tag: &str, fault: impl FnOnce(&mut Node)) {
+    let _one = ONE_PAIR.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = Scratch::new(tag);
+    let topo = Topology::new(tag).expect("test topology");
+    let p_out = dir.path("p.out");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let net = |tap: &str| format!("--net=tap={tap},mac={MAC},bridge={BRIDGE}");
+    let standby = Node::spawn_in(
+        &topo.host,
+        &[
+            "standby".into(),
+            "--listen".into(),
+            addr.clone(),
+            net("fts0"),
+            format!("--console=file:{}", dir.path("s.out").display()),
+        ],
+    );
+    let mut primary = Node::spawn_in(
+        &topo.host,
+        &[
+            "primary".into(),
+            "--peer".into(),
+            addr,
+            "--mem=64M".into(),
+            "--failover-timeout-ms=200".into(),
+            net("ftp0"),
+            format!("--console=file:{}", p_out.display()),
+            "--payload=builtin:kv".into(),
+            "--".into(),
+            format!("ip={GUEST_IP}/24"),
+            "port=7000".into(),
+        ],
+    );
+    // Released console output means a checkpoint was acknowledged: protection is on.
+    let listening = wait_for(Duration::from_secs(60), || {
+        std::fs::read_to_string(&p_out).is_ok_and(|s| s.contains("kv listening"))
+    });
+    assert!(listening, "{tag}: kv never listened: {}", primary.stderr());
+
+    let progress = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let client = {
+        let (progress, stop) = (progress.clone(), stop.clone());
+        topo.spawn_in_client(move || client(progress, stop))
+    };
+    let answered = |n: u64| progress.load(Ordering::SeqCst) >= n;
+    assert!(
+        wait_for(Duration::from_secs(60), || answered(BEFORE)
+            || client.is_finished()),
+        "{tag}: the stream never reached {BEFORE} replies"
+    );
+    let at_fault = progress.load(Ordering::SeqCst);
+    fault(&mut primary);
+    let went_on = wait_for(Duration::from_secs(60), || {
+        answered(at_fault + AFTER) || client.is_finished()
+    });
+    stop.store(true, Ordering::SeqCst);
+    let stream = match client.join() {
+        Ok(stream) => stream,
+        Err(panic) => std::panic::resume_unwind(panic),
+    };
+    assert!(went_on, "{tag}: the stream stalled after the fault");
+    println!(
+        "{tag}: {} replies, {at_fault} before the fault; longest reply gap {} ms",
+        stream.last,
+        stream.longest_gap.as_millis()
+    );
+    assert!(
+        standby.stderr().contains("taking over"),
+        "{tag}: the standby did not take over: {}",
+        standby.stderr()
+    );
+}
+
+#[test]
+fn a_tcp_stream_survives_a_primary_sigkill() {
+    stream_survives("netkill", |primary| primary.child.0.kill().unwrap());
+}
+
+#[test]
+fn a_tcp_stream_survives_a_frozen_primary() {
+    stream_survives("netstop", |primary| signal(primary.pid(), libc::SIGSTOP));
+}
