@@ -148,3 +148,50 @@ fn a_tcp_stream_survives_a_primary_sigkill() {
 fn a_tcp_stream_survives_a_frozen_primary() {
     stream_survives("netstop", |primary| signal(primary.pid(), libc::SIGSTOP));
 }
+
+#[test]
+fn a_standby_with_another_mac_is_refused_by_both_nodes() {
+    let topo = Topology::new("netmac").expect("test topology");
+    let addr = format!("127.0.0.1:{}", free_port());
+    let mut standby = Node::spawn_in(
+        &topo.host,
+        &[
+            "standby",
+            "--listen",
+            &addr,
+            &format!("--net=tap=fts1,mac=02:00:00:00:00:09,bridge={BRIDGE}"),
+        ],
+    );
+    let mut primary = Node::spawn_in(
+        &topo.host,
+        &[
+            "primary",
+            "--peer",
+            &addr,
+            "--mem=64M",
+            &format!("--net=tap=ftp1,mac={MAC},bridge={BRIDGE}"),
+            "--payload=builtin:kv",
+            "--",
+            &format!("ip={GUEST_IP}/24"),
+            "port=7000",
+        ],
+    );
+    let reason = "network device differs: the primary has MAC 02:00:00:00:00:02, \
+                  the standby MAC 02:00:00:00:00:09";
+    for (who, node, want) in [
+        ("primary", &mut primary, "the standby refused this primary"),
+        ("standby", &mut standby, "refused the primary"),
+    ] {
+        let (status, err) = node.wait(Duration::from_secs(30));
+        assert_eq!(
+            status.code(),
+            Some(common::EXIT_FTVMM_ERROR),
+            "{who}: {err}"
+        );
+        assert_eq!(
+            err.trim_end().lines().last(),
+            Some(format!("ftvmm: error: {want}: {reason}").as_str()),
+            "{who}"
+        );
+    }
+}
