@@ -3,12 +3,106 @@
 //! wired to the bridge by a veth pair. Addresses are from TEST-NET-1 (192.0.2.0/24).
 
 use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 pub const BRIDGE: &str = "ftbr0";
 pub const CLIENT_IP: &str = "192.0.2.1";
 pub const GUEST_IP: &str = "192.0.2.2";
+
+/// The port builtin:kv listens on in tests and benchmarks.
+pub const KV_PORT: u16 = 7000;
+
+fn kv_connect() -> Result<TcpStream, String> {
+    let addr = format!("{GUEST_IP}:{KV_PORT}")
+        .parse()
+        .map_err(|_| "bad address")?;
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .map_err(|e| format!("connect: {e}"))?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    Ok(stream)
+}
+
+/// A kv client on one connection: sends k = 1, 2, 3, ... one at a time (each request in one
+/// segment), checks each reply `{k} {total}`, publishes the last k answered in `progress`,
+/// until `stop` is set. Between a reply and the next request it waits a pseudo-random time
+/// below `think` (zero: back to back). Returns each request's round trip; any error (reset,
+/// wrong or missing reply, none within 10 s) ends it with the request it happened on.
+pub fn kv_sequential(
+    progress: &AtomicU64,
+    stop: &AtomicBool,
+    think: Duration,
+) -> Result<Vec<Duration>, String> {
+    let stream = kv_connect()?;
+    let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+    let mut writer = stream;
+    let (mut total, mut k) = (0u64, 0u64);
+    let mut round_trips = Vec::new();
+    let mut reply = String::new();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    while !stop.load(Ordering::SeqCst) {
+        k += 1;
+        if !think.is_zero() {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            std::thread::sleep(think.mul_f64((seed % 1000) as f64 / 1000.0));
+        }
+        let asked = Instant::now();
+        writer
+            .write_all(format!("{k}\n").as_bytes())
+            .map_err(|e| format!("request {k}: {e}"))?;
+        reply.clear();
+        reader
+            .read_line(&mut reply)
+            .map_err(|e| format!("reply to {k}: {e}"))?;
+        total += k;
+        if reply != format!("{k} {total}\n") {
+            return Err(format!("reply to {k}: got {reply:?}, want \"{k} {total}\""));
+        }
+        round_trips.push(asked.elapsed());
+        progress.store(k, Ordering::SeqCst);
+    }
+    Ok(round_trips)
+}
+
+/// A kv client that writes `lines` requests at once on one connection while reading the
+/// replies; returns the seconds it took and the bytes moved both ways.
+pub fn kv_pipelined(lines: u64) -> Result<(f64, u64), String> {
+    let stream = kv_connect()?;
+    let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    let sender = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        for k in 1..=lines {
+            buf.extend_from_slice(format!("{k}\n").as_bytes());
+        }
+        let sent = buf.len() as u64;
+        writer.write_all(&buf).map(|_| sent)
+    });
+    let mut received = 0u64;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    for _ in 0..lines {
+        line.clear();
+        received += reader
+            .read_line(&mut line)
+            .map_err(|e| format!("reply: {e}"))? as u64;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let sent = sender
+        .join()
+        .map_err(|_| "sender panicked")?
+        .map_err(|e| e.to_string())?;
+    Ok((elapsed, sent + received))
+}
 
 fn ip(args: &[&str]) -> Result<(), String> {
     let out = Command::new("ip")
@@ -38,7 +132,10 @@ impl Topology {
             host: format!("fth-{tag}-{id}"),
             client: format!("ftc-{tag}-{id}"),
         };
-        let (veth_c, veth_b) = (format!("ftvc{id}"), format!("ftvb{id}"));
+        // Unique per topology: a test binary builds several at once.
+        static MADE: AtomicU64 = AtomicU64::new(0);
+        let n = MADE.fetch_add(1, Ordering::Relaxed);
+        let (veth_c, veth_b) = (format!("ftvc{id}.{n}"), format!("ftvb{id}.{n}"));
         ip(&["netns", "add", &topo.host])?;
         // From here on, dropping `topo` removes whatever was made.
         ip(&["netns", "add", &topo.client])?;

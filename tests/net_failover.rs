@@ -5,14 +5,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{free_port, signal, wait_for, Node, Scratch};
-use ftvmm::testbed::{Topology, BRIDGE, GUEST_IP};
+use ftvmm::testbed::{kv_sequential, Topology, BRIDGE, GUEST_IP, KV_PORT};
 
 /// One replicated pair at a time: each needs most of this machine.
 static ONE_PAIR: Mutex<()> = Mutex::new(());
@@ -21,46 +19,6 @@ const MAC: &str = "02:00:00:00:00:02";
 /// Requests answered before the fault, and after it.
 const BEFORE: u64 = 60;
 const AFTER: u64 = 120;
-
-/// What the client saw: the last k answered and the longest wait for a reply.
-struct Stream {
-    last: u64,
-    longest_gap: Duration,
-}
-
-/// Sends k = 1, 2, 3, ... on one connection, checking each reply `{k} {total}`, publishing
-/// the last k answered in `progress`, until `stop` is set. Any error (reset, wrong or
-/// missing reply, a reply slower than 10 s) panics.
-fn client(progress: Arc<AtomicU64>, stop: Arc<AtomicBool>) -> Stream {
-    let addr = format!("{GUEST_IP}:7000").parse().unwrap();
-    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).expect("connect");
-    stream.set_nodelay(true).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut writer = stream;
-    let mut total = 0u64;
-    let mut longest_gap = Duration::ZERO;
-    let mut k = 0;
-    while !stop.load(Ordering::SeqCst) {
-        k += 1;
-        let asked = Instant::now();
-        writeln!(writer, "{k}").unwrap_or_else(|e| panic!("request {k}: {e}"));
-        let mut reply = String::new();
-        reader
-            .read_line(&mut reply)
-            .unwrap_or_else(|e| panic!("reply to {k}: {e}"));
-        total += k;
-        assert_eq!(reply, format!("{k} {total}\n"), "reply to {k}");
-        longest_gap = longest_gap.max(asked.elapsed());
-        progress.store(k, Ordering::SeqCst);
-    }
-    Stream {
-        last: k,
-        longest_gap,
-    }
-}
 
 /// Starts a standby and a kv primary on taps of the topology's bridge, waits for kv to answer
 /// under protection, runs `fault` on the primary once the client has `BEFORE` replies, and
@@ -95,7 +53,7 @@ fn stream_survives(tag: &str, fault: impl FnOnce(&mut Node)) {
             "--payload=builtin:kv".into(),
             "--".into(),
             format!("ip={GUEST_IP}/24"),
-            "port=7000".into(),
+            format!("port={KV_PORT}"),
         ],
     );
     // Released console output means a checkpoint was acknowledged: protection is on.
@@ -108,7 +66,7 @@ fn stream_survives(tag: &str, fault: impl FnOnce(&mut Node)) {
     let stop = Arc::new(AtomicBool::new(false));
     let client = {
         let (progress, stop) = (progress.clone(), stop.clone());
-        topo.spawn_in_client(move || client(progress, stop))
+        topo.spawn_in_client(move || kv_sequential(&progress, &stop, Duration::ZERO))
     };
     let answered = |n: u64| progress.load(Ordering::SeqCst) >= n;
     assert!(
@@ -122,15 +80,20 @@ fn stream_survives(tag: &str, fault: impl FnOnce(&mut Node)) {
         answered(at_fault + AFTER) || client.is_finished()
     });
     stop.store(true, Ordering::SeqCst);
-    let stream = match client.join() {
-        Ok(stream) => stream,
+    let round_trips = match client.join() {
+        Ok(Ok(round_trips)) => round_trips,
+        Ok(Err(e)) => panic!("{tag}: the stream broke: {e}"),
         Err(panic) => std::panic::resume_unwind(panic),
     };
     assert!(went_on, "{tag}: the stream stalled after the fault");
     println!(
         "{tag}: {} replies, {at_fault} before the fault; longest reply gap {} ms",
-        stream.last,
-        stream.longest_gap.as_millis()
+        round_trips.len(),
+        round_trips
+            .iter()
+            .max()
+            .unwrap_or(&Duration::ZERO)
+            .as_millis()
     );
     assert!(
         standby.stderr().contains("taking over"),

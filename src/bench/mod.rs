@@ -1,12 +1,13 @@
 //! `ftvmm bench`: measures, in one run, what the payload VMM costs: time from process start to
 //! the first payload byte, guest stencil speed against the same kernel run natively, and
-//! virtio-blk / virtio-net throughput with VM exits per MiB moved; and what replication costs
-//! (`replication`). Prints a Markdown table.
+//! virtio-blk / virtio-net throughput with VM exits per MiB moved; what replication costs
+//! (`replication`); and what output commit and the disk barrier cost clients (`guest_io`).
+//! Prints a Markdown table.
 
+mod guest_io;
 mod replication;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Barrier;
@@ -19,7 +20,7 @@ use vmm::devices::{BlockBackend, ConsoleSink};
 use vmm::{VmConfig, VmOutcome, Vmm};
 
 use crate::run::{Capture, Error};
-use crate::testbed::{Topology, BRIDGE, GUEST_IP};
+use crate::testbed::{kv_pipelined, Topology, BRIDGE, GUEST_IP, KV_PORT};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -29,6 +30,20 @@ pub struct BenchArgs {
     /// Fewer repetitions, for a quick look.
     #[arg(long)]
     pub quick: bool,
+    /// Only this part (the checked-in report is a full run).
+    #[arg(long, value_enum)]
+    pub only: Option<Section>,
+}
+
+/// The parts of the report.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Section {
+    /// The payload VMM: start-up, guest speed, virtio throughput.
+    Vmm,
+    /// Checkpointing: pauses, guest speed replicated, failover times.
+    Replication,
+    /// Output commit and the disk barrier as clients see them.
+    GuestIo,
 }
 
 /// One row of the report.
@@ -223,46 +238,12 @@ fn net(lines: u64) -> Result<Vec<Row>, Error> {
         tap.enslave(BRIDGE).map_err(|e| e.to_string())?;
         Ok(tap)
     })?;
-    let args = vec![format!("ip={GUEST_IP}/24"), "port=7000".into()];
+    let args = vec![format!("ip={GUEST_IP}/24"), format!("port={KV_PORT}")];
     let mac = [0x02, 0, 0, 0, 0, 0x42];
     let (vmm, out) = boot("kv", 1, &args, None, Some((tap, mac)))?;
     out.wait_for("kv listening", Duration::from_secs(20))?;
     let before = vmm.exit_counts().mmio;
-    let result = topo.in_client(move || -> Result<(f64, u64), String> {
-        let addr = format!("{GUEST_IP}:7000")
-            .parse()
-            .map_err(|_| "bad address")?;
-        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-            .map_err(|e| format!("connect: {e}"))?;
-        stream
-            .set_read_timeout(Some(Duration::from_secs(20)))
-            .map_err(|e| e.to_string())?;
-        let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
-        let start = Instant::now();
-        let sender = std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            for k in 1..=lines {
-                buf.extend_from_slice(format!("{k}\n").as_bytes());
-            }
-            let sent = buf.len() as u64;
-            writer.write_all(&buf).map(|_| sent)
-        });
-        let mut received = 0u64;
-        let mut reader = BufReader::new(stream);
-        let mut line = String::new();
-        for _ in 0..lines {
-            line.clear();
-            received += reader
-                .read_line(&mut line)
-                .map_err(|e| format!("reply: {e}"))? as u64;
-        }
-        let elapsed = start.elapsed().as_secs_f64();
-        let sent = sender
-            .join()
-            .map_err(|_| "sender panicked")?
-            .map_err(|e| e.to_string())?;
-        Ok((elapsed, sent + received))
-    });
+    let result = topo.in_client(move || kv_pipelined(lines));
     let exits = vmm.exit_counts().mmio - before;
     vmm.stop(VmOutcome::Exited(0));
     let (elapsed, bytes) = result?;
@@ -282,12 +263,20 @@ fn net(lines: u64) -> Result<Vec<Row>, Error> {
 }
 
 pub fn bench(args: &BenchArgs) -> Result<ExitCode, Error> {
-    let reps = if args.quick { 3 } else { 15 };
-    let mut rows = startup(reps)?;
-    rows.extend(stencil(if args.quick { 1 } else { 3 })?);
-    rows.extend(blk()?);
-    rows.extend(net(if args.quick { 20_000 } else { 200_000 })?);
-    rows.extend(replication::rows(args.quick)?);
+    let wanted = |s: Section| args.only.is_none_or(|only| only == s);
+    let mut rows = Vec::new();
+    if wanted(Section::Vmm) {
+        rows.extend(startup(if args.quick { 3 } else { 15 })?);
+        rows.extend(stencil(if args.quick { 1 } else { 3 })?);
+        rows.extend(blk()?);
+        rows.extend(net(if args.quick { 20_000 } else { 200_000 })?);
+    }
+    if wanted(Section::Replication) {
+        rows.extend(replication::rows(args.quick)?);
+    }
+    if wanted(Section::GuestIo) {
+        rows.extend(guest_io::rows(args.quick)?);
+    }
     let mut md = String::from("| measure | value | target |\n|---|---|---|\n");
     for r in &rows {
         md.push_str(&format!("| {} | {} | {} |\n", r.what, r.value, r.target));
