@@ -299,6 +299,8 @@ fn epoch_loop(
         let dirty = pages.gpas.len();
         info!(
             dirty,
+            held_frames = state.output.frames.items.len(),
+            disk_ops = disk.len(),
             pause_us = pause.as_micros() as u64,
             stop_us = stopped.as_micros() as u64,
             harvest_us = harvest.as_micros() as u64,

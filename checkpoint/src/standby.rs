@@ -363,6 +363,7 @@ fn receive(
                 committed.state = Some(state);
                 debug!(
                     pages,
+                    disk_ops = pending.disk.len(),
                     apply_us = start.elapsed().as_micros() as u64,
                     "committed"
                 );
