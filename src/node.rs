@@ -271,8 +271,8 @@ fn resume(
     Ok(Resumed::Running(vmm))
 }
 
-/// Rounds of announcements after a takeover, and the pause before each after the first (as
-/// QEMU's self-announce: a switch that missed one round learns from the next).
+/// The pause before each round of announcements after a takeover (as QEMU's self-announce: a
+/// switch that missed one round learns from the next).
 const ANNOUNCE_GAPS_MS: [u64; 3] = [0, 50, 150];
 
 /// Tells the network that the guest with `mac` (and `addresses`) is now behind `tap`, from a
