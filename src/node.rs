@@ -15,7 +15,7 @@ use vmm::{VmOutcome, Vmm};
 
 use crate::options::{PrimaryArgs, StandbyArgs};
 use crate::run::{
-    console_sink, exit_status, host_io, load_payload, open_disk, open_net, vm_config, Error,
+    boot, console_sink, exit_status, guest, host_io, open_disk, open_net, vm_config, Error,
 };
 
 /// What `--stats-json` records about a primary's run (machine-readable status).
@@ -76,7 +76,7 @@ fn write_json(path: Option<&Path>, value: &impl Serialize) -> Result<(), Error> 
 }
 
 pub fn primary(args: &PrimaryArgs) -> Result<ExitCode, Error> {
-    let payload = load_payload(&args.vm.payload)?;
+    let guest = guest(&args.vm)?;
     let mut io = host_io(&args.vm)?;
     // Output is held from the first byte: nothing leaves before a standby can continue from it.
     let console = std::mem::replace(
@@ -96,7 +96,7 @@ pub fn primary(args: &PrimaryArgs) -> Result<ExitCode, Error> {
         failover_timeout_ms: args.failover_timeout_ms,
     };
     // Boot (which checks the payload) before connecting, so bad input never reaches the peer.
-    let mut vmm = Vmm::boot_payload(&config.vm, &payload, io)?;
+    let mut vmm = boot(&config.vm, &guest, io)?;
     let connect_timeout = Duration::from_millis(args.connect_timeout_ms);
     let link = match link::connect(&args.peer, &config, connect_timeout) {
         Ok(link) => link,
