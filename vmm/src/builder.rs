@@ -345,8 +345,7 @@ impl Vmm {
         }
         // Check the inputs before allocating anything, so bad input fails fast.
         memory::check_mem_size(config.mem_size)?;
-        linux::probe(&boot.kernel)?;
-        linux::check_cmdline(&boot.cmdline)?;
+        linux::check(boot)?;
         let mem = memory::create_guest_memory(config.mem_size)?;
         let serial = SerialDevice::new(io.console).map_err(BuildError::Serial)?;
         let shell = Self::prepare(config, mem, &io.kvm_path)?;

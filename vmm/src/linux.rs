@@ -146,6 +146,20 @@ pub fn probe(path: &Path) -> Result<KernelFormat, LinuxError> {
     Err(LinuxError::NotAKernel(path.to_owned()))
 }
 
+/// Checks what can be checked before a VM is built: the kernel's format, the command line,
+/// and that the initrd can be opened.
+pub fn check(boot: &LinuxBoot) -> Result<KernelFormat, LinuxError> {
+    let format = probe(&boot.kernel)?;
+    check_cmdline(&boot.cmdline)?;
+    if let Some(path) = &boot.initrd {
+        File::open(path).map_err(|source| LinuxError::ReadInitrd {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    Ok(format)
+}
+
 /// Checks the command line a guest would get.
 pub fn check_cmdline(cmdline: &str) -> Result<(), LinuxError> {
     if cmdline.contains('\0') {
