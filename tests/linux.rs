@@ -1,5 +1,6 @@
 //! Stock Linux guests: Debian's cloud kernel (fetched by scripts/fetch-kernel.sh) booted
-//! through its PVH entry, alone and as a replicated pair whose primary is killed mid-boot.
+//! through its PVH entry, alone and as a replicated pair whose primary is killed mid-boot, and
+//! its bzImage entered through the 64-bit boot protocol.
 //!
 //! Under PVM (see docs/linux.md) the kernel's code is emulated, so these tests stop in early
 //! boot: at the banner and ACPI table lines, and at the `Memory:` line.
@@ -35,6 +36,17 @@ fn kernel() -> PathBuf {
 }
 
 /// The complete lines of a console file so far (a line being written is left out).
+/// Debian's bzImage of the same kernel, which scripts/fetch-kernel.sh caches beside it.
+fn bzimage() -> PathBuf {
+    let path = kernel().with_file_name("bzImage");
+    assert!(
+        path.is_file(),
+        "no bzImage at {} (run scripts/fetch-kernel.sh)",
+        path.display()
+    );
+    path
+}
+
 fn text(path: &std::path::Path) -> String {
     let mut bytes = std::fs::read(path).unwrap_or_default();
     let end = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
@@ -157,5 +169,30 @@ fn debian_kernel_fails_over_mid_boot() {
     assert!(
         !merged[..memory].contains('\0'),
         "a hole in the merged console"
+    );
+}
+
+#[test]
+fn debian_bzimage_enters_through_the_64_bit_boot_protocol() {
+    let _one = ONE_KERNEL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = Scratch::new("linux-bzimage");
+    let out = dir.path("console");
+    let mut vm = Node::spawn(&[
+        "run".to_string(),
+        "--mem=256M".into(),
+        format!("--kernel={}", bzimage().display()),
+        "--cmdline=console=ttyS0 earlyprintk=serial,ttyS0,115200 nokaslr".into(),
+        format!("--console=file:{}", out.display()),
+    ]);
+    // The decompressor (emulated here: it takes minutes to reach the kernel's banner) found
+    // the command line through the zero page and printed on the UART.
+    let seen = wait_for(BANNER_LIMIT, || {
+        text(&out).contains("KASLR disabled: 'nokaslr' on cmdline.") || !vm.running()
+    });
+    assert!(
+        seen && vm.running(),
+        "the bzImage's decompressor printed nothing; console:\n{}\nstderr:\n{}",
+        text(&out),
+        vm.stderr()
     );
 }
