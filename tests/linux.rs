@@ -68,14 +68,21 @@ fn debian_kernel_boots_to_banner_and_acpi_tables() {
     let _one = ONE_KERNEL.lock().unwrap_or_else(|e| e.into_inner());
     let kernel = kernel();
     let dir = Scratch::new("linux-boot");
-    let (out, disk) = (dir.path("console"), dir.path("disk.img"));
+    let (out, disk, initrd) = (
+        dir.path("console"),
+        dir.path("disk.img"),
+        dir.path("initrd"),
+    );
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    // Any bytes do for an initrd that the kernel only reserves in early boot.
+    std::fs::write(&initrd, vec![0x5au8; 300 << 10]).unwrap();
     let start = Instant::now();
     let mut vm = Node::spawn(&[
         "run".to_string(),
         "--mem=256M".into(),
         format!("--kernel={}", kernel.display()),
         format!("--disk={}", disk.display()),
+        format!("--initrd={}", initrd.display()),
         format!("--console=file:{}", out.display()),
     ]);
     let up = wait_for(BANNER_LIMIT, || {
@@ -98,6 +105,11 @@ fn debian_kernel_boots_to_banner_and_acpi_tables() {
     {
         assert!(line.contains("FTVMM"), "{line}");
     }
+    // The initrd lies page-aligned at the top of the 256 MiB of RAM.
+    assert!(
+        t.contains("RAMDISK: [mem 0x0ffb5000-0x0fffffff]"),
+        "initrd not where ftvmm put it: {t}"
+    );
     // The disk is also on the command line, for kernels with virtio_mmio built in.
     let cmdline = t
         .lines()

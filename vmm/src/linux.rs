@@ -286,10 +286,8 @@ fn load_initrd(
         .map(|a| a & !0xfff)
         .filter(|&a| a >= kernel_end)
         .ok_or(LinuxError::InitrdTooLarge { size, kernel_end })?;
-    let mut data = Vec::with_capacity(size as usize);
-    file.read_to_end(&mut data).map_err(read_err)?;
-    mem.write_slice(&data, GuestAddress(addr))?;
-    Ok((addr, data.len() as u64))
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)?;
+    Ok((addr, size))
 }
 
 fn write_pvh_info(
@@ -348,7 +346,10 @@ fn write_zero_page(
     let mut params = boot_params::default();
     hdr.type_of_loader = LOADER_TYPE_OTHER;
     hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
-    hdr.cmdline_size = cmdline_len as u32;
+    // cmdline_size is the kernel's limit (protocol 2.06+), not ours to set.
+    if hdr.cmdline_size != 0 && cmdline_len > hdr.cmdline_size as usize {
+        return Err(LinuxError::CmdlineTooLong(cmdline_len - 1));
+    }
     if let Some((addr, size)) = initrd {
         hdr.ramdisk_image = addr as u32;
         hdr.ramdisk_size = size as u32;
@@ -409,7 +410,7 @@ fn write_gdt(mem: &GuestMemory) -> Result<(), LinuxError> {
     Ok(())
 }
 
-/// The segment `descriptor` (from [`GDT`]) as KVM takes it.
+/// The descriptor of `selector` in [`GDT`], as KVM takes it.
 fn segment(selector: u16) -> kvm_segment {
     let d = GDT[usize::from(selector / 8)];
     let base = ((d >> 16) & 0xff_ffff) | (((d >> 56) & 0xff) << 24);
