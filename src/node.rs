@@ -13,7 +13,7 @@ use tracing::{info, warn};
 use vmm::builder::HostIo;
 use vmm::{VmOutcome, Vmm};
 
-use crate::options::{PrimaryArgs, StandbyArgs};
+use crate::options::{OnReboot, PrimaryArgs, StandbyArgs};
 use crate::run::{
     boot, console_sink, exit_status, guest, host_io, open_disk, open_net, vm_config, Error,
 };
@@ -77,6 +77,9 @@ fn write_json(path: Option<&Path>, value: &impl Serialize) -> Result<(), Error> 
 
 pub fn primary(args: &PrimaryArgs) -> Result<ExitCode, Error> {
     let guest = guest(&args.vm)?;
+    if args.vm.on_reboot == OnReboot::Restart {
+        return Err("--on-reboot restart is not supported for a replicated guest (it ends)".into());
+    }
     let mut io = host_io(&args.vm)?;
     // Output is held from the first byte: nothing leaves before a standby can continue from it.
     let console = std::mem::replace(

@@ -24,6 +24,10 @@ pub struct RunArgs {
     /// Guest RAM, e.g. 256M or 2G (64M..64G).
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     pub mem: u64,
+    /// What the guest's reboot (a reset through ACPI, the i8042 or port 0xcf9) does: end the
+    /// VM with status 0, or boot the guest again (`run` only).
+    #[arg(long, value_enum, default_value_t = OnReboot::Exit)]
+    pub on_reboot: OnReboot,
     /// Number of vCPUs; every one enters the payload with its id (a kernel starts the others).
     #[arg(long, default_value_t = 1)]
     pub vcpus: u32,
@@ -87,6 +91,15 @@ pub struct StandbyArgs {
     pub listen: String,
     #[command(flatten)]
     pub host: HostArgs,
+}
+
+/// What a guest's reboot does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnReboot {
+    /// End the VM (ftvmm exits with status 0).
+    Exit,
+    /// Boot the guest again in a fresh VM with the same flags; its console stream goes on.
+    Restart,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -13,7 +13,7 @@ use vmm::devices::{BlockBackend, ConsoleSink};
 use vmm::linux::{LinuxBoot, DEFAULT_CMDLINE};
 use vmm::{GuestKind, VmConfig, VmOutcome, Vmm};
 
-use crate::options::{ConsoleSpec, NetSpec, RunArgs};
+use crate::options::{ConsoleSpec, NetSpec, OnReboot, RunArgs};
 use crate::{payloads, EXIT_GUEST_FAULT};
 
 /// An error of ftvmm itself, printed as one line.
@@ -156,13 +156,40 @@ struct RunStats {
     outcome: String,
 }
 
+/// One console stream shared by the successive VMs of a guest that reboots.
+#[derive(Clone)]
+struct SharedConsole(Arc<Mutex<Box<dyn ConsoleSink>>>);
+
+impl ConsoleSink for SharedConsole {
+    fn write_console(&mut self, bytes: &[u8]) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write_console(bytes);
+    }
+}
+
 pub fn run(args: &RunArgs) -> Result<ExitCode, Error> {
     let guest = guest(args)?;
-    let io = host_io(args)?;
-    let mut vmm = boot(&vm_config(args), &guest, io)?;
+    let config = vm_config(args);
+    let console = SharedConsole(Arc::new(Mutex::new(console_sink(&args.host.console, 0)?)));
     let start = std::time::Instant::now();
-    vmm.start()?;
-    let outcome = vmm.wait();
+    let (vmm, outcome) = loop {
+        // Every boot gets a fresh VM and reopens the disk and tap (the last VM closed them).
+        let io = HostIo {
+            kvm_path: args.host.kvm_device.clone(),
+            console: Box::new(console.clone()),
+            disk: open_disk(args.host.disk.as_deref())?,
+            net: open_net(args.host.net.as_ref())?,
+        };
+        let mut vmm = boot(&config, &guest, io)?;
+        vmm.start()?;
+        let outcome = vmm.wait();
+        if outcome != VmOutcome::Reset || args.on_reboot != OnReboot::Restart {
+            break (vmm, outcome);
+        }
+        tracing::info!("the guest rebooted; booting it again");
+    };
     if let Some(path) = &args.host.stats_json {
         let stats = RunStats {
             exits: vmm.exit_counts(),
