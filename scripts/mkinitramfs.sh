@@ -3,7 +3,9 @@
 # host: Debian's busybox-static, plus the virtio modules from the kernel package that
 # scripts/fetch-kernel.sh cached (Debian builds virtio, virtio_mmio, virtio_blk and
 # virtio_net as modules). Its /init loads them, mounts the virtio disk (/dev/vda) on /mnt if
-# there is one, brings eth0 up, and starts a shell on the console.
+# there is one, brings eth0 up, and then runs /mnt/ftvmm-run from the disk if it is there (the
+# guest's workload); otherwise it prints what it found and idles (ftvmm's console is output
+# only, so an interactive shell would wait for input that never comes).
 #
 #   scripts/mkinitramfs.sh [OUTPUT]      (default: $FTVMM_KERNEL_CACHE/initramfs.cpio.gz)
 #
@@ -68,8 +70,12 @@ if [ -b /dev/vda ]; then
         echo "ftvmm-initramfs: /dev/vda present but not mountable (make a filesystem on it)"
 fi
 ip link set eth0 up 2>/dev/null && echo "ftvmm-initramfs: eth0 up"
-echo "ftvmm-initramfs: ready"
-exec setsid cttyhack sh
+echo "ftvmm-initramfs: ready: $(cat /proc/version)"
+if [ -x /mnt/ftvmm-run ]; then
+    exec /mnt/ftvmm-run
+fi
+echo "ftvmm-initramfs: no /mnt/ftvmm-run on the disk; idling (poweroff -f ends the VM)"
+while :; do sleep 3600; done
 INIT
 chmod +x "$root/init"
 mkdir -p "$(dirname "$out")"
