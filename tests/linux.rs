@@ -140,6 +140,9 @@ fn debian_kernel_fails_over_mid_boot() {
         "--peer".into(),
         addr,
         "--mem=128M".into(),
+        // A SIGKILL closes the link, which the standby sees at once; the long timeout only
+        // keeps a loaded machine's slow acknowledgement from ending protection early.
+        "--failover-timeout-ms=2000".into(),
         format!("--kernel={}", kernel.display()),
         format!("--console=file:{}", p_out.display()),
     ]);
