@@ -2,11 +2,18 @@
 # The test command: installs what the tests need (as root, from Debian's packages), then runs
 # every test: the workspace's (unit and end-to-end, under KVM) and the guest crates' host-side
 # unit tests. The end-to-end tests create taps, bridges and network namespaces, so they need
-# root and /dev/kvm. Ends with one summary line: "tests: N passed, N failed".
+# root and /dev/kvm; the Linux boot tests boot Debian's kernel, fetched with apt. Ends with one summary line: "tests: N passed, N failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v ip >/dev/null || ! command -v chattr >/dev/null; then
     apt-get update -qq && apt-get install -y -qq iproute2 e2fsprogs
+fi
+# Debian's stock cloud kernel for the Linux boot tests (tests/linux.rs), cached outside the
+# clone. If the fetch fails, those tests fail and say why.
+if kernel=$(bash scripts/fetch-kernel.sh | tail -n1); then
+    export FTVMM_KERNEL="$kernel"
+else
+    echo "test.sh: could not fetch the Linux test kernel; the Linux boot tests will fail" >&2
 fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

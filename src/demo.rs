@@ -10,7 +10,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use vmm::builder::HostIo;
-use vmm::{VmConfig, VmOutcome, Vmm};
+use vmm::{GuestKind, VmConfig, VmOutcome, Vmm};
 
 use crate::run::{Capture, Error, Node};
 
@@ -50,6 +50,7 @@ fn fault_free() -> Result<u64, Error> {
         mem_size: 128 << 20,
         vcpus: VCPUS,
         args: guest_args(),
+        kind: GuestKind::Payload,
     };
     let payload = crate::payloads::builtin("stencil").ok_or("stencil payload missing")?;
     let mut vmm = Vmm::boot_payload(&config, payload, io)?;

@@ -19,9 +19,9 @@ use vmm::devices::virtio::tap::Tap;
 use vmm::devices::{BlockBackend, FrameSink};
 use vmm::{VmOutcome, Vmm};
 
-use crate::options::{PrimaryArgs, StandbyArgs};
+use crate::options::{OnReboot, PrimaryArgs, StandbyArgs};
 use crate::run::{
-    console_sink, exit_status, host_io, load_payload, open_disk, open_net, vm_config, Error,
+    boot, console_sink, exit_status, guest, host_io, open_disk, open_net, vm_config, Error,
 };
 
 /// What `--stats-json` records about a primary's run (machine-readable status).
@@ -82,7 +82,10 @@ fn write_json(path: Option<&Path>, value: &impl Serialize) -> Result<(), Error> 
 }
 
 pub fn primary(args: &PrimaryArgs) -> Result<ExitCode, Error> {
-    let payload = load_payload(&args.vm.payload)?;
+    let guest = guest(&args.vm)?;
+    if args.vm.on_reboot == OnReboot::Restart {
+        return Err("--on-reboot restart is not supported for a replicated guest (it ends)".into());
+    }
     let mut io = host_io(&args.vm)?;
     // Output is held from the first byte: nothing leaves before a standby can continue from it.
     let console = std::mem::replace(
@@ -103,7 +106,7 @@ pub fn primary(args: &PrimaryArgs) -> Result<ExitCode, Error> {
     };
     // Boot (which checks the payload) before connecting, so bad input never reaches the peer.
     let recorder = record_disk(&mut io, args.vm.host.disk.as_deref())?;
-    let mut vmm = Vmm::boot_payload(&config.vm, &payload, io)?;
+    let mut vmm = boot(&config.vm, &guest, io)?;
     let outputs = Outputs::attach(console, Mode::Held, &vmm, FRAME_HOLD_LIMIT, recorder);
     let connect_timeout = Duration::from_millis(args.connect_timeout_ms);
     let link = match link::connect(&args.peer, &config, connect_timeout) {

@@ -7,18 +7,33 @@ use clap::Args;
 /// The VM flags of `ftvmm run` (and of `ftvmm primary`).
 #[derive(Args, Debug, Clone)]
 pub struct RunArgs {
-    /// The payload: a path to a static x86-64 ELF, or `builtin:NAME`.
+    /// The payload: a path to a static x86-64 ELF, or `builtin:NAME` (or give --kernel).
     #[arg(long)]
-    pub payload: String,
+    pub payload: Option<String>,
+    /// A Linux kernel to boot instead of a payload: an ELF vmlinux with a PVH entry, or a
+    /// bzImage (64-bit boot protocol).
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// An initrd (initramfs) for --kernel.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line for --kernel (default: a console on the 16550, ttyS0);
+    /// ftvmm appends virtio_mmio.device= entries for the virtio devices.
+    #[arg(long)]
+    pub cmdline: Option<String>,
     /// Guest RAM, e.g. 256M or 2G (64M..64G).
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     pub mem: u64,
-    /// Number of vCPUs; every one enters the payload with its id.
+    /// What the guest's reboot (a reset through ACPI, the i8042 or port 0xcf9) does: end the
+    /// VM with status 0, or boot the guest again (`run` only).
+    #[arg(long, value_enum, default_value_t = OnReboot::Exit)]
+    pub on_reboot: OnReboot,
+    /// Number of vCPUs; every one enters the payload with its id (a kernel starts the others).
     #[arg(long, default_value_t = 1)]
     pub vcpus: u32,
     #[command(flatten)]
     pub host: HostArgs,
-    /// Arguments handed to the payload.
+    /// Arguments handed to the payload (not for --kernel: use --cmdline).
     #[arg(last = true)]
     pub args: Vec<String>,
 }
@@ -76,6 +91,15 @@ pub struct StandbyArgs {
     pub listen: String,
     #[command(flatten)]
     pub host: HostArgs,
+}
+
+/// What a guest's reboot does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnReboot {
+    /// End the VM (ftvmm exits with status 0).
+    Exit,
+    /// Boot the guest again in a fresh VM with the same flags; its console stream goes on.
+    Restart,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

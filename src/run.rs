@@ -1,4 +1,4 @@
-//! `ftvmm run`: boot a payload and run it to completion.
+//! `ftvmm run`: boot a payload or a Linux kernel and run it to completion.
 
 use std::path::Path;
 use std::process::ExitCode;
@@ -10,9 +10,10 @@ use vmm::devices::console::{FileConsole, StdoutConsole};
 use vmm::devices::virtio::blk::RawFileBackend;
 use vmm::devices::virtio::tap::Tap;
 use vmm::devices::{BlockBackend, ConsoleSink};
-use vmm::{VmConfig, VmOutcome, Vmm};
+use vmm::linux::{LinuxBoot, DEFAULT_CMDLINE};
+use vmm::{GuestKind, VmConfig, VmOutcome, Vmm};
 
-use crate::options::{ConsoleSpec, NetSpec, RunArgs};
+use crate::options::{ConsoleSpec, NetSpec, OnReboot, RunArgs};
 use crate::{payloads, EXIT_GUEST_FAULT};
 
 /// An error of ftvmm itself, printed as one line.
@@ -48,13 +49,66 @@ pub fn vm_config(args: &RunArgs) -> VmConfig {
         mem_size: args.mem,
         vcpus: args.vcpus,
         args: args.args.clone(),
+        kind: if args.kernel.is_some() {
+            GuestKind::Linux
+        } else {
+            GuestKind::Payload
+        },
     }
+}
+
+/// What the VM flags say to boot.
+pub enum Guest {
+    Payload(Vec<u8>),
+    Linux(LinuxBoot),
+}
+
+/// Checks that the flags name exactly one guest and reads it (a payload) or describes it (a
+/// kernel, which the VMM reads while loading it).
+pub fn guest(args: &RunArgs) -> Result<Guest, Error> {
+    match (&args.payload, &args.kernel) {
+        (Some(_), Some(_)) => Err("give either --payload or --kernel, not both".into()),
+        (None, None) => Err("give the guest to boot: --payload or --kernel".into()),
+        (Some(payload), None) => {
+            if args.initrd.is_some() || args.cmdline.is_some() {
+                return Err("--initrd and --cmdline need --kernel".into());
+            }
+            Ok(Guest::Payload(load_payload(payload)?))
+        }
+        (None, Some(kernel)) => {
+            if !args.args.is_empty() {
+                return Err(
+                    "arguments after -- are for payloads; give a kernel --cmdline instead".into(),
+                );
+            }
+            Ok(Guest::Linux(LinuxBoot {
+                kernel: kernel.clone(),
+                initrd: args.initrd.clone(),
+                cmdline: args
+                    .cmdline
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
+            }))
+        }
+    }
+}
+
+/// Builds the VM `config` describes and boots `guest` into it.
+pub fn boot(config: &VmConfig, guest: &Guest, io: HostIo) -> Result<Vmm, Error> {
+    Ok(match guest {
+        Guest::Payload(elf) => Vmm::boot_payload(config, elf, io)?,
+        Guest::Linux(boot) => Vmm::boot_linux(config, boot, io)?,
+    })
 }
 
 /// Maps how the guest ended to this process's exit status.
 pub fn exit_status(outcome: VmOutcome) -> ExitCode {
     match outcome {
         VmOutcome::Exited(code) => ExitCode::from(code as u8),
+        VmOutcome::Reset => {
+            eprintln!("ftvmm: the guest rebooted; the VM ends here");
+            ExitCode::SUCCESS
+        }
         VmOutcome::Fault(reason) => {
             eprintln!("ftvmm: guest fault: {reason}");
             ExitCode::from(EXIT_GUEST_FAULT)
@@ -102,13 +156,40 @@ struct RunStats {
     outcome: String,
 }
 
+/// One console stream shared by the successive VMs of a guest that reboots.
+#[derive(Clone)]
+struct SharedConsole(Arc<Mutex<Box<dyn ConsoleSink>>>);
+
+impl ConsoleSink for SharedConsole {
+    fn write_console(&mut self, bytes: &[u8]) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write_console(bytes);
+    }
+}
+
 pub fn run(args: &RunArgs) -> Result<ExitCode, Error> {
-    let payload = load_payload(&args.payload)?;
-    let io = host_io(args)?;
-    let mut vmm = Vmm::boot_payload(&vm_config(args), &payload, io)?;
+    let guest = guest(args)?;
+    let config = vm_config(args);
+    let console = SharedConsole(Arc::new(Mutex::new(console_sink(&args.host.console, 0)?)));
     let start = std::time::Instant::now();
-    vmm.start()?;
-    let outcome = vmm.wait();
+    let (vmm, outcome) = loop {
+        // Every boot gets a fresh VM and reopens the disk and tap (the last VM closed them).
+        let io = HostIo {
+            kvm_path: args.host.kvm_device.clone(),
+            console: Box::new(console.clone()),
+            disk: open_disk(args.host.disk.as_deref())?,
+            net: open_net(args.host.net.as_ref())?,
+        };
+        let mut vmm = boot(&config, &guest, io)?;
+        vmm.start()?;
+        let outcome = vmm.wait();
+        if outcome != VmOutcome::Reset || args.on_reboot != OnReboot::Restart {
+            break (vmm, outcome);
+        }
+        tracing::info!("the guest rebooted; booting it again");
+    };
     if let Some(path) = &args.host.stats_json {
         let stats = RunStats {
             exits: vmm.exit_counts(),

@@ -54,3 +54,53 @@ fn every_vcpu_enters_with_its_id_and_the_vm_ends_when_all_park() {
     ids.sort();
     assert_eq!(ids, b"0123");
 }
+
+/// Prints "r\n" on the UART, then resets the machine through the i8042 (`reboot=k`).
+const RESETTING: [u8; 16] = [
+    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+    0xb0, b'r', 0xee, // mov al, 'r'; out dx, al
+    0xb0, b'\n', 0xee, // mov al, '\n'; out dx, al
+    0xb0, 0xfe, 0xe6, 0x64, // mov al, 0xfe; out 0x64, al
+    0xeb, 0xfe, // jmp $
+];
+
+#[test]
+fn a_guest_reset_ends_the_vm() {
+    let out = run_code("reset", &RESETTING, "1");
+    assert_eq!(out.status.code(), Some(0), "{}", stderr_of(&out));
+    assert_eq!(out.stdout, b"r\n");
+    assert!(stderr_of(&out).contains("the guest rebooted"));
+}
+
+#[test]
+fn a_guest_reset_restarts_the_vm_when_asked() {
+    let s = Scratch::new("restart");
+    let (p, console) = (s.path("payload"), s.path("console"));
+    write_file(&p, &elf_with_code(&RESETTING, LOAD));
+    let mut vm = Node::spawn(&[
+        "run".to_string(),
+        "--on-reboot=restart".into(),
+        format!("--console=file:{}", console.display()),
+        format!("--payload={}", p.display()),
+    ]);
+    // Each boot prints its line once, one after the other in the same console stream.
+    let rebooted = wait_for(LIMIT, || {
+        std::fs::read(&console)
+            .unwrap_or_default()
+            .starts_with(b"r\nr\nr\n")
+            || !vm.running()
+    });
+    assert!(rebooted && vm.running(), "{}", vm.stderr());
+    let err = ftvmm(
+        &[
+            "primary",
+            "--peer",
+            "127.0.0.1:1",
+            "--on-reboot=restart",
+            "--payload",
+            "builtin:seq",
+        ],
+        LIMIT,
+    );
+    assert!(stderr_of(&err).contains("not supported for a replicated guest"));
+}

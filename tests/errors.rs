@@ -167,3 +167,78 @@ fn a_tap_that_cannot_be_created() {
     );
     assert!(err.contains("ftnobridge0"), "{err}");
 }
+
+#[test]
+fn payload_and_kernel_together_or_neither() {
+    let err = fails(
+        &[
+            "run",
+            "--payload",
+            "builtin:seq",
+            "--kernel",
+            "/boot/vmlinuz",
+        ],
+        EXIT_FTVMM_ERROR,
+    );
+    assert!(
+        err.contains("either --payload or --kernel, not both"),
+        "{err}"
+    );
+    let err = fails(&["run", "--mem", "128M"], EXIT_FTVMM_ERROR);
+    assert!(err.contains("--payload or --kernel"), "{err}");
+    let err = fails(
+        &["run", "--payload", "builtin:seq", "--cmdline", "quiet"],
+        EXIT_FTVMM_ERROR,
+    );
+    assert!(err.contains("need --kernel"), "{err}");
+}
+
+#[test]
+fn missing_kernel_file() {
+    let err = fails(
+        &["run", "--kernel", "/nonexistent/vmlinux"],
+        EXIT_FTVMM_ERROR,
+    );
+    assert!(
+        err.contains("cannot read kernel /nonexistent/vmlinux"),
+        "{err}"
+    );
+}
+
+#[test]
+fn not_a_kernel() {
+    let s = Scratch::new("notkernel");
+    let p = s.path("vmlinuz");
+    write_file(&p, b"#!/bin/sh\necho hello\n");
+    let err = fails(&["run", "--kernel", p.to_str().unwrap()], EXIT_FTVMM_ERROR);
+    assert!(
+        err.contains("neither an ELF vmlinux nor a bzImage"),
+        "{err}"
+    );
+    // An ELF without the PVH note (a payload) is refused as a kernel.
+    write_file(&p, &elf_with_code(&[0xeb, 0xfe], 0x40_0000));
+    let err = fails(&["run", "--kernel", p.to_str().unwrap()], EXIT_FTVMM_ERROR);
+    assert!(err.contains("without a PVH entry note"), "{err}");
+}
+
+#[test]
+fn missing_initrd_and_long_cmdline() {
+    let s = Scratch::new("badinitrd");
+    let p = s.path("vmlinux");
+    write_file(&p, &elf_with_code(&[0xeb, 0xfe], 0x40_0000));
+    let k = p.to_str().unwrap();
+    let err = fails(
+        &["run", "--kernel", k, "--initrd", "/nonexistent/initrd"],
+        EXIT_FTVMM_ERROR,
+    );
+    assert!(
+        err.contains("cannot read initrd /nonexistent/initrd"),
+        "{err}"
+    );
+    let long = "x".repeat(3000);
+    let err = fails(
+        &["run", "--kernel", k, "--cmdline", &long],
+        EXIT_FTVMM_ERROR,
+    );
+    assert!(err.contains("command line is 3000 bytes"), "{err}");
+}

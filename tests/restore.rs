@@ -8,7 +8,7 @@ use ftvmm::payloads;
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
 use vmm::builder::HostIo;
 use vmm::devices::ConsoleSink;
-use vmm::{memory, VmConfig, VmOutcome, Vmm};
+use vmm::{memory, GuestKind, VmConfig, VmOutcome, Vmm};
 
 #[derive(Clone, Default)]
 struct Capture(Arc<Mutex<Vec<u8>>>);
@@ -39,6 +39,7 @@ fn check_restore_continues(payload: &str, args: &[&str], vcpus: u32, run_for: Du
         mem_size: 128 << 20,
         vcpus,
         args: args.iter().map(|s| s.to_string()).collect(),
+        kind: GuestKind::Payload,
     };
     let elf = payloads::builtin(payload).unwrap();
     let original_out = Capture::default();

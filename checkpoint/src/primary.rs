@@ -195,10 +195,13 @@ pub fn protect(
         role.protected
     };
     shared.changed.notify_all();
+    // A guest reset ends the VM like an exit with status 0 (ftvmm does not restart it).
     if let PrimaryEnd::Guest(VmOutcome::Exited(code)) = &end {
         if protected {
             let _ = control.send(&Message::Exit { code: *code });
         }
+    } else if let (PrimaryEnd::Guest(VmOutcome::Reset), true) = (&end, protected) {
+        let _ = control.send(&Message::Exit { code: 0 });
     }
     // The sender may be blocked on a dead standby's full socket: cut it loose.
     data.shutdown();

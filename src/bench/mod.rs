@@ -17,7 +17,7 @@ use vmm::builder::HostIo;
 use vmm::devices::virtio::blk::RawFileBackend;
 use vmm::devices::virtio::tap::Tap;
 use vmm::devices::{BlockBackend, ConsoleSink};
-use vmm::{VmConfig, VmOutcome, Vmm};
+use vmm::{GuestKind, VmConfig, VmOutcome, Vmm};
 
 use crate::run::{Capture, Error};
 use crate::testbed::{kv_pipelined, Topology, BRIDGE, GUEST_IP, KV_PORT};
@@ -84,6 +84,7 @@ fn boot(
         mem_size: 512 << 20,
         vcpus,
         args: args.to_vec(),
+        kind: GuestKind::Payload,
     };
     let mut vmm = build(payload, &config, Box::new(capture.clone()), disk, net)?;
     vmm.start()?;

@@ -21,7 +21,7 @@ use netbuf::{ConsoleGateSink, Gate, Mode, FRAME_HOLD_LIMIT};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use vmm::devices::ConsoleSink;
-use vmm::{VmConfig, VmOutcome};
+use vmm::{GuestKind, VmConfig, VmOutcome};
 
 use super::{build, median, Capture, Row};
 use crate::node::{quantile_us, unix_us};
@@ -86,6 +86,7 @@ fn stencil_config(n: usize, steps: u64) -> VmConfig {
             "time".into(),
             format!("report={}", (steps / 20).max(1)),
         ],
+        kind: GuestKind::Payload,
     }
 }
 

@@ -11,9 +11,12 @@ use guest_abi::{
     PORT_UART,
 };
 use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
 
+use crate::acpi::{self, AcpiError};
 use crate::boot::{self, BootError, BootParams};
 use crate::bus::Bus;
+use crate::devices::power::PowerPorts;
 use crate::devices::serial::{ConsoleBatchPort, SerialDevice, SerialDeviceState};
 use crate::devices::virtio::blk::Block;
 use crate::devices::virtio::blk::BlockState;
@@ -24,6 +27,7 @@ use crate::devices::virtio::net::{Net, NetControl, NetError};
 use crate::devices::virtio::tap::Tap;
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::{BlockBackend, ConsoleSink, FrameSink, GuestMemory};
+use crate::linux::{self, LinuxBoot, LinuxError};
 use crate::memory::{self, DirtyLog, MemoryError};
 use crate::vcpu::{self, RunControl, Vcpu, VcpuError, VcpuState, VmOutcome};
 use crate::vm::{Vm, VmError, VmState};
@@ -38,6 +42,16 @@ pub enum BuildError {
     Vcpu(#[from] VcpuError),
     #[error(transparent)]
     Boot(#[from] BootError),
+    #[error(transparent)]
+    Linux(#[from] LinuxError),
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
+    #[error("cannot route a device interrupt (KVM_IRQFD for GSI {gsi}): {source}")]
+    Irqfd { gsi: u32, source: kvm_ioctls::Error },
+    #[error("cannot create an interrupt eventfd: {0}")]
+    EventFd(std::io::Error),
+    #[error("a {0:?} VM cannot be booted this way")]
+    WrongKind(GuestKind),
     #[error("vCPU count {0} is outside 1..=64")]
     BadVcpus(u32),
     #[error("cannot create the UART: {0}")]
@@ -59,6 +73,19 @@ pub struct VmConfig {
     pub vcpus: u32,
     /// Arguments handed to the payload.
     pub args: Vec<String>,
+    /// The guest's kind: it decides the vCPUs' CPUID, the platform setup and whether device
+    /// interrupts are routed, so a standby's shell must be built for the same kind.
+    pub kind: GuestKind,
+}
+
+/// The two kinds of guests ftvmm boots.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestKind {
+    /// A freestanding ELF entered at CPL3 (polls its devices, no interrupts).
+    #[default]
+    Payload,
+    /// A Linux kernel: ACPI tables, interrupts through the in-kernel irqchip.
+    Linux,
 }
 
 /// Host resources a VM uses that are not part of its configuration.
@@ -135,6 +162,7 @@ pub struct VmShell {
     vm: Vm,
     vcpus: Vec<Vcpu>,
     msr_indices: Vec<u32>,
+    kind: GuestKind,
 }
 
 impl VmShell {
@@ -180,10 +208,19 @@ impl VmShell {
             vm,
             vcpus,
             msr_indices,
+            kind,
         } = self;
         let mut bus = Bus::default();
+        let linux = kind == GuestKind::Linux;
+        if linux {
+            route_irq(&vm, serial.irq(), acpi::UART_IRQ)?;
+        }
         let serial = Arc::new(Mutex::new(serial));
         bus.add_pio(PORT_UART, 8, serial.clone());
+        let power = Arc::new(Mutex::new(PowerPorts));
+        for (base, len) in PowerPorts::WINDOWS {
+            bus.add_pio(base, len, power.clone());
+        }
         let batch = ConsoleBatchPort::new(vm.memory().clone(), serial.clone());
         bus.add_pio(PORT_CONSOLE_BATCH, 4, Arc::new(Mutex::new(batch)));
         let mut devices = Vec::new();
@@ -192,6 +229,9 @@ impl VmShell {
             let block = Block::new(backend, false, "ftvmm-disk");
             attach(&mut bus, vm.memory(), SLOT_DISK, block)
         });
+        if let (true, Some(d)) = (linux, &disk) {
+            lock(d).set_irq(Some(irq_for(&vm, SLOT_DISK)?));
+        }
         let net = match net {
             Some((tap, mac)) => {
                 devices.push(slot_info(DeviceKind::VirtioNet, SLOT_NET));
@@ -204,6 +244,9 @@ impl VmShell {
             }
             None => None,
         };
+        if let (true, Some(n)) = (linux, &net) {
+            lock(n).set_irq(Some(irq_for(&vm, SLOT_NET)?));
+        }
         let vmm = Vmm {
             vm,
             vcpus: vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect(),
@@ -217,6 +260,37 @@ impl VmShell {
         };
         Ok((vmm, devices))
     }
+}
+
+/// Routes `evt` to `gsi` of the in-kernel IOAPIC (KVM_IRQFD): a device's interrupt reaches
+/// the guest without a VMM thread in between.
+fn route_irq(vm: &Vm, evt: &EventFd, gsi: u32) -> Result<(), BuildError> {
+    vm.fd()
+        .register_irqfd(evt, gsi)
+        .map_err(|source| BuildError::Irqfd { gsi, source })
+}
+
+/// A fresh interrupt eventfd for the virtio-mmio device in `slot`, routed to its GSI.
+fn irq_for(vm: &Vm, slot: u64) -> Result<EventFd, BuildError> {
+    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+    route_irq(vm, &evt, MMIO_FIRST_IRQ + slot as u32)?;
+    Ok(evt)
+}
+
+/// The `virtio_mmio.device=` entries that describe `devices` on the kernel command line, for
+/// kernels built with CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES (the DSDT describes them to others).
+fn virtio_cmdline(devices: &[DeviceInfo]) -> String {
+    devices
+        .iter()
+        .map(|d| {
+            format!(
+                " virtio_mmio.device={}K@{:#x}:{}",
+                MMIO_DEVICE_SIZE >> 10,
+                d.mmio_base,
+                d.irq
+            )
+        })
+        .collect()
 }
 
 /// A built VM with its vCPU threads.
@@ -238,6 +312,9 @@ impl Vmm {
     /// Builds a VM and boots `payload` (an ELF image) into it; the vCPUs start with [`Vmm::start`].
     pub fn boot_payload(config: &VmConfig, payload: &[u8], io: HostIo) -> Result<Self, BuildError> {
         check_vcpus(config)?;
+        if config.kind != GuestKind::Payload {
+            return Err(BuildError::WrongKind(config.kind));
+        }
         // Check the payload before allocating anything, so bad input fails fast.
         memory::check_mem_size(config.mem_size)?;
         boot::check_payload(payload, config.mem_size)?;
@@ -258,6 +335,42 @@ impl Vmm {
         Ok(vmm)
     }
 
+    /// Builds a VM and boots a Linux kernel into it: ACPI tables describing the vCPUs, the
+    /// UART and the virtio devices, then the kernel, initrd and command line (with
+    /// `virtio_mmio.device=` entries appended); the vCPUs start with [`Vmm::start`].
+    pub fn boot_linux(config: &VmConfig, boot: &LinuxBoot, io: HostIo) -> Result<Self, BuildError> {
+        check_vcpus(config)?;
+        if config.kind != GuestKind::Linux {
+            return Err(BuildError::WrongKind(config.kind));
+        }
+        // Check the inputs before allocating anything, so bad input fails fast.
+        memory::check_mem_size(config.mem_size)?;
+        linux::check(boot)?;
+        let mem = memory::create_guest_memory(config.mem_size)?;
+        let serial = SerialDevice::new(io.console).map_err(BuildError::Serial)?;
+        let shell = Self::prepare(config, mem, &io.kvm_path)?;
+        let (vmm, devices) = shell.assemble(serial, io.disk, io.net)?;
+        let described: Vec<acpi::MmioDevice> = devices
+            .iter()
+            .map(|d| acpi::MmioDevice {
+                base: d.mmio_base,
+                size: MMIO_DEVICE_SIZE,
+                irq: d.irq,
+            })
+            .collect();
+        let rsdp = acpi::write_tables(vmm.vm.memory(), config.vcpus, &described)?;
+        let boot = LinuxBoot {
+            cmdline: format!("{}{}", boot.cmdline, virtio_cmdline(&devices)),
+            ..boot.clone()
+        };
+        let entry = linux::load(vmm.vm.memory(), config.mem_size, &boot, rsdp)?;
+        for vcpu in &vmm.vcpus {
+            lock(vcpu).setup_linux()?;
+        }
+        lock(&vmm.vcpus[0]).enter_linux(&entry)?;
+        Ok(vmm)
+    }
+
     /// Builds the devices-free part of a VM on `memory`: the KVM VM and its vCPUs. A standby
     /// prepares one while it waits, so that a takeover only loads state and attaches devices.
     pub fn prepare(
@@ -267,14 +380,19 @@ impl Vmm {
     ) -> Result<VmShell, BuildError> {
         check_vcpus(config)?;
         let vm = Vm::new(kvm_path, memory)?;
+        let linux = config.kind == GuestKind::Linux;
+        if linux {
+            vm.setup_real_mode();
+        }
         let vcpus = (0..config.vcpus)
-            .map(|id| Vcpu::new(&vm, id))
+            .map(|id| Vcpu::new(&vm, id, config.vcpus, linux))
             .collect::<Result<Vec<_>, _>>()?;
         let msr_indices = vcpus[0].readable_msrs(&vm.msr_index_list()?)?;
         Ok(VmShell {
             vm,
             vcpus,
             msr_indices,
+            kind: config.kind,
         })
     }
 

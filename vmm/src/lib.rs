@@ -2,13 +2,15 @@
 //! state save/restore. It knows nothing of replication: a checkpointer drives it from above
 //! through pause, harvest, save, restore and resume, and plugs into its output sinks.
 
+pub mod acpi;
 pub mod boot;
 pub mod builder;
 pub mod bus;
 pub mod devices;
+pub mod linux;
 pub mod memory;
 pub mod vcpu;
 pub mod vm;
 
-pub use builder::{VmConfig, VmShell, Vmm};
+pub use builder::{GuestKind, VmConfig, VmShell, Vmm};
 pub use vcpu::VmOutcome;

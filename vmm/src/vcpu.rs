@@ -15,6 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::boot::EntryState;
 use crate::bus::Bus;
+use crate::devices::power::{power_event, PowerEvent};
+use crate::linux::LinuxEntry;
 use crate::vm::Vm;
 
 #[derive(Debug, thiserror::Error)]
@@ -61,8 +63,11 @@ pub struct VcpuState {
 /// How a VM run ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VmOutcome {
-    /// The guest wrote its exit code to the exit port, or every vCPU parked (code 0).
+    /// The guest wrote its exit code to the exit port, or every vCPU parked (code 0), or a
+    /// Linux guest powered off (code 0).
     Exited(i32),
+    /// A Linux guest asked for a reset (`reboot`).
+    Reset,
     /// A vCPU stopped in a way the guest cannot recover from; the text names the cause and
     /// the vCPU's registers.
     Fault(String),
@@ -76,8 +81,10 @@ pub struct Vcpu {
 }
 
 impl Vcpu {
-    /// Creates vCPU `id` with the host's supported CPUID and a reset FPU.
-    pub fn new(vm: &Vm, id: u32) -> Result<Self, VcpuError> {
+    /// Creates vCPU `id` of `count` with the host's supported CPUID and a reset FPU; for a
+    /// Linux guest the CPUID also says "hypervisor", counts the logical CPUs and hides the
+    /// PMU (whose MSRs a VM does not virtualise here).
+    pub fn new(vm: &Vm, id: u32, count: u32, linux: bool) -> Result<Self, VcpuError> {
         let err = |what| move |source| VcpuError::Kvm { id, what, source };
         let fd = vm
             .fd()
@@ -90,7 +97,22 @@ impl Vcpu {
         for entry in cpuid.as_mut_slice() {
             match entry.function {
                 // Initial APIC id, so that guests can tell their vCPUs apart.
-                1 => entry.ebx = (entry.ebx & 0x00ff_ffff) | (id << 24),
+                1 => {
+                    entry.ebx = (entry.ebx & 0x00ff_ffff) | (id << 24);
+                    if linux {
+                        entry.ebx = (entry.ebx & 0xff00_ffff) | ((count & 0xff) << 16);
+                        entry.ecx |= CPUID_1_ECX_HYPERVISOR;
+                        if count > 1 {
+                            entry.edx |= CPUID_1_EDX_HTT;
+                        }
+                    }
+                }
+                0xa if linux => {
+                    entry.eax = 0;
+                    entry.ebx = 0;
+                    entry.ecx = 0;
+                    entry.edx = 0;
+                }
                 0xb | 0x1f => entry.edx = id,
                 _ => {}
             }
@@ -107,6 +129,59 @@ impl Vcpu {
             fd,
             parked: false,
         })
+    }
+
+    /// Prepares the vCPU for a Linux guest as firmware would: LAPIC LINT0 as ExtINT and LINT1
+    /// as NMI, and the boot MSRs (fast strings, write-back MTRR default, syscall MSRs clear).
+    /// The boot vCPU then enters the kernel ([`Vcpu::enter_linux`]); the others stay in
+    /// wait-for-SIPI, as KVM creates them, until the kernel starts them through its LAPIC.
+    pub fn setup_linux(&self) -> Result<(), VcpuError> {
+        let mut lapic = self.fd.get_lapic().map_err(self.kvm_err("KVM_GET_LAPIC"))?;
+        let set_lvt = |lapic: &mut kvm_lapic_state, reg: usize, mode: u32| {
+            let mut raw = [0u8; 4];
+            for (d, s) in raw.iter_mut().zip(&lapic.regs[reg..reg + 4]) {
+                *d = *s as u8;
+            }
+            let v = (u32::from_le_bytes(raw) & !0x700) | (mode << 8);
+            for (d, s) in lapic.regs[reg..reg + 4].iter_mut().zip(v.to_le_bytes()) {
+                *d = s as _;
+            }
+        };
+        set_lvt(&mut lapic, APIC_LVT0, APIC_MODE_EXTINT);
+        set_lvt(&mut lapic, APIC_LVT1, APIC_MODE_NMI);
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(self.kvm_err("KVM_SET_LAPIC"))?;
+        for (index, data) in LINUX_BOOT_MSRS {
+            let msrs = Msrs::from_entries(&[kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            }])
+            .map_err(|_| VcpuError::MsrCount { id: self.id })?;
+            // One at a time: a host that refuses one (PVM refuses some) must not stop the rest.
+            match self.fd.set_msrs(&msrs) {
+                Ok(1) => {}
+                other => tracing::debug!(vcpu = self.id, index, "boot MSR not set: {other:?}"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts the boot vCPU at the kernel's entry point.
+    pub fn enter_linux(&self, entry: &LinuxEntry) -> Result<(), VcpuError> {
+        let sregs = self.fd.get_sregs().map_err(self.kvm_err("KVM_GET_SREGS"))?;
+        self.fd
+            .set_sregs(&entry.sregs(sregs))
+            .map_err(self.kvm_err("KVM_SET_SREGS"))?;
+        self.fd
+            .set_regs(&entry.regs())
+            .map_err(self.kvm_err("KVM_SET_REGS"))?;
+        self.fd
+            .set_mp_state(kvm_mp_state {
+                mp_state: KVM_MP_STATE_RUNNABLE,
+            })
+            .map_err(self.kvm_err("KVM_SET_MP_STATE"))
     }
 
     /// Puts the vCPU at the payload's entry point; every vCPU, the boot one included, starts
@@ -256,10 +331,13 @@ impl Vcpu {
         let step = match self.fd.run() {
             Ok(VcpuExit::IoOut(PORT_EXIT, data)) => Step::Exit(exit_code(data)),
             Ok(VcpuExit::IoOut(PORT_PARK, _)) => Step::Park,
-            Ok(VcpuExit::IoOut(port, data)) => {
-                bus.pio_write(port, data);
-                Step::Handled
-            }
+            Ok(VcpuExit::IoOut(port, data)) => match power_event(port, data) {
+                Some(event) => Step::Power(event),
+                None => {
+                    bus.pio_write(port, data);
+                    Step::Handled
+                }
+            },
             Ok(VcpuExit::IoIn(port, data)) => {
                 bus.pio_read(port, data);
                 Step::Handled
@@ -328,6 +406,28 @@ impl Vcpu {
     }
 }
 
+const CPUID_1_ECX_HYPERVISOR: u32 = 1 << 31;
+const CPUID_1_EDX_HTT: u32 = 1 << 28;
+/// LAPIC register offsets of LVT LINT0 and LINT1, and their delivery modes.
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_EXTINT: u32 = 0x7;
+const APIC_MODE_NMI: u32 = 0x4;
+/// The MSRs a VMM sets before entering a Linux kernel (the values firmware leaves).
+const LINUX_BOOT_MSRS: [(u32, u64); 11] = [
+    (0x174, 0),             // IA32_SYSENTER_CS
+    (0x175, 0),             // IA32_SYSENTER_ESP
+    (0x176, 0),             // IA32_SYSENTER_EIP
+    (0xc000_0081, 0),       // STAR
+    (0xc000_0082, 0),       // LSTAR
+    (0xc000_0083, 0),       // CSTAR
+    (0xc000_0084, 0),       // SYSCALL_MASK
+    (0xc000_0102, 0),       // KERNEL_GS_BASE
+    (0x10, 0),              // IA32_TSC
+    (0x1a0, 1),             // IA32_MISC_ENABLE: fast strings
+    (0x2ff, (1 << 11) | 6), // MTRRdefType: enabled, write-back
+];
+
 /// A KVM_GET/SET_MSRS buffer naming `indices`.
 fn msr_request(id: u32, indices: &[u32]) -> Result<Msrs, VcpuError> {
     let entries: Vec<kvm_msr_entry> = indices
@@ -354,6 +454,8 @@ enum Step {
     Handled,
     Park,
     Exit(i32),
+    /// A Linux guest powered off or reset.
+    Power(PowerEvent),
     Fault(String),
 }
 
@@ -527,6 +629,14 @@ pub fn run_thread(vcpu: Arc<Mutex<Vcpu>>, control: Arc<RunControl>, bus: Arc<Bus
             Step::Exit(code) => {
                 pending_io = true;
                 control.finish(VmOutcome::Exited(code));
+            }
+            Step::Power(event) => {
+                pending_io = true;
+                tracing::info!(vcpu = v.id, ?event, "guest power event");
+                control.finish(match event {
+                    PowerEvent::PowerOff => VmOutcome::Exited(0),
+                    PowerEvent::Reset => VmOutcome::Reset,
+                });
             }
             Step::Fault(reason) => {
                 control.finish(VmOutcome::Fault(reason));

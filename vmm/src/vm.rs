@@ -42,6 +42,11 @@ pub struct VmState {
     pub clock: kvm_clock_data,
 }
 
+/// KVM's real-mode helper pages (one identity-map page, then three TSS pages), in the MMIO
+/// hole where no device lives.
+const IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+const TSS_ADDR: u64 = 0xfffb_d000;
+
 // kvm-ioctls does not wrap KVM_CLEAR_DIRTY_LOG.
 ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
 
@@ -99,6 +104,18 @@ impl Vm {
         vm.set_memory_slots(0)
             .map_err(fail("KVM_SET_USER_MEMORY_REGION"))?;
         Ok(vm)
+    }
+
+    /// Gives KVM the TSS and identity-map pages it needs to run real-mode code on VMX hosts
+    /// without unrestricted guest (a Linux guest's AP trampoline), in the MMIO hole below
+    /// the IOAPIC. Hosts that do not need them may refuse; that is not an error.
+    pub fn setup_real_mode(&self) {
+        if let Err(e) = self.fd.set_identity_map_address(IDENTITY_MAP_ADDR) {
+            tracing::debug!("KVM_SET_IDENTITY_MAP_ADDR: {e}");
+        }
+        if let Err(e) = self.fd.set_tss_address(TSS_ADDR as usize) {
+            tracing::debug!("KVM_SET_TSS_ADDR: {e}");
+        }
     }
 
     fn set_memory_slots(&self, flags: u32) -> Result<(), kvm_ioctls::Error> {

@@ -5,6 +5,7 @@
 //! replication can plug in from above without this crate knowing of them.
 
 pub mod console;
+pub mod power;
 pub mod serial;
 pub mod virtio;
 
