@@ -2,7 +2,8 @@
 # The test command: installs what the tests need (as root, from Debian's packages), then runs
 # every test: the workspace's (unit and end-to-end, under KVM) and the guest crates' host-side
 # unit tests. The end-to-end tests create taps, bridges and network namespaces, so they need
-# root and /dev/kvm; the Linux boot tests boot Debian's kernel, fetched with apt. Ends with one summary line: "tests: N passed, N failed".
+# root and /dev/kvm; the Linux boot tests boot Debian's kernel, fetched with apt. Ends with one
+# summary line: "tests: N passed, N failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! command -v ip >/dev/null || ! command -v chattr >/dev/null; then
