@@ -817,38 +817,76 @@ impl Drop for SmallFs {
     }
 }
 
+/// A pair running `builtin:journal -- 16000` (8 MB of records) on 16 MiB sparse images, one
+/// node's image on a 1 MiB tmpfs that fills up long before the journal ends.
+struct JournalPair {
+    f: Files,
+    p_disk: String,
+    s_disk: String,
+    primary: Node,
+    standby: Node,
+    _full: SmallFs,
+    _dir: Scratch,
+}
+
+impl JournalPair {
+    fn start(tag: &str, full_primary: bool) -> Self {
+        let dir = Scratch::new(tag);
+        let f = Files::new(&dir);
+        let full = SmallFs::mount(dir.path("small"), "1m");
+        let image = |name: &str, on_full: bool| {
+            let path = if on_full {
+                full.0.join(name)
+            } else {
+                dir.path(name)
+            };
+            std::fs::File::create(&path)
+                .unwrap()
+                .set_len(16 << 20)
+                .unwrap();
+            format!("--disk={}", path.display())
+        };
+        let (p_disk, s_disk) = (image("p.img", full_primary), image("s.img", !full_primary));
+        let addr = loopback();
+        let standby = start_standby(&f, &addr, &[&s_disk]);
+        let primary = Node::spawn(&[
+            "primary",
+            "--peer",
+            &addr,
+            "--mem=64M",
+            &p_disk,
+            &format!("--console=file:{}", f.p_out.display()),
+            &format!("--stats-json={}", f.p_stats.display()),
+            "--payload=builtin:journal",
+            "--",
+            "16000",
+        ]);
+        Self {
+            f,
+            p_disk,
+            s_disk,
+            primary,
+            standby,
+            _full: full,
+            _dir: dir,
+        }
+    }
+
+    /// What `verify` prints for the image of `disk` (a `--disk=` flag).
+    fn verify(disk: &str) -> String {
+        let out = ftvmm(
+            &["run", disk, "--payload=builtin:journal", "--", "verify"],
+            LIMIT,
+        );
+        stdout_of(&out)
+    }
+}
+
 #[test]
 fn a_full_standby_disk_drops_protection_and_the_guest_finishes_on_the_primary() {
     let _one = one_pair();
-    let dir = Scratch::new("diskfull");
-    let f = Files::new(&dir);
-    // The standby's image is sparse on a 1 MiB filesystem: its writes run out of space long
-    // before the guest's 8 MB of records are in.
-    let full = SmallFs::mount(dir.path("small"), "1m");
-    let (p_img, s_img) = (dir.path("p.img"), full.0.join("s.img"));
-    for img in [&p_img, &s_img] {
-        std::fs::File::create(img)
-            .unwrap()
-            .set_len(16 << 20)
-            .unwrap();
-    }
-    let addr = loopback();
-    let s_disk = format!("--disk={}", s_img.display());
-    let mut standby = start_standby(&f, &addr, &[&s_disk]);
-    let p_disk = format!("--disk={}", p_img.display());
-    let mut primary = Node::spawn(&[
-        "primary",
-        "--peer",
-        &addr,
-        "--mem=64M",
-        &p_disk,
-        &format!("--console=file:{}", f.p_out.display()),
-        &format!("--stats-json={}", f.p_stats.display()),
-        "--payload=builtin:journal",
-        "--",
-        "16000",
-    ]);
-    let (status, p_err) = primary.wait(LIMIT);
+    let mut pair = JournalPair::start("diskfull", false);
+    let (status, p_err) = pair.primary.wait(LIMIT);
     assert!(status.success(), "primary failed: {p_err}");
     let lost = p_err
         .lines()
@@ -861,17 +899,13 @@ fn a_full_standby_disk_drops_protection_and_the_guest_finishes_on_the_primary() 
         "{lost}"
     );
     println!("{lost}");
-    assert_eq!(stats(&f.p_stats)["protected"], false);
-    let out = std::fs::read_to_string(&f.p_out).unwrap();
+    assert_eq!(stats(&pair.f.p_stats)["protected"], false);
+    let out = std::fs::read_to_string(&pair.f.p_out).unwrap();
     assert!(out.contains("done 16000 records in "), "{out}");
     // Nothing was lost or corrupted on the node that runs the guest.
-    let verify = ftvmm(
-        &["run", &p_disk, "--payload=builtin:journal", "--", "verify"],
-        LIMIT,
-    );
-    assert_eq!(stdout_of(&verify), "ok 16000\n", "{}", stderr_of(&verify));
+    assert_eq!(JournalPair::verify(&pair.p_disk), "ok 16000\n");
 
-    let (status, s_err) = standby.wait(LIMIT);
+    let (status, s_err) = pair.standby.wait(LIMIT);
     assert_eq!(status.code(), Some(EXIT_FTVMM_ERROR), "standby: {s_err}");
     assert!(
         s_err.contains("No space left on device") && !s_err.contains("taking over"),
@@ -882,41 +916,18 @@ fn a_full_standby_disk_drops_protection_and_the_guest_finishes_on_the_primary() 
 #[test]
 fn a_full_primary_disk_is_an_io_error_for_the_guest_and_the_standby_follows_it() {
     let _one = one_pair();
-    let dir = Scratch::new("primaryfull");
-    let f = Files::new(&dir);
-    let full = SmallFs::mount(dir.path("small"), "1m");
-    let (p_img, s_img) = (full.0.join("p.img"), dir.path("s.img"));
-    for img in [&p_img, &s_img] {
-        std::fs::File::create(img)
-            .unwrap()
-            .set_len(16 << 20)
-            .unwrap();
-    }
-    let addr = loopback();
-    let s_disk = format!("--disk={}", s_img.display());
-    let mut standby = start_standby(&f, &addr, &[&s_disk]);
-    let mut primary = Node::spawn(&[
-        "primary",
-        "--peer",
-        &addr,
-        "--mem=64M",
-        &format!("--disk={}", p_img.display()),
-        &format!("--console=file:{}", f.p_out.display()),
-        "--payload=builtin:journal",
-        "--",
-        "16000",
-    ]);
+    let mut pair = JournalPair::start("primaryfull", true);
     // The guest sees the failed write as an I/O error and exits with journal's code for it
     // (3); both nodes end with it, the pair still protected.
-    let (status, p_err) = primary.wait(LIMIT);
-    let out = std::fs::read_to_string(&f.p_out).unwrap();
+    let (status, p_err) = pair.primary.wait(LIMIT);
+    let out = std::fs::read_to_string(&pair.f.p_out).unwrap();
     assert_eq!(status.code(), Some(3), "primary: {p_err}\n{out}");
     let failed = out
         .lines()
         .find(|l| l.starts_with("journal: write failed at record "))
         .unwrap_or_else(|| panic!("no I/O error reached the guest: {out}"));
     println!("{failed}");
-    let (status, s_err) = standby.wait(LIMIT);
+    let (status, s_err) = pair.standby.wait(LIMIT);
     assert_eq!(status.code(), Some(3), "standby: {s_err}");
     // Every batch the guest saw committed is on the standby's disk.
     let last_committed: u64 = out
@@ -925,15 +936,12 @@ fn a_full_primary_disk_is_an_io_error_for_the_guest_and_the_standby_follows_it()
         .map(|n| n.parse().unwrap())
         .max()
         .unwrap_or(0);
-    let verify = ftvmm(
-        &["run", &s_disk, "--payload=builtin:journal", "--", "verify"],
-        LIMIT,
-    );
-    let on_disk: u64 = stdout_of(&verify)
+    let verified = JournalPair::verify(&pair.s_disk);
+    let on_disk: u64 = verified
         .trim()
         .strip_prefix("ok ")
         .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("standby image: {}", stdout_of(&verify)));
+        .unwrap_or_else(|| panic!("standby image: {verified}"));
     assert!(
         on_disk >= last_committed && last_committed > 0,
         "committed {last_committed}, the standby holds {on_disk}"

@@ -1,7 +1,7 @@
 //! The persistent write-intent bitmap, and [`MarkingBackend`] for a node running alone.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -59,20 +59,7 @@ impl WriteIntentBitmap {
                 "image too large for an in-memory bitmap",
             ))
         })?;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(open_err)?;
-        let meta = file.metadata().map_err(open_err)?;
-        if !meta.is_file() {
-            return Err(open_err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "not a regular file",
-            )));
-        }
+        let (file, meta) = crate::open_regular_file(path, true).map_err(open_err)?;
         let len = meta.len();
         let mut bits = vec![0u8; expected_len];
         if len == 0 {

@@ -111,6 +111,28 @@ impl DiskSyncError {
 
 /// The blocks of `BLOCK_SIZE` that `offset..offset+len` overlaps, as an inclusive range of
 /// block indices; `None` for an empty range (it touches no block).
+/// Opens `path` read-write (creating it if `create`, never truncating); it must be a regular
+/// file, whose size then means something.
+fn open_regular_file(
+    path: &std::path::Path,
+    create: bool,
+) -> io::Result<(std::fs::File, std::fs::Metadata)> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(false)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok((file, meta))
+}
+
 fn block_span(offset: u64, len: u64) -> Option<(u64, u64)> {
     if len == 0 {
         return None;

@@ -1,7 +1,7 @@
 //! Standby side: [`Replica`] applies a committed epoch's writes to the standby's image, durably,
 //! before the epoch is acknowledged.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -25,18 +25,7 @@ impl Replica {
             path: path.to_owned(),
             source,
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(open_err)?;
-        let meta = file.metadata().map_err(open_err)?;
-        if !meta.is_file() {
-            return Err(open_err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "not a regular file",
-            )));
-        }
+        let (file, meta) = crate::open_regular_file(path, false).map_err(open_err)?;
         Ok(Replica {
             file,
             size: meta.len(),

@@ -13,6 +13,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::devices::GuestMemory;
 use crate::memory::ram_ranges;
+use crate::x86::*;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
@@ -313,20 +314,6 @@ pub struct EntryState {
     pub rsp: u64,
     pub vcpu_id: u32,
 }
-
-const RFLAGS_IOPL3: u64 = 3 << 12;
-const RFLAGS_RESERVED: u64 = 1 << 1;
-const CR0_PE: u64 = 1;
-const CR0_MP: u64 = 1 << 1;
-const CR0_ET: u64 = 1 << 4;
-const CR0_NE: u64 = 1 << 5;
-const CR0_WP: u64 = 1 << 16;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const CR4_OSFXSR: u64 = 1 << 9;
-const CR4_OSXMMEXCPT: u64 = 1 << 10;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
 
 impl EntryState {
     fn new(rip: u64, rsp: u64, vcpu_id: u32) -> Self {

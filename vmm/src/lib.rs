@@ -11,6 +11,7 @@ pub mod linux;
 pub mod memory;
 pub mod vcpu;
 pub mod vm;
+mod x86;
 
 pub use builder::{GuestKind, VmConfig, VmShell, Vmm};
 pub use vcpu::VmOutcome;

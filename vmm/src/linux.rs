@@ -27,6 +27,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::devices::GuestMemory;
 use crate::memory::ram_ranges;
+use crate::x86::{CR0_ET, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, RFLAGS_RESERVED};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinuxError {
@@ -437,19 +438,12 @@ fn segment(selector: u16) -> kvm_segment {
     }
 }
 
-const CR0_PE: u64 = 1;
-const CR0_ET: u64 = 1 << 4;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
-
 impl LinuxEntry {
     /// The boot vCPU's general registers.
     pub fn regs(&self) -> kvm_regs {
         let mut regs = kvm_regs {
             rip: self.entry,
-            rflags: 2,
+            rflags: RFLAGS_RESERVED,
             ..Default::default()
         };
         match self.format {
