@@ -56,6 +56,10 @@ struct StandbyStats {
     resumed_unix_us: Option<u64>,
     /// From the decision to the last committed checkpoint ready to build (drain and decode).
     drain_ms: Option<f64>,
+    /// Network frames the last checkpoint held, sent by this node at takeover.
+    held_frames_sent: Option<usize>,
+    /// The guest's IPv4 addresses this node announced at takeover.
+    announced: Vec<String>,
 }
 
 /// `t` in microseconds since the Unix epoch (the stats' wall-clock times).
@@ -73,9 +77,13 @@ pub fn quantile_us(values: &[Duration], q: f64) -> u64 {
     }
 }
 
+/// Writes `value` to `path` whole (through a temporary file and a rename), so that a reader
+/// polling it while this node runs never sees half of it.
 fn write_json(path: Option<&Path>, value: &impl Serialize) -> Result<(), Error> {
     if let Some(path) = path {
-        std::fs::write(path, serde_json::to_vec_pretty(value)?)
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(value)?)
+            .and_then(|()| std::fs::rename(&tmp, path))
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     Ok(())
@@ -179,6 +187,8 @@ pub fn standby(args: &StandbyArgs) -> Result<ExitCode, Error> {
         decided_unix_us: None,
         resumed_unix_us: None,
         drain_ms: None,
+        held_frames_sent: None,
+        announced: Vec::new(),
     };
     let result = match standby::serve(&listener, &local, replica)? {
         StandbyEnd::Exit(code) => {
@@ -197,6 +207,15 @@ pub fn standby(args: &StandbyArgs) -> Result<ExitCode, Error> {
             stats.decided_unix_us = Some(unix_us(SystemTime::now() - t.decided.elapsed()));
             stats.drain_ms = Some((t.drained - t.decided).as_secs_f64() * 1e3);
             let drained = t.drained;
+            if net.is_some() {
+                let held = &t.state.output;
+                stats.held_frames_sent = Some(held.frames.items.len());
+                stats.announced = held
+                    .addresses
+                    .iter()
+                    .map(|a| std::net::Ipv4Addr::from(*a).to_string())
+                    .collect();
+            }
             // Alone now: every write marks the bitmap, for the resync when a peer returns.
             let disk = match (disk, bitmap) {
                 (Some(d), Some(b)) => {
@@ -208,6 +227,9 @@ pub fn standby(args: &StandbyArgs) -> Result<ExitCode, Error> {
                 Resumed::Running(mut vmm) => {
                     stats.restore_ms = Some(drained.elapsed().as_secs_f64() * 1e3);
                     stats.resumed_unix_us = Some(unix_us(SystemTime::now()));
+                    // The takeover is on record while the guest runs on (written again at exit).
+                    stats.outcome = "running".into();
+                    write_json(args.host.stats_json.as_deref(), &stats)?;
                     vmm.wait()
                 }
                 Resumed::Ended(outcome) => outcome,

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{free_port, signal, wait_for, Node, Scratch};
+use common::{free_port, signal, stats, wait_for, Node, Scratch};
 use ftvmm::testbed::{kv_sequential, Topology, BRIDGE, GUEST_IP, KV_PORT};
 
 /// One replicated pair at a time: each needs most of this machine.
@@ -27,7 +27,7 @@ fn stream_survives(tag: &str, fault: impl FnOnce(&mut Node)) {
     let _one = ONE_PAIR.lock().unwrap_or_else(|e| e.into_inner());
     let dir = Scratch::new(tag);
     let topo = Topology::new(tag).expect("test topology");
-    let p_out = dir.path("p.out");
+    let (p_out, s_stats) = (dir.path("p.out"), dir.path("s.json"));
     let addr = format!("127.0.0.1:{}", free_port());
     let net = |tap: &str| format!("--net=tap={tap},mac={MAC},bridge={BRIDGE}");
     let standby = Node::spawn_in(
@@ -38,6 +38,7 @@ fn stream_survives(tag: &str, fault: impl FnOnce(&mut Node)) {
             addr.clone(),
             net("fts0"),
             format!("--console=file:{}", dir.path("s.out").display()),
+            format!("--stats-json={}", s_stats.display()),
         ],
     );
     let mut primary = Node::spawn_in(
@@ -95,10 +96,14 @@ fn stream_survives(tag: &str, fault: impl FnOnce(&mut Node)) {
             .unwrap_or(&Duration::ZERO)
             .as_millis()
     );
-    assert!(
-        standby.stderr().contains("taking over"),
-        "{tag}: the standby did not take over: {}",
-        standby.stderr()
+    // The standby's status, written once the guest runs there: it announced the guest's
+    // address, learnt on the primary from the guest's own frames.
+    let s = stats(&s_stats);
+    assert_eq!(s["took_over"], true, "{tag}: {}", standby.stderr());
+    assert_eq!(s["announced"], serde_json::json!([GUEST_IP]), "{tag}: {s}");
+    println!(
+        "{tag}: the standby sent {} held frames at takeover",
+        s["held_frames_sent"]
     );
 }
 
