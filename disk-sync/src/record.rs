@@ -15,8 +15,6 @@ use crate::{block_span, DiskOp, DiskSyncError, EpochWrites, WriteIntentBitmap};
 struct Shared {
     /// Successful ops of the running epoch, in order.
     running: Vec<DiskOp>,
-    /// Data bytes in `running`.
-    running_bytes: usize,
     /// Blocks written by the running epoch.
     running_blocks: BTreeSet<u64>,
     /// Blocks written by each sealed epoch not yet acknowledged.
@@ -116,7 +114,6 @@ impl BlockBackend for RecordingBackend {
             Ok(()) if shared.stopped => {}
             Ok(()) => {
                 shared.running_blocks.extend(blocks(span));
-                shared.running_bytes += buf.len();
                 shared.running.push(DiskOp::Write {
                     offset,
                     data: buf.to_vec(),
@@ -147,7 +144,6 @@ impl EpochRecorder {
     pub fn seal(&self, epoch: u64) -> EpochWrites {
         let mut shared = lock(&self.shared);
         let ops = std::mem::take(&mut shared.running);
-        shared.running_bytes = 0;
         let touched = std::mem::take(&mut shared.running_blocks);
         if !touched.is_empty() {
             shared.sealed.entry(epoch).or_default().extend(touched);
@@ -189,14 +185,8 @@ impl EpochRecorder {
         let mut shared = lock(&self.shared);
         shared.stopped = true;
         shared.running = Vec::new();
-        shared.running_bytes = 0;
         shared.sealed.clear();
         shared.running_blocks.clear();
-    }
-
-    /// Bytes recorded in the running epoch (for stats / bounds).
-    pub fn running_bytes(&self) -> usize {
-        lock(&self.shared).running_bytes
     }
 }
 
@@ -230,7 +220,6 @@ mod tests {
         backend.write_at(2 * BLOCK_SIZE, &[2; 512]).unwrap();
         backend.flush().unwrap();
         assert!(recorder.seal(2).is_empty());
-        assert_eq!(recorder.running_bytes(), 0);
         recorder.acked(2).unwrap();
         let reopened = WriteIntentBitmap::open(&bitmap_path(&image), size).unwrap();
         assert_eq!(
@@ -272,12 +261,10 @@ mod tests {
 
         backend.flush().unwrap();
         backend.write_at(0, b"xy").unwrap();
-        assert_eq!(recorder.running_bytes(), 7);
         assert_eq!(
             recorder.seal(1),
             vec![write(4096, b"hello"), DiskOp::Flush, write(0, b"xy")]
         );
-        assert_eq!(recorder.running_bytes(), 0);
 
         // The next seal holds only what came after.
         backend.write_at(512, b"later").unwrap();
@@ -314,7 +301,6 @@ mod tests {
         let err = backend.write_at(BLOCK_SIZE, b"data").unwrap_err();
         assert_eq!(err.raw_os_error(), Some(EIO));
         assert_eq!(backend.flush().unwrap_err().raw_os_error(), Some(EIO));
-        assert_eq!(recorder.running_bytes(), 0);
         assert_eq!(recorder.seal(1), vec![]);
         // The failed write may have changed block 1 here alone: it stays marked.
         recorder.acked(1).unwrap();

@@ -181,12 +181,6 @@ pub fn load_payload(
         .collect())
 }
 
-const PTE_PRESENT: u64 = 1;
-const PTE_WRITE: u64 = 1 << 1;
-const PTE_USER: u64 = 1 << 2;
-const PTE_HUGE: u64 = 1 << 7;
-const GIB: u64 = 1 << 30;
-
 /// Identity-maps guest-physical 0..max(4 GiB, end of RAM) with 2 MiB user pages: the payload
 /// runs at CPL3, so every mapping must be user-accessible; the MMIO hole is mapped too.
 fn write_page_tables(mem: &GuestMemory, mem_size: u64) -> Result<(), BootError> {
@@ -194,21 +188,13 @@ fn write_page_tables(mem: &GuestMemory, mem_size: u64) -> Result<(), BootError> 
         .last()
         .map_or(0, |(a, s)| a.0 + s)
         .max(4 * GIB);
-    let gibs = top.div_ceil(GIB);
     let flags = PTE_PRESENT | PTE_WRITE | PTE_USER;
-    let pml4 = PAGE_TABLE_ADDR;
-    let pdpt = pml4 + 0x1000;
-    let pds = pdpt + 0x1000;
-    mem.write_obj(pdpt | flags, GuestAddress(pml4))?;
-    for g in 0..gibs {
-        let pd = pds + g * 0x1000;
-        mem.write_obj(pd | flags, GuestAddress(pdpt + g * 8))?;
-        let entries: Vec<u8> = (0..512u64)
-            .flat_map(|i| ((g * GIB + i * (2 << 20)) | flags | PTE_HUGE).to_le_bytes())
-            .collect();
-        mem.write_slice(&entries, GuestAddress(pd))?;
-    }
-    Ok(())
+    Ok(write_identity_map(
+        mem,
+        PAGE_TABLE_ADDR,
+        top.div_ceil(GIB),
+        flags,
+    )?)
 }
 
 /// GDT selectors. User selectors carry RPL 3.

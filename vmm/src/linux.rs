@@ -27,7 +27,10 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::devices::GuestMemory;
 use crate::memory::ram_ranges;
-use crate::x86::{CR0_ET, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, RFLAGS_RESERVED};
+use crate::x86::{
+    write_identity_map, CR0_ET, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, PTE_PRESENT,
+    PTE_WRITE, RFLAGS_RESERVED,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinuxError {
@@ -375,20 +378,12 @@ fn write_zero_page(
 /// Identity-maps the first 4 GiB with 2 MiB supervisor pages, as the 64-bit boot protocol
 /// requires of the kernel, zero page and command line.
 fn write_page_tables(mem: &GuestMemory) -> Result<(), LinuxError> {
-    const PRESENT_RW: u64 = 0x3;
-    const HUGE: u64 = 1 << 7;
-    let pdpt = PML4_ADDR + 0x1000;
-    let pds = pdpt + 0x1000;
-    mem.write_obj(pdpt | PRESENT_RW, GuestAddress(PML4_ADDR))?;
-    for g in 0..4u64 {
-        let pd = pds + g * 0x1000;
-        mem.write_obj(pd | PRESENT_RW, GuestAddress(pdpt + g * 8))?;
-        let entries: Vec<u8> = (0..512u64)
-            .flat_map(|i| (((g << 30) + (i << 21)) | PRESENT_RW | HUGE).to_le_bytes())
-            .collect();
-        mem.write_slice(&entries, GuestAddress(pd))?;
-    }
-    Ok(())
+    Ok(write_identity_map(
+        mem,
+        PML4_ADDR,
+        4,
+        PTE_PRESENT | PTE_WRITE,
+    )?)
 }
 
 /// Selectors of ftvmm's Linux boot GDT. 0x10/0x18 are the 64-bit protocol's __BOOT_CS and

@@ -1,4 +1,9 @@
-//! x86 control-register, EFER and RFLAGS bits that both boot paths set.
+//! x86 control-register, EFER, RFLAGS and page-table bits that both boot paths set, and the
+//! identity map both build.
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
+
+use crate::devices::GuestMemory;
 
 pub const RFLAGS_IOPL3: u64 = 3 << 12;
 /// Bit 1 of RFLAGS always reads as one.
@@ -14,3 +19,30 @@ pub const CR4_OSFXSR: u64 = 1 << 9;
 pub const CR4_OSXMMEXCPT: u64 = 1 << 10;
 pub const EFER_LME: u64 = 1 << 8;
 pub const EFER_LMA: u64 = 1 << 10;
+pub const PTE_PRESENT: u64 = 1;
+pub const PTE_WRITE: u64 = 1 << 1;
+pub const PTE_USER: u64 = 1 << 2;
+pub const PTE_HUGE: u64 = 1 << 7;
+pub const GIB: u64 = 1 << 30;
+
+/// Identity-maps guest-physical 0..`gibs` GiB with 2 MiB pages carrying `flags`: a PML4 at
+/// `pml4`, its PDPT in the next page, then one page directory per GiB.
+pub fn write_identity_map(
+    mem: &GuestMemory,
+    pml4: u64,
+    gibs: u64,
+    flags: u64,
+) -> Result<(), GuestMemoryError> {
+    let pdpt = pml4 + 0x1000;
+    let pds = pdpt + 0x1000;
+    mem.write_obj(pdpt | flags, GuestAddress(pml4))?;
+    for g in 0..gibs {
+        let pd = pds + g * 0x1000;
+        mem.write_obj(pd | flags, GuestAddress(pdpt + g * 8))?;
+        let entries: Vec<u8> = (0..512u64)
+            .flat_map(|i| ((g * GIB + i * (2 << 20)) | flags | PTE_HUGE).to_le_bytes())
+            .collect();
+        mem.write_slice(&entries, GuestAddress(pd))?;
+    }
+    Ok(())
+}
