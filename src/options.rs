@@ -41,10 +41,13 @@ pub struct RunArgs {
 /// The host resources a VM uses on this node: flags of every command that runs a VM here.
 #[derive(Args, Debug, Clone)]
 pub struct HostArgs {
-    /// A raw disk image attached as virtio-blk (a standby's must have the primary's size).
+    /// A raw disk image attached as virtio-blk. A pair's images must be identical at the start:
+    /// the standby gets the primary's writes as epochs commit. Each node keeps a write-intent
+    /// bitmap beside it (IMAGE.ftvmm-bitmap) when replicated.
     #[arg(long)]
     pub disk: Option<PathBuf>,
-    /// A virtio-net device on a tap: tap=NAME[,mac=MAC][,bridge=BR].
+    /// A virtio-net device on a tap: tap=NAME[,mac=MAC][,bridge=BR]. A pair's nodes each have
+    /// their own tap with the same MAC; the standby's is silent until it takes over.
     #[arg(long, value_parser = parse_net)]
     pub net: Option<NetSpec>,
     /// Where the guest's console goes: stdio or file:PATH (written at the guest's stream
@@ -52,7 +55,8 @@ pub struct HostArgs {
     #[arg(long, default_value = "stdio", value_parser = parse_console)]
     pub console: ConsoleSpec,
     /// On exit, write what this node did as JSON (VM exits and run time; a primary's epochs,
-    /// pauses and wire bytes; a standby's takeover epoch, detection and restore times).
+    /// pauses and wire bytes; a standby's takeover epoch, detection and restore times, held
+    /// frames sent and addresses announced, also written as soon as it has taken over).
     #[arg(long)]
     pub stats_json: Option<PathBuf>,
     /// The KVM device to use.
