@@ -24,21 +24,40 @@ use crate::run::{
     boot, console_sink, exit_status, guest, host_io, open_disk, open_net, vm_config, Error,
 };
 
-/// What `--stats-json` records about a primary's run (machine-readable status).
+/// What `--stats-json` records about a primary's run (machine-readable status), written while
+/// it runs and at its end.
 #[derive(Serialize)]
 struct PrimaryStats {
     role: &'static str,
+    /// "running" until the run ends, then how it ended.
     outcome: String,
     protected: bool,
+    /// "ok", "standby slow" or "standby lost".
+    standby: &'static str,
+    /// Why protection was dropped, if it was.
+    lost_reason: Option<String>,
     epochs: u64,
+    acked: u64,
+    /// Age of the oldest unacknowledged checkpoint, now.
+    oldest_unacked_ms: Option<u64>,
+    slow_episodes: u64,
+    slow_ms: u64,
+    /// Times the guest was held paused while the standby was behind, and for how long.
+    holds: u64,
+    held_ms: u64,
+    /// Epochs ended early because they held as much output and disk writing as one may.
+    full_epochs: u64,
     precopy_pages: usize,
     pause_us_p50: u64,
     pause_us_p99: u64,
-    dirty_pages_total: usize,
+    dirty_pages_total: u64,
     wire_bytes: u64,
     page_bytes: u64,
     unprotected_at: Option<u64>,
 }
+
+/// How often a running primary rewrites its `--stats-json`.
+const STATS_EVERY: Duration = Duration::from_millis(250);
 
 /// What `--stats-json` records about a standby.
 #[derive(Serialize)]
@@ -102,6 +121,14 @@ pub fn primary(args: &PrimaryArgs) -> Result<ExitCode, Error> {
     );
     let console = Gate::new(Box::new(console), 0, Mode::Held);
     io.console = Box::new(ConsoleGateSink(console.clone()));
+    if args.ack_timeout_ms <= args.failover_timeout_ms {
+        return Err(format!(
+            "--ack-timeout-ms ({}) must be longer than --failover-timeout-ms ({}): a standby \
+             that is alive but slow must not be dropped before a silent one",
+            args.ack_timeout_ms, args.failover_timeout_ms
+        )
+        .into());
+    }
     let config = PeerConfig {
         vm: vm_config(&args.vm),
         disk_size: match &args.vm.host.disk {
@@ -111,6 +138,7 @@ pub fn primary(args: &PrimaryArgs) -> Result<ExitCode, Error> {
         net_mac: args.vm.host.net.as_ref().map(|n| n.mac),
         epoch_ms: args.epoch_ms,
         failover_timeout_ms: args.failover_timeout_ms,
+        ack_timeout_ms: args.ack_timeout_ms,
     };
     // Boot (which checks the payload) before connecting, so bad input never reaches the peer.
     let recorder = record_disk(&mut io, args.vm.host.disk.as_deref())?;
@@ -129,11 +157,27 @@ pub fn primary(args: &PrimaryArgs) -> Result<ExitCode, Error> {
         Err(e) => return Err(e.into()),
     };
     info!(peer = %args.peer, "standby connected; protecting the guest");
-    let (end, report) = primary::protect(vmm, outputs, link, &config)?;
-    write_json(
-        args.vm.host.stats_json.as_deref(),
-        &primary_stats(&end, &report),
-    )?;
+    let watch = primary::Watch::default();
+    let stats_path = args.vm.host.stats_json.as_deref();
+    let running = std::sync::atomic::AtomicBool::new(true);
+    let (end, report) = std::thread::scope(|s| {
+        if let Some(path) = stats_path {
+            let (watch, running) = (&watch, &running);
+            s.spawn(move || {
+                while running.load(std::sync::atomic::Ordering::Relaxed) {
+                    let stats = primary_stats("running".into(), &watch.snapshot());
+                    if let Err(e) = write_json(Some(path), &stats) {
+                        warn!("{e}");
+                    }
+                    std::thread::sleep(STATS_EVERY);
+                }
+            });
+        }
+        let result = primary::protect(vmm, outputs, link, &config, &watch);
+        running.store(false, std::sync::atomic::Ordering::Relaxed);
+        result
+    })?;
+    write_json(stats_path, &primary_stats(format!("{end:?}"), &report))?;
     match end {
         PrimaryEnd::Guest(outcome) => Ok(exit_status(outcome)),
         PrimaryEnd::Deposed => {
@@ -142,16 +186,26 @@ pub fn primary(args: &PrimaryArgs) -> Result<ExitCode, Error> {
     }
 }
 
-fn primary_stats(end: &PrimaryEnd, r: &PrimaryReport) -> PrimaryStats {
+fn primary_stats(outcome: String, r: &PrimaryReport) -> PrimaryStats {
+    let ms = |d: Duration| d.as_millis() as u64;
     PrimaryStats {
         role: "primary",
-        outcome: format!("{end:?}"),
-        protected: r.unprotected_at.is_none(),
+        outcome,
+        protected: r.unprotected_at.is_none() && r.lost_reason.is_none(),
+        standby: r.standby.as_str(),
+        lost_reason: r.lost_reason.clone(),
         epochs: r.epochs,
+        acked: r.acked,
+        oldest_unacked_ms: r.oldest_unacked.map(ms),
+        slow_episodes: r.slow_episodes,
+        slow_ms: ms(r.slow_time),
+        holds: r.holds,
+        held_ms: ms(r.held_time),
+        full_epochs: r.full_epochs,
         precopy_pages: r.precopy_pages,
         pause_us_p50: quantile_us(&r.pauses, 0.5),
         pause_us_p99: quantile_us(&r.pauses, 0.99),
-        dirty_pages_total: r.dirty_pages.iter().sum(),
+        dirty_pages_total: r.dirty_pages_total,
         wire_bytes: r.wire_bytes,
         page_bytes: r.page_bytes,
         unprotected_at: r.unprotected_at,
@@ -164,7 +218,10 @@ pub fn standby(args: &StandbyArgs) -> Result<ExitCode, Error> {
     let net = open_net(args.host.net.as_ref())?;
     let (replica, bitmap) = match (&args.host.disk, &disk) {
         (Some(path), Some(backend)) => (
-            Some(Replica::open(path)?),
+            Some(
+                Replica::open(path)?
+                    .with_sync_delay(Duration::from_millis(args.test_fsync_delay_ms)),
+            ),
             Some(WriteIntentBitmap::open(&bitmap_path(path), backend.size())?),
         ),
         _ => (None, None),

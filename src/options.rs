@@ -76,6 +76,11 @@ pub struct PrimaryArgs {
     /// Silence after which a node judges its peer dead, in milliseconds.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(20..=600_000))]
     pub failover_timeout_ms: u64,
+    /// How long a standby that is alive (its heartbeats arrive) may leave a checkpoint
+    /// unacknowledged, in milliseconds, before protection is dropped; meanwhile output waits
+    /// (backpressure). Longer than the failover timeout: a slow standby is not a dead one.
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(20..=3_600_000))]
+    pub ack_timeout_ms: u64,
     /// How long to wait for the standby to answer at start, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     pub connect_timeout_ms: u64,
@@ -93,6 +98,10 @@ pub struct StandbyArgs {
     /// Address to wait for the primary on (HOST:PORT).
     #[arg(long)]
     pub listen: String,
+    /// Test setting: every fdatasync of this node's disk image takes this many milliseconds
+    /// longer (a disk slow to make data durable).
+    #[arg(long, default_value_t = 0, hide = true)]
+    pub test_fsync_delay_ms: u64,
     #[command(flatten)]
     pub host: HostArgs,
 }

@@ -242,3 +242,28 @@ fn missing_initrd_and_long_cmdline() {
     );
     assert!(err.contains("command line is 3000 bytes"), "{err}");
 }
+
+#[test]
+fn an_ack_timeout_not_longer_than_the_failover_timeout() {
+    // Checked before anything starts: no standby is needed to refuse it.
+    let err = fails(
+        &[
+            "primary",
+            "--peer",
+            "127.0.0.1:9",
+            "--failover-timeout-ms",
+            "500",
+            "--ack-timeout-ms",
+            "500",
+            "--payload",
+            "builtin:seq",
+            "--",
+            "1",
+        ],
+        EXIT_FTVMM_ERROR,
+    );
+    assert!(
+        err.contains("--ack-timeout-ms (500) must be longer than --failover-timeout-ms (500)"),
+        "{err}"
+    );
+}

@@ -529,7 +529,7 @@ fn stalled_epoch_is_given_up_and_the_primary_continues_alone() {
     // gives it up after the timeout.
     link_fault(
         Fault::Stall,
-        "no acknowledgement within the failover timeout",
+        "no acknowledgement within the acknowledgement timeout of 3000 ms",
     );
 }
 
@@ -817,28 +817,51 @@ impl Drop for SmallFs {
     }
 }
 
-/// A pair running `builtin:journal -- 16000` (8 MB of records) on 16 MiB sparse images, one
-/// node's image on a 1 MiB tmpfs that fills up long before the journal ends.
+/// Which node's image of a [`JournalPair`] sits on a 1 MiB tmpfs, which fills up long before
+/// the journal ends.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum FullDisk {
+    Primary,
+    Standby,
+    Neither,
+}
+
+/// A pair running `builtin:journal -- RECORDS` (512 bytes a record) on 16 MiB sparse images.
 struct JournalPair {
     f: Files,
     p_disk: String,
     s_disk: String,
     primary: Node,
     standby: Node,
-    _full: SmallFs,
+    _full: Option<SmallFs>,
     _dir: Scratch,
 }
 
 impl JournalPair {
+    /// 16000 records (8 MB) with one node's disk full.
     fn start(tag: &str, full_primary: bool) -> Self {
+        let full = if full_primary {
+            FullDisk::Primary
+        } else {
+            FullDisk::Standby
+        };
+        Self::start_with(tag, full, &[], &[], 16_000)
+    }
+
+    fn start_with(
+        tag: &str,
+        full: FullDisk,
+        standby_extra: &[&str],
+        primary_extra: &[&str],
+        records: u32,
+    ) -> Self {
         let dir = Scratch::new(tag);
         let f = Files::new(&dir);
-        let full = SmallFs::mount(dir.path("small"), "1m");
+        let small = (full != FullDisk::Neither).then(|| SmallFs::mount(dir.path("small"), "1m"));
         let image = |name: &str, on_full: bool| {
-            let path = if on_full {
-                full.0.join(name)
-            } else {
-                dir.path(name)
+            let path = match &small {
+                Some(small) if on_full => small.0.join(name),
+                _ => dir.path(name),
             };
             std::fs::File::create(&path)
                 .unwrap()
@@ -846,28 +869,38 @@ impl JournalPair {
                 .unwrap();
             format!("--disk={}", path.display())
         };
-        let (p_disk, s_disk) = (image("p.img", full_primary), image("s.img", !full_primary));
+        let (p_disk, s_disk) = (
+            image("p.img", full == FullDisk::Primary),
+            image("s.img", full == FullDisk::Standby),
+        );
         let addr = loopback();
-        let standby = start_standby(&f, &addr, &[&s_disk]);
-        let primary = Node::spawn(&[
+        let standby_args: Vec<&str> = [s_disk.as_str()]
+            .into_iter()
+            .chain(standby_extra.iter().copied())
+            .collect();
+        let standby = start_standby(&f, &addr, &standby_args);
+        let console = format!("--console=file:{}", f.p_out.display());
+        let stats_json = format!("--stats-json={}", f.p_stats.display());
+        let records = records.to_string();
+        let mut args = vec![
             "primary",
             "--peer",
             &addr,
             "--mem=64M",
             &p_disk,
-            &format!("--console=file:{}", f.p_out.display()),
-            &format!("--stats-json={}", f.p_stats.display()),
-            "--payload=builtin:journal",
-            "--",
-            "16000",
-        ]);
+            &console,
+            &stats_json,
+        ];
+        args.extend(primary_extra);
+        args.extend(["--payload=builtin:journal", "--", &records]);
+        let primary = Node::spawn(&args);
         Self {
             f,
             p_disk,
             s_disk,
             primary,
             standby,
-            _full: full,
+            _full: small,
             _dir: dir,
         }
     }
@@ -946,4 +979,101 @@ fn a_full_primary_disk_is_an_io_error_for_the_guest_and_the_standby_follows_it()
         on_disk >= last_committed && last_committed > 0,
         "committed {last_committed}, the standby holds {on_disk}"
     );
+}
+
+/// The journal's console lines: every `committed {n}` of a run of `records` in batches of 16,
+/// in order, then its `done` line (whose time varies).
+fn assert_journal_transcript(out: &str, records: u64) {
+    let mut lines = out.lines();
+    for n in (16..=records).step_by(16) {
+        assert_eq!(
+            lines.next(),
+            Some(format!("committed {n}").as_str()),
+            "{out}"
+        );
+    }
+    let done = lines.next().unwrap_or_default();
+    assert!(
+        done.starts_with(&format!("done {records} records in ")),
+        "{done}"
+    );
+    assert_eq!(lines.next(), None, "{out}");
+}
+
+/// Runs 16000 journal records on a pair whose standby's fdatasync takes `fsync_delay_ms`
+/// longer, with a 200 ms failover timeout and `ack_timeout_ms`; returns the pair once the
+/// primary has ended (successfully) with the primary's stderr.
+fn slow_standby(tag: &str, fsync_delay_ms: u64, ack_timeout_ms: u64) -> (JournalPair, String) {
+    let mut pair = JournalPair::start_with(
+        tag,
+        FullDisk::Neither,
+        &[&format!("--test-fsync-delay-ms={fsync_delay_ms}")],
+        &[
+            "--failover-timeout-ms=200",
+            &format!("--ack-timeout-ms={ack_timeout_ms}"),
+        ],
+        16_000,
+    );
+    let (status, p_err) = pair.primary.wait(LIMIT);
+    assert!(status.success(), "primary failed: {p_err}");
+    (pair, p_err)
+}
+
+/// A standby whose disk takes 3.5 failover timeouts to make each epoch durable, while its
+/// heartbeats flow, is slow, not dead: the primary holds output (and, at the bound, the
+/// guest) and stays protected to the end; both images hold the whole journal.
+#[test]
+fn a_slow_standby_disk_holds_output_and_the_pair_stays_protected() {
+    let _one = one_pair();
+    let (mut pair, p_err) = slow_standby("slowdisk", 700, 20_000);
+    assert!(!p_err.contains("standby lost"), "{p_err}");
+    let slow = p_err
+        .lines()
+        .find(|l| l.contains("standby slow"))
+        .unwrap_or_else(|| panic!("the primary never found its standby slow: {p_err}"));
+    println!("{slow}");
+    let p_stats = stats(&pair.f.p_stats);
+    println!("{p_stats}");
+    assert_eq!(p_stats["protected"], true, "{p_stats}");
+    assert_eq!(p_stats["standby"], "ok", "{p_stats}");
+    assert!(p_stats["slow_episodes"].as_u64() >= Some(1), "{p_stats}");
+    let (status, s_err) = pair.standby.wait(LIMIT);
+    assert_eq!(status.code(), Some(0), "standby: {s_err}");
+    let out = std::fs::read_to_string(&pair.f.p_out).unwrap();
+    assert_journal_transcript(&out, 16_000);
+    assert_eq!(JournalPair::verify(&pair.p_disk), "ok 16000\n");
+    assert_eq!(JournalPair::verify(&pair.s_disk), "ok 16000\n");
+}
+
+/// A standby slower than the acknowledgement timeout is dropped with that reason, although
+/// its heartbeats arrive; the guest finishes on the primary with its journal intact.
+#[test]
+fn a_standby_slower_than_the_ack_timeout_is_dropped_with_that_reason() {
+    let _one = one_pair();
+    let (mut pair, p_err) = slow_standby("slowerdisk", 4000, 1000);
+    let lost = p_err
+        .lines()
+        .find(|l| l.contains("standby lost"))
+        .unwrap_or_else(|| panic!("the primary kept its standby: {p_err}"));
+    println!("{lost}");
+    assert!(
+        lost.contains("standby lost (no acknowledgement within the acknowledgement timeout of 1000 ms: epoch ")
+            && lost.ends_with("the guest continues unprotected"),
+        "{lost}"
+    );
+    assert!(p_err.contains("standby slow"), "{p_err}");
+    let p_stats = stats(&pair.f.p_stats);
+    assert_eq!(p_stats["protected"], false, "{p_stats}");
+    assert_eq!(p_stats["standby"], "standby lost", "{p_stats}");
+    let reason = p_stats["lost_reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("no acknowledgement within the acknowledgement timeout"),
+        "{p_stats}"
+    );
+    let out = std::fs::read_to_string(&pair.f.p_out).unwrap();
+    assert_journal_transcript(&out, 16_000);
+    assert_eq!(JournalPair::verify(&pair.p_disk), "ok 16000\n");
+    let (status, s_err) = pair.standby.wait(LIMIT);
+    assert_eq!(status.code(), Some(EXIT_FTVMM_ERROR), "standby: {s_err}");
+    assert_eq!(last_line(&s_err), GOODBYE_ERROR, "standby: {s_err}");
 }

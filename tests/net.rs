@@ -14,7 +14,7 @@ use ftvmm::testbed::{Topology, BRIDGE, GUEST_IP};
 
 /// Starts kv in the topology's host namespace and waits for its `kv listening` line.
 fn start_kv(topo: &Topology, vcpus: &str) -> Guard {
-    let mut child = Command::new("ip")
+    let mut child = dies_with_test(&mut Command::new("ip"))
         .args(["netns", "exec", &topo.host, FTVMM, "run", "--vcpus", vcpus])
         .args([
             "--net",

@@ -5,6 +5,7 @@
 pub mod hot;
 pub mod link;
 pub mod outputs;
+pub mod policy;
 pub mod primary;
 pub mod staging;
 pub mod standby;

@@ -22,12 +22,20 @@ pub struct PeerConfig {
     /// MAC of the VM's NIC, if it has one.
     pub net_mac: Option<[u8; 6]>,
     pub epoch_ms: u64,
+    /// Silence after which a node judges its peer dead.
     pub failover_timeout_ms: u64,
+    /// How long a standby whose heartbeats arrive may leave a checkpoint unacknowledged
+    /// before the primary drops protection (longer than the failover timeout: slow is not dead).
+    pub ack_timeout_ms: u64,
 }
 
 impl PeerConfig {
     pub fn failover_timeout(&self) -> Duration {
         Duration::from_millis(self.failover_timeout_ms)
+    }
+
+    pub fn ack_timeout(&self) -> Duration {
+        Duration::from_millis(self.ack_timeout_ms)
     }
 
     /// How often each node tells the other it is alive: several times per failover timeout,

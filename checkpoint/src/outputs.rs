@@ -58,6 +58,12 @@ impl Outputs {
         (held, disk)
     }
 
+    /// Console bytes and disk-write bytes of the running epoch (frames are bounded apart: a
+    /// NIC whose frames are at their bound stalls its queue).
+    pub fn running_bytes(&self) -> usize {
+        self.console.running_bytes() + self.disk.as_ref().map_or(0, EpochRecorder::running_bytes)
+    }
+
     /// Checkpoint `epoch` is acknowledged: its output and all before it leave.
     pub fn release_through(&self, epoch: u64) {
         self.console.release_through(epoch);

@@ -18,6 +18,7 @@ use vmm::{VmOutcome, Vmm};
 use crate::hot::HotPages;
 use crate::link::{self, PeerConfig, PrimaryLink, Sender, SilenceClock, TICK};
 use crate::outputs::Outputs;
+use crate::policy::{self, EpochEnd, Hold, Limits, Next, Observation};
 use crate::staging::{self, CheckpointState, StagedPages, StagingError};
 use crate::wire::{self, EpochDigest, FrameReader, Message, WireError, PAGE_SIZE};
 use disk_sync::EpochWrites;
@@ -43,17 +44,36 @@ pub enum PrimaryEnd {
     Deposed,
 }
 
-/// Figures of a protected run, for logs and benchmarks.
+/// Figures of a protected run, for logs, status and benchmarks.
 #[derive(Debug, Default, Clone)]
 pub struct PrimaryReport {
     /// Checkpoints taken (pre-copy rounds not counted).
     pub epochs: u64,
-    /// Guest pause of each checkpoint.
+    /// Highest acknowledged checkpoint.
+    pub acked: u64,
+    /// Guest pause of each recent checkpoint (at most [`RECENT_EPOCHS`]).
     pub pauses: Vec<Duration>,
-    /// Time of each checkpoint's page copy alone (part of its pause).
+    /// Time of each recent checkpoint's page copy alone (part of its pause).
     pub copies: Vec<Duration>,
-    /// Dirty pages of each checkpoint.
+    /// Dirty pages of each recent checkpoint.
     pub dirty_pages: Vec<usize>,
+    /// Dirty pages of all checkpoints.
+    pub dirty_pages_total: u64,
+    /// Epochs that ended before their period because they held as much as one epoch may.
+    pub full_epochs: u64,
+    /// How the standby keeps up, now.
+    pub standby: StandbyHealth,
+    /// Age of the oldest unacknowledged checkpoint, now.
+    pub oldest_unacked: Option<Duration>,
+    /// Times the standby became slow, and how long it was slow in all.
+    pub slow_episodes: u64,
+    pub slow_time: Duration,
+    /// Times the guest was held paused because output or writes were at their bound while
+    /// the standby was behind, and how long in all.
+    pub holds: u64,
+    pub held_time: Duration,
+    /// Why protection was dropped, if it was.
+    pub lost_reason: Option<String>,
     /// Pages sent in pre-copy.
     pub precopy_pages: usize,
     /// Frame bytes of pre-copy written to the data connection.
@@ -64,6 +84,65 @@ pub struct PrimaryReport {
     pub page_bytes: u64,
     /// Epoch at which protection was dropped, if it was.
     pub unprotected_at: Option<u64>,
+}
+
+/// How the standby keeps up with the primary.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum StandbyHealth {
+    /// It acknowledges within the failover timeout.
+    #[default]
+    Ok,
+    /// Alive (its heartbeats arrive) but its oldest unacknowledged checkpoint is older than
+    /// the failover timeout: output waits longer, and past the acknowledgement timeout
+    /// protection is dropped.
+    Slow,
+    /// Protection was dropped.
+    Lost,
+}
+
+impl StandbyHealth {
+    /// As status and logs say it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StandbyHealth::Ok => "ok",
+            StandbyHealth::Slow => "standby slow",
+            StandbyHealth::Lost => "standby lost",
+        }
+    }
+}
+
+/// Per-epoch figures kept: an hour of 40 ms epochs. Older ones are dropped, half at a time,
+/// so that a guest protected for weeks does not grow the report.
+pub const RECENT_EPOCHS: usize = 1 << 17;
+
+impl PrimaryReport {
+    fn record_epoch(&mut self, pause: Duration, copy: Duration, dirty: usize) {
+        if self.pauses.len() >= RECENT_EPOCHS {
+            let half = RECENT_EPOCHS / 2;
+            self.pauses.drain(..half);
+            self.copies.drain(..half);
+            self.dirty_pages.drain(..half);
+        }
+        self.pauses.push(pause);
+        self.copies.push(copy);
+        self.dirty_pages.push(dirty);
+        self.dirty_pages_total += dirty as u64;
+    }
+}
+
+/// A live view of a protected run's report, for status while it runs; clones share it.
+#[derive(Clone, Default)]
+pub struct Watch(Arc<Mutex<PrimaryReport>>);
+
+impl Watch {
+    fn lock(&self) -> MutexGuard<'_, PrimaryReport> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The report as it is now.
+    pub fn snapshot(&self) -> PrimaryReport {
+        self.lock().clone()
+    }
 }
 
 /// Pages per Pages frame: big enough to compress well, small enough to pipeline.
@@ -83,8 +162,11 @@ struct Role {
     deposed: bool,
     /// Highest acknowledged epoch.
     acked: u64,
-    /// Epochs fully sent and not yet acknowledged, with when their last frame left.
-    in_flight: VecDeque<(u64, Instant)>,
+    /// Epochs sealed and not yet acknowledged, with when each was sealed (moved to the present
+    /// when this node is found not to have run, so that the standby gets a fresh window).
+    unacked: VecDeque<(u64, Instant)>,
+    /// Pre-copy is under way: the standby shows progress only by the frames it reads.
+    precopy: bool,
     finished: bool,
 }
 
@@ -126,26 +208,28 @@ struct Outgoing {
 }
 
 /// Runs `vmm` (booted, not started) as a protected primary over `link` until the guest ends or
-/// the standby takes over. `outputs` hold what `vmm` sends out.
+/// the standby takes over. `outputs` hold what `vmm` sends out; `watch` shows the run's figures
+/// while it goes on.
 pub fn protect(
     mut vmm: Vmm,
     outputs: Outputs,
     link: PrimaryLink,
     config: &PeerConfig,
+    watch: &Watch,
 ) -> Result<(PrimaryEnd, PrimaryReport), PrimaryError> {
     let shared = Arc::new(Shared {
         state: Mutex::new(Role {
             protected: true,
             deposed: false,
             acked: 0,
-            in_flight: VecDeque::new(),
+            unacked: VecDeque::new(),
+            precopy: true,
             finished: false,
         }),
         changed: Condvar::new(),
     });
     let data = Sender::new(&link.data)?;
     let control = Sender::new(&link.control)?;
-    let report = Arc::new(Mutex::new(PrimaryReport::default()));
 
     vmm.set_dirty_logging(true)?;
     vmm.harvest_dirty()?;
@@ -160,24 +244,34 @@ pub fn protect(
     // Staging buffers go back from the sender to the epoch loop, to be copied into again.
     let (spare_tx, spare_rx) = bounded::<StagedPages>(2);
     let sender = {
-        let (shared, data, report) = (shared.clone(), data.clone(), report.clone());
+        let (shared, data, watch) = (shared.clone(), data.clone(), watch.clone());
         std::thread::Builder::new()
             .name("ckpt-send".into())
-            .spawn(move || send_loop(out_rx, spare_tx, data, shared, report, workers))
+            .spawn(move || send_loop(out_rx, spare_tx, data, shared, watch, workers))
             .map_err(PrimaryError::Thread)?
     };
     let controller = {
         let (shared, outputs, vmm) = (shared.clone(), outputs.clone(), vmm.clone());
-        let (control, data) = (control.clone(), data.clone());
+        let (control, data, watch) = (control.clone(), data.clone(), watch.clone());
         let stream = link.control.try_clone()?;
         let config = config.clone();
         std::thread::Builder::new()
             .name("ckpt-control".into())
-            .spawn(move || control_loop(stream, control, data, shared, outputs, vmm, config))
+            .spawn(move || control_loop(stream, control, data, shared, outputs, vmm, config, watch))
             .map_err(PrimaryError::Thread)?
     };
 
-    let result = epoch_loop(&vmm, &outputs, &shared, &out_tx, &spare_rx, config, &report);
+    let epochs = EpochLoop {
+        vmm: &vmm,
+        outputs: &outputs,
+        shared: &shared,
+        out: &out_tx,
+        spare: &spare_rx,
+        config,
+        watch,
+        limits: Limits::new(Duration::from_millis(config.epoch_ms)),
+    };
+    let result = epochs.run();
     drop(out_tx);
     let end = match result {
         Ok(end) => end,
@@ -207,75 +301,180 @@ pub fn protect(
     data.shutdown();
     let _ = sender.join();
     let _ = controller.join();
-    let mut report = report.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut report = watch.snapshot();
     if !protected {
         report.unprotected_at = Some(report.epochs);
     }
     Ok((end, report))
 }
 
-fn epoch_loop(
-    vmm: &Vmm,
-    outputs: &Outputs,
-    shared: &Shared,
-    out: &crossbeam_channel::Sender<Outgoing>,
-    spare: &Receiver<StagedPages>,
-    config: &PeerConfig,
-    report: &Mutex<PrimaryReport>,
-) -> Result<PrimaryEnd, PrimaryError> {
-    // Pre-copy: all of memory, then what the running guest dirtied meanwhile, a few rounds.
-    let span = info_span!("precopy").entered();
-    let mut log = DirtyLog::all(vmm.memory());
-    for round in 0..PRECOPY_ROUNDS {
-        let pages = StagedPages::copy(vmm.memory(), &log, true)?;
-        info!(round, pages = pages.gpas.len(), "pre-copy round");
-        report
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .precopy_pages += pages.gpas.len();
-        let round_out = Outgoing {
-            epoch: 0,
-            pages,
-            state: None,
-            disk: EpochWrites::new(),
-        };
-        if out.send(round_out).is_err() || vmm.outcome().is_some() {
-            break;
-        }
-        log = vmm.harvest_dirty()?;
-        if log.count() < PRECOPY_DONE_PAGES {
-            break;
+/// The primary's epoch loop: pre-copy, then checkpoints where the epoch policy says.
+struct EpochLoop<'a> {
+    vmm: &'a Vmm,
+    outputs: &'a Outputs,
+    shared: &'a Shared,
+    out: &'a crossbeam_channel::Sender<Outgoing>,
+    spare: &'a Receiver<StagedPages>,
+    config: &'a PeerConfig,
+    watch: &'a Watch,
+    limits: Limits,
+}
+
+/// Whether the guest is running, or paused by the epoch loop and since when.
+enum Guest {
+    Running,
+    Held { since: Instant, why: Hold },
+}
+
+impl EpochLoop<'_> {
+    fn run(&self) -> Result<PrimaryEnd, PrimaryError> {
+        let vmm = self.vmm;
+        let log = self.precopy()?;
+        // The pages dirtied since the last round was copied (or that round itself): the
+        // harvest that measured them already cleared them from the dirty log, so the first
+        // checkpoint must add them.
+        let mut carried = Some(log);
+
+        let limits = &self.limits;
+        let mut epoch = 0u64;
+        let mut hot = HotPages::default();
+        let mut began = Instant::now();
+        let mut guest = Guest::Running;
+        loop {
+            let why = loop {
+                {
+                    let role = self.shared.lock();
+                    if role.deposed {
+                        vmm.stop(VmOutcome::Fault("deposed".into()));
+                        return Ok(PrimaryEnd::Deposed);
+                    }
+                    if !role.protected {
+                        drop(role);
+                        self.release(&mut guest);
+                        return Ok(PrimaryEnd::Guest(wait_guest(vmm)));
+                    }
+                }
+                if vmm.outcome().is_some() {
+                    // The guest ended: its final checkpoint carries how.
+                    break EpochEnd::Period;
+                }
+                match policy::next(&self.observe(began.elapsed()), limits) {
+                    Next::Checkpoint(why) => break why,
+                    Next::Run => {
+                        self.release(&mut guest);
+                        let left = limits.period.saturating_sub(began.elapsed());
+                        self.wait(left.max(Duration::from_millis(1)));
+                    }
+                    Next::Hold(why) => {
+                        if let Guest::Running = guest {
+                            vmm.pause();
+                            info!(?why, "holding the guest until the standby catches up");
+                            guest = Guest::Held {
+                                since: Instant::now(),
+                                why,
+                            };
+                        }
+                        self.wait(TICK);
+                    }
+                }
+            };
+            epoch += 1;
+            began = Instant::now();
+            let span = info_span!("epoch", epoch).entered();
+            let (unit, ended) = self.checkpoint(epoch, why, &mut guest, &mut hot, &mut carried)?;
+            drop(span);
+            if self.out.send(unit).is_err() {
+                // The sender quit (link lost): the control thread decides what that means.
+                self.release(&mut guest);
+                wait_role_change(self.shared, self.config.failover_timeout() * 2);
+            }
+            if let Some(outcome) = ended {
+                return Ok(self.finish(epoch, outcome));
+            }
         }
     }
-    drop(span);
-    // The pages dirtied since the last round was copied (or that round itself): the harvest
-    // above already cleared them from the dirty log, so the first checkpoint must add them.
-    let mut carried = Some(log);
 
-    let period = Duration::from_millis(config.epoch_ms);
-    let mut epoch = 0u64;
-    let mut hot = HotPages::default();
-    let mut next = Instant::now();
-    loop {
-        // Wait for the epoch's end, waking early if the guest ends or the role changes.
-        {
-            let role = shared.wait_while(next, |role| {
-                vmm.outcome().is_none() && role.protected && !role.deposed
-            });
-            if role.deposed {
-                vmm.stop(VmOutcome::Fault("deposed".into()));
-                return Ok(PrimaryEnd::Deposed);
+    /// Pre-copy: all of memory, then what the running guest dirtied meanwhile, a few rounds.
+    /// Returns the dirty log of the last round's harvest.
+    fn precopy(&self) -> Result<DirtyLog, PrimaryError> {
+        let vmm = self.vmm;
+        let _span = info_span!("precopy").entered();
+        let mut log = DirtyLog::all(vmm.memory());
+        for round in 0..PRECOPY_ROUNDS {
+            let pages = StagedPages::copy(vmm.memory(), &log, true)?;
+            info!(round, pages = pages.gpas.len(), "pre-copy round");
+            self.watch.lock().precopy_pages += pages.gpas.len();
+            let round_out = Outgoing {
+                epoch: 0,
+                pages,
+                state: None,
+                disk: EpochWrites::new(),
+            };
+            if self.out.send(round_out).is_err() || vmm.outcome().is_some() {
+                break;
             }
-            if !role.protected {
-                drop(role);
-                return Ok(PrimaryEnd::Guest(wait_guest(vmm)));
+            log = vmm.harvest_dirty()?;
+            if log.count() < PRECOPY_DONE_PAGES {
+                break;
             }
         }
-        epoch += 1;
-        next += period;
-        let span = info_span!("epoch", epoch).entered();
+        self.shared.lock().precopy = false;
+        Ok(log)
+    }
+
+    /// What the epoch policy looks at, `elapsed` into the running epoch.
+    fn observe(&self, elapsed: Duration) -> Observation {
+        Observation {
+            elapsed,
+            sender_ready: self.out.is_empty(),
+            unacked: self.shared.lock().unacked.len(),
+            epoch_bytes: self.outputs.running_bytes(),
+            held_bytes: self.outputs.console.held_bytes(),
+        }
+    }
+
+    /// Waits at most `limit` for a role change or an acknowledgement.
+    fn wait(&self, limit: Duration) {
+        let acked = self.shared.lock().acked;
+        drop(self.shared.wait_while(Instant::now() + limit, |role| {
+            role.protected && !role.deposed && role.acked == acked
+        }));
+    }
+
+    /// Lets a held guest run again.
+    fn release(&self, guest: &mut Guest) {
+        if let Guest::Held { since, why } = std::mem::replace(guest, Guest::Running) {
+            let held = since.elapsed();
+            info!(
+                ?why,
+                held_ms = held.as_millis() as u64,
+                "the standby caught up; the guest runs again"
+            );
+            let mut r = self.watch.lock();
+            r.holds += 1;
+            r.held_time += held;
+            drop(r);
+            self.vmm.resume();
+        }
+    }
+
+    /// Takes checkpoint `epoch`: pauses the guest (unless held already), harvests and copies
+    /// its dirty pages, saves the VM state and seals the epoch's output; lets the guest run on
+    /// unless the policy holds it. Returns what the sender ships, and the guest's outcome if
+    /// this is its final checkpoint.
+    fn checkpoint(
+        &self,
+        epoch: u64,
+        why: EpochEnd,
+        guest: &mut Guest,
+        hot: &mut HotPages,
+        carried: &mut Option<DirtyLog>,
+    ) -> Result<(Outgoing, Option<VmOutcome>), PrimaryError> {
+        let vmm = self.vmm;
         let start = Instant::now();
-        vmm.pause();
+        if let Guest::Running = guest {
+            vmm.pause();
+        }
         let stopped = start.elapsed();
         let ended = vmm.outcome();
         let mut log = vmm.harvest_dirty_rearming(|log| hot.rearm(log))?;
@@ -284,24 +483,45 @@ fn epoch_loop(
         }
         let copy_start = Instant::now();
         let harvest = copy_start - start - stopped;
-        let mut pages = spare.try_recv().unwrap_or_default();
+        let mut pages = self.spare.try_recv().unwrap_or_default();
         pages.copy_from(vmm.memory(), &log, false)?;
         let copy_time = copy_start.elapsed();
         let save_start = Instant::now();
-        let (output, disk) = outputs.seal(epoch);
+        let (output, disk) = self.outputs.seal(epoch);
         let state = CheckpointState {
             vmm: vmm.save_state()?,
             output,
             ended: ended.clone(),
         };
         let save = save_start.elapsed();
+        self.shared
+            .lock()
+            .unacked
+            .push_back((epoch, Instant::now()));
         if ended.is_none() {
-            vmm.resume();
+            // Held output at its bound keeps the guest paused at once, rather than letting it
+            // run between the checkpoint and the hold.
+            let hold = match policy::next(&self.observe(Duration::ZERO), &self.limits) {
+                Next::Hold(why) => Some(why),
+                _ => None,
+            };
+            match (&*guest, hold) {
+                (Guest::Held { .. }, None) => self.release(guest),
+                (Guest::Running, None) => vmm.resume(),
+                (Guest::Running, Some(why)) => {
+                    *guest = Guest::Held {
+                        since: Instant::now(),
+                        why,
+                    }
+                }
+                (Guest::Held { .. }, Some(_)) => {}
+            }
         }
         let pause = start.elapsed();
         let dirty = pages.gpas.len();
         info!(
             dirty,
+            ?why,
             held_frames = state.output.frames.items.len(),
             disk_ops = disk.len(),
             pause_us = pause.as_micros() as u64,
@@ -312,47 +532,34 @@ fn epoch_loop(
             "checkpoint"
         );
         {
-            let mut r = report.lock().unwrap_or_else(|e| e.into_inner());
+            let mut r = self.watch.lock();
             r.epochs = epoch;
-            r.pauses.push(pause);
-            r.copies.push(copy_time);
-            r.dirty_pages.push(dirty);
+            r.record_epoch(pause, copy_time, dirty);
+            if why == EpochEnd::Bytes {
+                r.full_epochs += 1;
+            }
         }
-        let encoded = state.encode()?;
-        drop(span);
-        if out
-            .send(Outgoing {
-                epoch,
-                pages,
-                state: Some(encoded),
-                disk,
-            })
-            .is_err()
-        {
-            // The sender quit (link lost): the control thread decides what that means.
-            wait_role_change(shared, config.failover_timeout() * 2);
-        }
-        if let Some(outcome) = ended {
-            return Ok(finish(shared, epoch, outcome, config));
-        }
-        if next < Instant::now() {
-            // A slow epoch (large dirty set, slow link): start the next period from now.
-            next = Instant::now();
-        }
+        let unit = Outgoing {
+            epoch,
+            pages,
+            state: Some(state.encode()?),
+            disk,
+        };
+        Ok((unit, ended))
     }
-}
 
-/// The guest ended and its final checkpoint `epoch` is on its way: wait for its ack (which
-/// releases the last output), the loss of the standby, or deposition.
-fn finish(shared: &Shared, epoch: u64, outcome: VmOutcome, config: &PeerConfig) -> PrimaryEnd {
-    let limit = Instant::now() + config.failover_timeout() * 4;
-    let role = shared.wait_while(limit, |role| {
-        role.protected && !role.deposed && role.acked < epoch
-    });
-    if role.deposed {
-        return PrimaryEnd::Deposed;
+    /// The guest ended and its final checkpoint `epoch` is on its way: wait for its ack (which
+    /// releases the last output), the loss of the standby, or deposition.
+    fn finish(&self, epoch: u64, outcome: VmOutcome) -> PrimaryEnd {
+        let limit = Instant::now() + self.config.ack_timeout();
+        let role = self.shared.wait_while(limit, |role| {
+            role.protected && !role.deposed && role.acked < epoch
+        });
+        if role.deposed {
+            return PrimaryEnd::Deposed;
+        }
+        PrimaryEnd::Guest(outcome)
     }
-    PrimaryEnd::Guest(outcome)
 }
 
 /// Waits for the guest to end (it runs unprotected or has ended already).
@@ -377,7 +584,7 @@ fn send_loop(
     spare: crossbeam_channel::Sender<StagedPages>,
     data: Sender,
     shared: Arc<Shared>,
-    report: Arc<Mutex<PrimaryReport>>,
+    watch: Watch,
     workers: usize,
 ) {
     link::yield_to_guest();
@@ -416,7 +623,7 @@ fn send_loop(
                 .and_then(|()| send(&wire::encode(&digest.end(unit.epoch))));
         }
         {
-            let mut r = report.lock().unwrap_or_else(|e| e.into_inner());
+            let mut r = watch.lock();
             if unit.state.is_some() {
                 r.wire_bytes += wire_bytes;
                 r.page_bytes += unit.pages.bytes().len() as u64;
@@ -432,10 +639,6 @@ fn send_loop(
             return;
         }
         if unit.state.is_some() {
-            shared
-                .lock()
-                .in_flight
-                .push_back((unit.epoch, Instant::now()));
             // Pre-copy buffers (all of memory) are dropped; checkpoint buffers are reused.
             let _ = spare.try_send(unit.pages);
         }
@@ -501,8 +704,81 @@ fn read_arrived(
     arrived
 }
 
+/// How late the standby is, as the control thread judges it: slow while its oldest
+/// unacknowledged checkpoint is older than the failover timeout (its heartbeats still arrive:
+/// a silent standby is lost after the failover timeout whatever its lag), lost past the
+/// acknowledgement timeout.
+struct Lag {
+    slow_since: Option<Instant>,
+    last_said: Instant,
+}
+
+/// How often a slow standby's lag is logged while it lasts.
+const SLOW_LOG_EVERY: Duration = Duration::from_secs(1);
+
+impl Lag {
+    fn new() -> Self {
+        Self {
+            slow_since: None,
+            last_said: Instant::now(),
+        }
+    }
+
+    /// Judges the lag from the oldest unacknowledged epoch and its age; returns why the
+    /// standby is lost, if it is.
+    fn judge(
+        &mut self,
+        oldest: Option<(u64, Duration)>,
+        config: &PeerConfig,
+        watch: &Watch,
+    ) -> Option<String> {
+        let ack_timeout = config.ack_timeout();
+        let mut r = watch.lock();
+        r.oldest_unacked = oldest.map(|(_, age)| age);
+        match oldest {
+            Some((epoch, age)) if age > ack_timeout => Some(format!(
+                "no acknowledgement within the acknowledgement timeout of {} ms: epoch {epoch} \
+                 is {} ms old",
+                ack_timeout.as_millis(),
+                age.as_millis()
+            )),
+            Some((epoch, age)) if age > config.failover_timeout() => {
+                let now = Instant::now();
+                if self.slow_since.is_none() {
+                    self.slow_since = Some(now);
+                    r.slow_episodes += 1;
+                    r.standby = StandbyHealth::Slow;
+                }
+                if self.slow_since == Some(now) || self.last_said.elapsed() >= SLOW_LOG_EVERY {
+                    self.last_said = now;
+                    warn!(
+                        epoch,
+                        age_ms = age.as_millis() as u64,
+                        ack_timeout_ms = ack_timeout.as_millis() as u64,
+                        "standby slow: its heartbeats arrive but the oldest unacknowledged \
+                         epoch is {} ms old; holding output",
+                        age.as_millis()
+                    );
+                }
+                None
+            }
+            _ => {
+                if let Some(since) = self.slow_since.take() {
+                    let slow = since.elapsed();
+                    r.slow_time += slow;
+                    r.standby = StandbyHealth::Ok;
+                    info!(slow_ms = slow.as_millis() as u64, "the standby caught up");
+                }
+                None
+            }
+        }
+    }
+}
+
 /// Reads acks, heartbeats and role messages from the standby, sends heartbeats, and decides
-/// when the standby is lost.
+/// when the standby is lost: silent for the failover timeout, or alive but not acknowledging
+/// within the acknowledgement timeout.
+#[allow(clippy::too_many_arguments)]
 fn control_loop(
     stream: TcpStream,
     control: Sender,
@@ -511,14 +787,16 @@ fn control_loop(
     outputs: Outputs,
     vmm: Arc<Vmm>,
     config: PeerConfig,
+    watch: Watch,
 ) {
     let mut reader = FrameReader::new(stream);
     let mut silence = SilenceClock::new(config.failover_timeout());
     let beat = config.heartbeat_interval();
     let mut last_beat = Instant::now();
-    // The standby's last sign of progress: an ack, or a heartbeat with a new frame count.
+    // The standby's last sign of progress through pre-copy: a heartbeat with a new frame count.
     let mut progress_at = Instant::now();
     let mut standby_received = 0u64;
+    let mut lag = Lag::new();
     // Messages read but not yet acted on, after this node was found not to have run.
     let mut backlog = VecDeque::new();
     let mut last_look = Instant::now();
@@ -530,6 +808,11 @@ fn control_loop(
         error!("standby lost ({why}); the guest continues unprotected");
         role.protected = false;
         drop(role);
+        {
+            let mut r = watch.lock();
+            r.standby = StandbyHealth::Lost;
+            r.lost_reason = Some(why);
+        }
         shared.changed.notify_all();
         outputs.open();
         let _ = control.send(&Message::Goodbye);
@@ -555,8 +838,8 @@ fn control_loop(
                     // The silence was this node's own: the standby gets a fresh window.
                     let now = Instant::now();
                     progress_at = now;
-                    for (_, sent) in shared.lock().in_flight.iter_mut() {
-                        *sent = now;
+                    for (_, sealed) in shared.lock().unacked.iter_mut() {
+                        *sealed = now;
                     }
                     backlog.pop_front().unwrap_or(Err(WireError::Idle))
                 } else {
@@ -568,14 +851,14 @@ fn control_loop(
         match got {
             Ok(Message::Ack { epoch }) => {
                 silence.heard();
-                progress_at = Instant::now();
                 outputs.release_through(epoch);
                 let mut role = shared.lock();
                 role.acked = role.acked.max(epoch);
-                while role.in_flight.front().is_some_and(|(e, _)| *e <= epoch) {
-                    role.in_flight.pop_front();
+                while role.unacked.front().is_some_and(|(e, _)| *e <= epoch) {
+                    role.unacked.pop_front();
                 }
                 drop(role);
+                watch.lock().acked = epoch;
                 shared.changed.notify_all();
             }
             Ok(Message::Heartbeat { received }) => {
@@ -607,17 +890,14 @@ fn control_loop(
                 return;
             }
         }
-        if !shared.lock().protected {
+        let (protected, precopy, oldest) = {
+            let role = shared.lock();
+            let oldest = role.unacked.front().map(|&(e, t)| (e, t.elapsed()));
+            (role.protected, role.precopy, oldest)
+        };
+        if !protected {
             return;
         }
-        // Stalled: an epoch left long ago and the standby has neither acknowledged anything
-        // nor read a frame since (a slow standby working through a backlog is not stalled).
-        let stalled = progress_at.elapsed() > config.failover_timeout() && {
-            let role = shared.lock();
-            role.in_flight
-                .front()
-                .is_some_and(|(_, sent)| sent.elapsed() > config.failover_timeout())
-        };
         if silence.expired() {
             lost(format!(
                 "silent for {} ms",
@@ -625,8 +905,15 @@ fn control_loop(
             ));
             return;
         }
-        if stalled {
-            lost("no acknowledgement within the failover timeout".into());
+        if precopy && progress_at.elapsed() > config.ack_timeout() {
+            lost(format!(
+                "it read nothing of the pre-copy for the acknowledgement timeout of {} ms",
+                config.ack_timeout_ms
+            ));
+            return;
+        }
+        if let Some(why) = lag.judge(oldest, &config, &watch) {
+            lost(why);
             return;
         }
         if last_beat.elapsed() >= beat {

@@ -15,6 +15,8 @@ use crate::{block_span, DiskOp, DiskSyncError, EpochWrites, WriteIntentBitmap};
 struct Shared {
     /// Successful ops of the running epoch, in order.
     running: Vec<DiskOp>,
+    /// Data bytes of the running epoch's writes.
+    running_bytes: usize,
     /// Blocks written by the running epoch.
     running_blocks: BTreeSet<u64>,
     /// Blocks written by each sealed epoch not yet acknowledged.
@@ -114,6 +116,7 @@ impl BlockBackend for RecordingBackend {
             Ok(()) if shared.stopped => {}
             Ok(()) => {
                 shared.running_blocks.extend(blocks(span));
+                shared.running_bytes += buf.len();
                 shared.running.push(DiskOp::Write {
                     offset,
                     data: buf.to_vec(),
@@ -144,11 +147,17 @@ impl EpochRecorder {
     pub fn seal(&self, epoch: u64) -> EpochWrites {
         let mut shared = lock(&self.shared);
         let ops = std::mem::take(&mut shared.running);
+        shared.running_bytes = 0;
         let touched = std::mem::take(&mut shared.running_blocks);
         if !touched.is_empty() {
             shared.sealed.entry(epoch).or_default().extend(touched);
         }
         ops
+    }
+
+    /// Data bytes written in the running epoch: what its checkpoint will carry.
+    pub fn running_bytes(&self) -> usize {
+        lock(&self.shared).running_bytes
     }
 
     /// Checkpoint `epoch` is on both nodes: blocks written only in epochs <= epoch leave the
@@ -185,6 +194,7 @@ impl EpochRecorder {
         let mut shared = lock(&self.shared);
         shared.stopped = true;
         shared.running = Vec::new();
+        shared.running_bytes = 0;
         shared.sealed.clear();
         shared.running_blocks.clear();
     }

@@ -15,6 +15,9 @@ use crate::{DiskOp, DiskSyncError};
 pub struct Replica {
     file: File,
     size: u64,
+    /// Added to every fdatasync: a test setting that makes this image a disk slow to make
+    /// data durable (see [`Replica::with_sync_delay`]).
+    sync_delay: std::time::Duration,
 }
 
 impl Replica {
@@ -29,7 +32,15 @@ impl Replica {
         Ok(Replica {
             file,
             size: meta.len(),
+            sync_delay: std::time::Duration::ZERO,
         })
+    }
+
+    /// For tests and drills: every fdatasync of this image takes `delay` longer, as on a
+    /// disk that is busy flushing something else.
+    pub fn with_sync_delay(mut self, delay: std::time::Duration) -> Replica {
+        self.sync_delay = delay;
+        self
     }
 
     /// Size of the image in bytes.
@@ -67,6 +78,7 @@ impl Replica {
         // A Flush op needs nothing of its own: the epoch is made durable as a whole here.
         if !ops.is_empty() {
             self.file.sync_data().map_err(DiskSyncError::StandbySync)?;
+            std::thread::sleep(self.sync_delay);
         }
         Ok(())
     }

@@ -263,6 +263,11 @@ impl<T: Output> Gate<T> {
         self.lock().held
     }
 
+    /// Bytes held in the running epoch.
+    pub fn running_bytes(&self) -> usize {
+        self.lock().running.iter().map(Output::held_bytes).sum()
+    }
+
     /// Stream position of the first unreleased item.
     pub fn released(&self) -> u64 {
         self.lock().released

@@ -158,10 +158,11 @@ fn replicated(
         epoch_ms,
         // Generous: a 64 MiB epoch takes a while to compress and apply on two cores.
         failover_timeout_ms: 2000,
+        ack_timeout_ms: 10_000,
     };
     let link = link::connect(&addr, &peer, Duration::from_secs(10))?;
     let outputs = Outputs::attach(gate, Mode::Held, &vmm, FRAME_HOLD_LIMIT, None);
-    let (end, report) = primary::protect(vmm, outputs, link, &peer)?;
+    let (end, report) = primary::protect(vmm, outputs, link, &peer, &primary::Watch::default())?;
     let standby_end = standby.join().map_err(|_| "standby thread panicked")??;
     if end != PrimaryEnd::Guest(VmOutcome::Exited(0)) {
         return Err(format!("replicated bench guest ended with {end:?}").into());

@@ -27,9 +27,25 @@ impl Drop for Guard {
     }
 }
 
+/// Makes the child of `cmd` die with the thread that starts it: an interrupted or crashed
+/// test leaves no ftvmm behind (a normal end kills its nodes by pid first).
+pub fn dies_with_test(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag of the calling (child) process; it is
+    // async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
 /// Runs `ftvmm ARGS` to completion, killing it after `limit`.
 pub fn ftvmm(args: &[&str], limit: Duration) -> Output {
-    let child = Command::new(FTVMM)
+    let child = dies_with_test(&mut Command::new(FTVMM))
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -269,7 +285,7 @@ impl Node {
     }
 
     fn start(mut cmd: Command) -> Self {
-        let mut child = cmd
+        let mut child = dies_with_test(&mut cmd)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

@@ -490,14 +490,34 @@ impl LinuxEntry {
 mod tests {
     use super::*;
 
-    fn scratch(name: &str, bytes: &[u8]) -> PathBuf {
-        let p = std::env::temp_dir().join(format!("ftvmm-linux-{}-{name}", std::process::id()));
-        std::fs::write(&p, bytes).unwrap();
-        p
+    /// A directory of test files, removed when dropped (even when the test fails).
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(tag: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("ftvmm-linux-{}-{tag}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+
+        fn file(&self, name: &str, bytes: &[u8]) -> PathBuf {
+            let p = self.0.join(name);
+            std::fs::write(&p, bytes).unwrap();
+            p
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 
     #[test]
     fn formats_are_told_apart() {
+        let dir = Scratch::new("formats");
+        let scratch = |name: &str, bytes: &[u8]| dir.file(name, bytes);
         let elf = scratch("elf", b"\x7fELF\x02\x01\x01");
         assert_eq!(probe(&elf).unwrap(), KernelFormat::ElfPvh);
         let mut bz = vec![0u8; 0x400];
