@@ -12,6 +12,12 @@ use common::{free_port, merge, stats, wait_for, Node, Rng, Scratch};
 /// at once would starve each other into spurious failovers and time-outs.
 static ONE_PAIR: Mutex<()> = Mutex::new(());
 
+/// A killed primary's sockets close at once, so the standby sees the kill whatever the
+/// failover timeout; generous timeouts keep a starved machine (a build flushing to disk
+/// beside the suite) from dropping the standby or failing over before the kill.
+const FAILOVER_TIMEOUT_MS: u64 = 2000;
+const ACK_TIMEOUT_MS: u64 = 30_000;
+
 /// What one trial left behind: the merged console, the standby's stats, and how long the pair
 /// ran from protection to the standby's exit.
 struct Trial {
@@ -38,7 +44,6 @@ fn kill_primary(
     vm: &[&str],
     standby_vm: &[&str],
     payload: &[String],
-    timeout_ms: u64,
     kill_at: impl FnOnce(usize) -> usize,
     what: &str,
 ) -> Trial {
@@ -59,7 +64,8 @@ fn kill_primary(
     let mut args: Vec<String> = ["primary", "--peer", &addr, "--mem", "64M"]
         .map(String::from)
         .into();
-    args.push(format!("--failover-timeout-ms={timeout_ms}"));
+    args.push(format!("--failover-timeout-ms={FAILOVER_TIMEOUT_MS}"));
+    args.push(format!("--ack-timeout-ms={ACK_TIMEOUT_MS}"));
     args.push(format!("--console=file:{}", p_out.display()));
     args.extend(vm.iter().map(|a| a.to_string()));
     args.push("--".into());
@@ -124,16 +130,15 @@ fn stencil_survives_primary_sigkill_at_seeded_moments() {
     // a loaded machine makes pre-copy slow.
     let steps = 200_000u64;
     let (args, expected) = stencil(steps, 5000);
-    let mut rng = Rng(0x5eed_f00d);
+    let mut rng = Rng::seeded(0x5eed_f00d);
     for trial in 0..6 {
         let dir = Scratch::new(&format!("failover{trial}"));
-        let what = format!("stencil trial {trial}");
+        let what = format!("stencil {} trial {trial}", rng.name());
         let t = kill_primary(
             &dir,
             &["--vcpus", "2", "--payload", "builtin:stencil"],
             &[],
             &args,
-            200,
             mid_run((steps / 5000) as usize, &mut rng),
             &what,
         );
@@ -169,24 +174,21 @@ fn seq_survives_primary_sigkill_at_seeded_moments() {
     let slow = (1_500u64, 1u64, 100_000_000u64);
     let want_fast = common::seq_transcript(fast.0, fast.2);
     let want_slow = common::seq_transcript(slow.0, slow.2);
-    let mut rng = Rng(0x5e9_c0de);
+    let mut rng = Rng::seeded(0x5e9_c0de);
     for trial in 0..14 {
         let ((count, pages, work), want) = if trial % 2 == 0 {
             (fast, &want_fast)
         } else {
             (slow, &want_slow)
         };
-        let what = format!("seq {count} {pages} {work} trial {trial}");
+        let what = format!("seq {count} {pages} {work} {} trial {trial}", rng.name());
         let dir = Scratch::new(&format!("seqfail{trial}"));
         let args = [count, pages, work].map(|n| n.to_string());
-        // A killed primary's sockets close at once, so the timeout hardly delays detection;
-        // a generous one keeps a starved machine from dropping the standby before the kill.
         let t = kill_primary(
             &dir,
             &["--payload", "builtin:seq"],
             &[],
             &args,
-            1000,
             mid_run(count as usize, &mut rng),
             &what,
         );
@@ -234,7 +236,6 @@ fn primary_killed_as_the_guest_exits_leaves_the_standby_ending_the_same_way() {
             &["--vcpus", "2", "--payload", "builtin:stencil"],
             &[],
             &args,
-            200,
             |_| lines - 2 - trial % 2,
             &what,
         );
@@ -257,10 +258,10 @@ fn journal_image(path: &std::path::Path) {
 fn journal_on_disk_survives_primary_sigkill_at_seeded_moments() {
     let _one = ONE_PAIR.lock().unwrap_or_else(|e| e.into_inner());
     let batches = JOURNAL_RECORDS.div_ceil(16) as usize;
-    let mut rng = Rng(0xd15c_0001);
+    let mut rng = Rng::seeded(0xd15c_0001);
     for trial in 0..4 {
         let dir = Scratch::new(&format!("journal{trial}"));
-        let what = format!("journal trial {trial}");
+        let what = format!("journal {} trial {trial}", rng.name());
         let (p_img, s_img) = (dir.path("p.img"), dir.path("s.img"));
         journal_image(&p_img);
         journal_image(&s_img);
@@ -271,7 +272,6 @@ fn journal_on_disk_survives_primary_sigkill_at_seeded_moments() {
             &[&p_disk, "--payload", "builtin:journal"],
             &[&s_disk],
             &[JOURNAL_RECORDS.to_string()],
-            200,
             mid_run(batches, &mut rng),
             &what,
         );

@@ -185,10 +185,10 @@ fn frozen_primary_is_deposed_and_releases_nothing_when_it_wakes() {
         .ok()
         .and_then(|t| t.parse().ok())
         .unwrap_or(6);
-    let mut rng = Rng(0xf2ee_2e5e);
+    let mut rng = Rng::seeded(0xf2ee_2e5e);
     for trial in 0..trials {
         let delay = rng.millis(100, 700);
-        frozen_primary(&format!("trial {trial} ({delay:?})"), delay);
+        frozen_primary(&format!("{} trial {trial} ({delay:?})", rng.name()), delay);
     }
 }
 
@@ -309,7 +309,8 @@ fn frozen_standby_is_dropped_and_never_takes_over() {
 /// Freezes shorter than the failover timeout change nothing: the standby, then the primary,
 /// stopped for half the timeout, each catch up on what arrived meanwhile (the woken primary
 /// reads all of it before acting and releases what was acknowledged), nobody is dropped or
-/// deposed, and the run ends protected with the exact transcript.
+/// deposed (a frozen standby is at most slow), and the run ends protected with the exact
+/// transcript.
 #[test]
 fn brief_freezes_change_nothing() {
     let _one = one_pair();
@@ -329,7 +330,14 @@ fn brief_freezes_change_nothing() {
     let (s_status, s_err) = standby.wait(LIMIT);
     assert!(p_status.success(), "primary: {p_err}");
     assert!(s_status.success(), "standby: {s_err}");
-    assert_eq!((p_err.as_str(), s_err.as_str()), ("", ""));
+    // The primary may find its standby slow while either is frozen (a warning); nothing
+    // else is logged: nobody is lost, deposed or taking over.
+    let unexpected: Vec<&str> = p_err
+        .lines()
+        .chain(s_err.lines())
+        .filter(|l| !l.contains("standby slow"))
+        .collect();
+    assert!(unexpected.is_empty(), "{unexpected:#?}");
     assert_eq!(stats(&f.p_stats)["protected"], true);
     assert_eq!(stats(&f.s_stats)["took_over"], false);
     assert!(std::fs::read_to_string(&f.p_out).unwrap() == seq_want());

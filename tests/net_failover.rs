@@ -19,6 +19,9 @@ const MAC: &str = "02:00:00:00:00:02";
 /// Requests answered before the fault, and after it.
 const BEFORE: u64 = 60;
 const AFTER: u64 = 120;
+/// Generous, so that a starved machine never fails over before the fault; the frozen primary
+/// is detected after it (the bench measures the stall with a short one).
+const FAILOVER_TIMEOUT_MS: u64 = 1000;
 
 /// Starts a standby and a kv primary on taps of the topology's bridge, waits for kv to answer
 /// under protection, runs `fault` on the primary once the client has `BEFORE` replies, and
@@ -48,7 +51,8 @@ fn stream_survives(tag: &str, fault: impl FnOnce(&mut Node)) {
             "--peer".into(),
             addr,
             "--mem=64M".into(),
-            "--failover-timeout-ms=200".into(),
+            format!("--failover-timeout-ms={FAILOVER_TIMEOUT_MS}"),
+            "--ack-timeout-ms=30000".into(),
             net("ftp0"),
             format!("--console=file:{}", p_out.display()),
             "--payload=builtin:kv".into(),

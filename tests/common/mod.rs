@@ -384,10 +384,29 @@ pub fn stats(path: &Path) -> serde_json::Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad stats JSON {text}: {e}"))
 }
 
-/// xorshift64: the tests' seeded source of "random" moments.
-pub struct Rng(pub u64);
+/// xorshift64: the tests' seeded source of "random" moments. Each test has its own seed;
+/// FTVMM_TEST_SEED (hex or decimal) replaces it, to replay or to explore other moments, and
+/// trial messages name it, so a failure says how to reproduce it.
+pub struct Rng(pub u64, u64);
 
 impl Rng {
+    pub fn seeded(default: u64) -> Self {
+        let seed = std::env::var("FTVMM_TEST_SEED")
+            .ok()
+            .and_then(|s| match s.strip_prefix("0x") {
+                Some(hex) => u64::from_str_radix(hex, 16).ok(),
+                None => s.parse().ok(),
+            })
+            .filter(|&s| s != 0)
+            .unwrap_or(default);
+        Self(seed, seed)
+    }
+
+    /// `seed 0x…`, for messages: FTVMM_TEST_SEED=0x… replays the test.
+    pub fn name(&self) -> String {
+        format!("seed {:#x}", self.1)
+    }
+
     pub fn next(&mut self) -> u64 {
         let x = &mut self.0;
         *x ^= *x << 13;
