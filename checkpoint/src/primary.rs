@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver};
 use tracing::{error, info, info_span, warn};
+use vmm::cast::{saturating_u64, usize_to_u64};
 use vmm::memory::DirtyLog;
 use vmm::{VmOutcome, Vmm};
 
@@ -304,11 +305,11 @@ fn epoch_loop(
             dirty,
             held_frames = state.output.frames.items.len(),
             disk_ops = disk.len(),
-            pause_us = pause.as_micros() as u64,
-            stop_us = stopped.as_micros() as u64,
-            harvest_us = harvest.as_micros() as u64,
-            copy_us = copy_time.as_micros() as u64,
-            save_us = save.as_micros() as u64,
+            pause_us = saturating_u64(pause.as_micros()),
+            stop_us = saturating_u64(stopped.as_micros()),
+            harvest_us = saturating_u64(harvest.as_micros()),
+            copy_us = saturating_u64(copy_time.as_micros()),
+            save_us = saturating_u64(save.as_micros()),
             "checkpoint"
         );
         {
@@ -386,7 +387,7 @@ fn send_loop(
         let mut digest = EpochDigest::new();
         let mut wire_bytes = 0u64;
         let mut send = |frame: &[u8]| -> std::io::Result<()> {
-            wire_bytes += frame.len() as u64;
+            wire_bytes += usize_to_u64(frame.len());
             data.send_frame(frame)
         };
         let mut result = Ok(());
@@ -419,7 +420,7 @@ fn send_loop(
             let mut r = report.lock().unwrap_or_else(|e| e.into_inner());
             if unit.state.is_some() {
                 r.wire_bytes += wire_bytes;
-                r.page_bytes += unit.pages.bytes().len() as u64;
+                r.page_bytes += usize_to_u64(unit.pages.bytes().len());
             } else {
                 r.precopy_wire_bytes += wire_bytes;
             }
