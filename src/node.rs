@@ -15,6 +15,7 @@ use netbuf::{ConsoleGateSink, Gate, Ipv4, Mode, FRAME_HOLD_LIMIT};
 use serde::Serialize;
 use tracing::{info, warn};
 use vmm::builder::HostIo;
+use vmm::cast::saturating_u64;
 use vmm::devices::virtio::tap::Tap;
 use vmm::devices::{BlockBackend, FrameSink};
 use vmm::{VmOutcome, Vmm};
@@ -83,16 +84,26 @@ struct StandbyStats {
 
 /// `t` in microseconds since the Unix epoch (the stats' wall-clock times).
 pub fn unix_us(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_micros() as u64
+    saturating_u64(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_micros())
+}
+
+/// Where the `q`-quantile (`q` in 0..=1) of `len` sorted values stands, for `len` > 0.
+// The rounded product lies in 0..len: the conversion neither truncates nor loses a sign.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+pub fn quantile_index(len: usize, q: f64) -> usize {
+    ((len - 1) as f64 * q).round() as usize
 }
 
 /// The `q`-quantile of `values` in microseconds.
 pub fn quantile_us(values: &[Duration], q: f64) -> u64 {
-    let mut v: Vec<u64> = values.iter().map(|d| d.as_micros() as u64).collect();
+    let mut v: Vec<u64> = values
+        .iter()
+        .map(|d| saturating_u64(d.as_micros()))
+        .collect();
     v.sort_unstable();
     match v.len() {
         0 => 0,
-        n => v[((n - 1) as f64 * q).round() as usize],
+        n => v[quantile_index(n, q)],
     }
 }
 
@@ -187,7 +198,7 @@ pub fn primary(args: &PrimaryArgs) -> Result<ExitCode, Error> {
 }
 
 fn primary_stats(outcome: String, r: &PrimaryReport) -> PrimaryStats {
-    let ms = |d: Duration| d.as_millis() as u64;
+    let ms = |d: Duration| vmm::cast::saturating_u64(d.as_millis());
     PrimaryStats {
         role: "primary",
         outcome,
@@ -250,7 +261,7 @@ pub fn standby(args: &StandbyArgs) -> Result<ExitCode, Error> {
     let result = match standby::serve(&listener, &local, replica)? {
         StandbyEnd::Exit(code) => {
             stats.outcome = format!("guest exited on the primary with {code}");
-            Ok(ExitCode::from(code as u8))
+            Ok(exit_status(VmOutcome::Exited(code)))
         }
         StandbyEnd::Goodbye => {
             stats.outcome = "goodbye".into();

@@ -104,7 +104,8 @@ pub fn boot(config: &VmConfig, guest: &Guest, io: HostIo) -> Result<Vmm, Error> 
 /// Maps how the guest ended to this process's exit status.
 pub fn exit_status(outcome: VmOutcome) -> ExitCode {
     match outcome {
-        VmOutcome::Exited(code) => ExitCode::from(code as u8),
+        // Like exit(2), which keeps the status's low byte.
+        VmOutcome::Exited(code) => ExitCode::from(code.to_le_bytes()[0]),
         VmOutcome::Reset => {
             eprintln!("ftvmm: the guest rebooted; the VM ends here");
             ExitCode::SUCCESS
@@ -241,6 +242,13 @@ impl Capture {
 
 /// A child ftvmm node (demo, bench drills), killed by pid when dropped if it still runs.
 pub struct Node(pub std::process::Child);
+
+impl Node {
+    /// The node's process id, as signals take it.
+    pub fn pid(&self) -> Result<nix::unistd::Pid, Error> {
+        Ok(nix::unistd::Pid::from_raw(i32::try_from(self.0.id())?))
+    }
+}
 
 impl Drop for Node {
     fn drop(&mut self) {

@@ -10,6 +10,8 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use vmm::cast::usize_to_u64;
+
 pub const BRIDGE: &str = "ftbr0";
 pub const CLIENT_IP: &str = "192.0.2.1";
 pub const GUEST_IP: &str = "192.0.2.2";
@@ -84,7 +86,7 @@ pub fn kv_pipelined(lines: u64) -> Result<(f64, u64), String> {
         for k in 1..=lines {
             buf.extend_from_slice(format!("{k}\n").as_bytes());
         }
-        let sent = buf.len() as u64;
+        let sent = usize_to_u64(buf.len());
         writer.write_all(&buf).map(|_| sent)
     });
     let mut received = 0u64;
@@ -92,9 +94,10 @@ pub fn kv_pipelined(lines: u64) -> Result<(f64, u64), String> {
     let mut line = String::new();
     for _ in 0..lines {
         line.clear();
-        received += reader
+        let n = reader
             .read_line(&mut line)
-            .map_err(|e| format!("reply: {e}"))? as u64;
+            .map_err(|e| format!("reply: {e}"))?;
+        received += usize_to_u64(n);
     }
     let elapsed = start.elapsed().as_secs_f64();
     let sent = sender

@@ -27,10 +27,10 @@ fn cpl3_code_writes_the_uart_and_its_exit_code_is_ftvmms() {
     // mov dx, 0x501; mov eax, 7; out dx, eax; msg: "hi from cpl3\n"
     let msg = b"hi from cpl3\n";
     let mut code = vec![0x48, 0x8d, 0x35, 0, 0, 0, 0, 0xb9];
-    code.extend_from_slice(&(msg.len() as u32).to_le_bytes());
+    code.extend_from_slice(&u32::try_from(msg.len()).unwrap().to_le_bytes());
     code.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03, 0xf3, 0x6e]);
     code.extend_from_slice(&[0x66, 0xba, 0x01, 0x05, 0xb8, 7, 0, 0, 0, 0xef]);
-    let rel = (code.len() - 7) as u32;
+    let rel = u32::try_from(code.len() - 7).unwrap();
     code[3..7].copy_from_slice(&rel.to_le_bytes());
     code.extend_from_slice(msg);
     let out = run_code("uart", &code, "1");

@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::{free_port, merge, stats, wait_for, Node, Rng, Scratch};
+use vmm::cast::{u64_to_usize, usize_to_u64};
 
 /// Each test runs a replicated pair that needs about a CPU and a half; on a small machine two
 /// at once would starve each other into spurious failovers and time-outs.
@@ -30,8 +31,8 @@ struct Trial {
 /// when protection starts at line `protected_at`.
 fn mid_run(lines: usize, rng: &mut Rng) -> impl FnOnce(usize) -> usize + '_ {
     move |protected_at| {
-        let to_come = lines.saturating_sub(protected_at) as u64;
-        protected_at + rng.range(0, (to_come * 2 / 3).max(1)) as usize
+        let to_come = usize_to_u64(lines.saturating_sub(protected_at));
+        protected_at + u64_to_usize(rng.range(0, (to_come * 2 / 3).max(1)))
     }
 }
 
@@ -139,7 +140,7 @@ fn stencil_survives_primary_sigkill_at_seeded_moments() {
             &["--vcpus", "2", "--payload", "builtin:stencil"],
             &[],
             &args,
-            mid_run((steps / 5000) as usize, &mut rng),
+            mid_run(u64_to_usize(steps / 5000), &mut rng),
             &what,
         );
         assert!(
@@ -155,7 +156,7 @@ fn stencil_survives_primary_sigkill_at_seeded_moments() {
             .filter(|l| l.starts_with("step "))
             .collect();
         assert_eq!(
-            reports.len() as u64,
+            usize_to_u64(reports.len()),
             steps / 5000,
             "{what}: gapless reports"
         );
@@ -189,7 +190,7 @@ fn seq_survives_primary_sigkill_at_seeded_moments() {
             &["--payload", "builtin:seq"],
             &[],
             &args,
-            mid_run(count as usize, &mut rng),
+            mid_run(u64_to_usize(count), &mut rng),
             &what,
         );
         assert!(
@@ -227,7 +228,7 @@ fn primary_killed_as_the_guest_exits_leaves_the_standby_ending_the_same_way() {
     let _one = ONE_PAIR.lock().unwrap_or_else(|e| e.into_inner());
     let steps = 80_000u64;
     let (args, expected) = stencil(steps, 2000);
-    let lines = (steps / 2000) as usize + 1;
+    let lines = u64_to_usize(steps / 2000) + 1;
     for trial in 0..3 {
         let dir = Scratch::new(&format!("exitkill{trial}"));
         let what = format!("exit trial {trial}");
@@ -257,7 +258,7 @@ fn journal_image(path: &std::path::Path) {
 #[test]
 fn journal_on_disk_survives_primary_sigkill_at_seeded_moments() {
     let _one = ONE_PAIR.lock().unwrap_or_else(|e| e.into_inner());
-    let batches = JOURNAL_RECORDS.div_ceil(16) as usize;
+    let batches = u64_to_usize(JOURNAL_RECORDS.div_ceil(16));
     let mut rng = Rng::seeded(0xd15c_0001);
     for trial in 0..4 {
         let dir = Scratch::new(&format!("journal{trial}"));

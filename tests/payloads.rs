@@ -5,6 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use vmm::cast::usize_to_u64;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -96,10 +97,10 @@ fn stencil_writes_its_result_to_the_disk() {
     let img = std::fs::read(&disk).unwrap();
     let word = |i: usize| u64::from_le_bytes(img[i * 8..i * 8 + 8].try_into().unwrap());
     assert_eq!(&img[..8], b"FTVSTNC1");
-    assert_eq!((word(1), word(2)), (n as u64, steps));
+    assert_eq!((word(1), word(2)), (usize_to_u64(n), steps));
     assert_eq!(word(3), stencil_core::checksum(&grid));
     assert_eq!(word(3), stencil_checksum(&out));
-    assert_eq!(word(4), n as u64, "all rows fit in 1 MiB");
+    assert_eq!(word(4), usize_to_u64(n), "all rows fit in 1 MiB");
     let cells: Vec<f64> = img[512..512 + n * n * 8]
         .chunks_exact(8)
         .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
@@ -190,7 +191,7 @@ fn check_journal_image(img: &[u8], count: usize) {
         }
         assert_eq!(&sector[..4], b"FTJR", "magic of sector {n}");
         let seq = u64::from_le_bytes(sector[4..12].try_into().unwrap());
-        assert_eq!(seq, n as u64, "seq of sector {n}");
+        assert_eq!(seq, usize_to_u64(n), "seq of sector {n}");
         let len = u32::from_le_bytes(sector[12..16].try_into().unwrap());
         assert_eq!(len, 492, "payload length of sector {n}");
         let crc = u32::from_le_bytes(sector[508..512].try_into().unwrap());

@@ -7,6 +7,7 @@ use std::time::Duration;
 use ftvmm::payloads;
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
 use vmm::builder::HostIo;
+use vmm::cast::u64_to_usize;
 use vmm::devices::ConsoleSink;
 use vmm::{memory, GuestKind, VmConfig, VmOutcome, Vmm};
 
@@ -62,7 +63,7 @@ fn check_restore_continues(payload: &str, args: &[&str], vcpus: u32, run_for: Du
     let prefix = original_out.bytes();
     let copy = memory::create_guest_memory(config.mem_size).unwrap();
     for region in original.memory().iter() {
-        let mut buf = vec![0u8; region.len() as usize];
+        let mut buf = vec![0u8; u64_to_usize(region.len())];
         original
             .memory()
             .read_slice(&mut buf, region.start_addr())

@@ -3,6 +3,7 @@
 //! checkpoint; so a page found dirty stays writable (and is copied every epoch) for a few
 //! epochs before it is write-protected again to see whether the guest still writes it.
 
+use vmm::cast::u64_to_usize;
 use vmm::memory::DirtyLog;
 
 use crate::wire::PAGE_SIZE;
@@ -22,7 +23,7 @@ impl HotPages {
     /// log keeps naming it until then.
     pub fn rearm(&mut self, log: &DirtyLog) -> DirtyLog {
         log.select(|gpa| {
-            let page = (gpa / PAGE_SIZE as u64) as usize;
+            let page = u64_to_usize(gpa) / PAGE_SIZE;
             if page >= self.left.len() {
                 self.left.resize(page + 1, 0);
             }
@@ -46,7 +47,7 @@ mod tests {
     fn log(pages: &[u64]) -> DirtyLog {
         let mut bits = vec![0u64; 2];
         for &p in pages {
-            bits[(p / 64) as usize] |= 1 << (p % 64);
+            bits[u64_to_usize(p / 64)] |= 1 << (p % 64);
         }
         let mut log = DirtyLog::default();
         log.add_region(GuestAddress(0), 128 * 4096, bits);

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use vmm::cast::saturating_u64;
 use vmm::VmConfig;
 
 use crate::wire::{self, Channel, FrameReader, Message, WireError, PROTOCOL_VERSION};
@@ -152,7 +153,7 @@ pub fn connect(
                 Err(source) if start.elapsed() >= timeout => {
                     return Err(LinkError::Connect {
                         addr: addr.to_string(),
-                        waited_ms: start.elapsed().as_millis() as u64,
+                        waited_ms: saturating_u64(start.elapsed().as_millis()),
                         source,
                     })
                 }
@@ -260,6 +261,8 @@ impl Listener {
     }
 }
 
+// Truncating the nanosecond clock keeps its fast-changing low bits, all that an id needs.
+#[allow(clippy::cast_possible_truncation)]
 fn session_id() -> u64 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -273,8 +276,10 @@ fn session_id() -> u64 {
 pub fn yield_to_guest() {
     // SAFETY: plain syscalls on the calling thread's own id; no memory is passed.
     unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+        // A thread id is a positive pid_t, so it converts; were it not, the priority stays.
+        if let Ok(tid) = libc::id_t::try_from(libc::syscall(libc::SYS_gettid)) {
+            libc::setpriority(libc::PRIO_PROCESS, tid, 10);
+        }
     }
 }
 

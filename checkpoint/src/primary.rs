@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver};
 use tracing::{error, info, info_span, warn};
+use vmm::cast::{saturating_u64, usize_to_u64};
 use vmm::memory::DirtyLog;
 use vmm::{VmOutcome, Vmm};
 
@@ -447,7 +448,7 @@ impl EpochLoop<'_> {
             let held = since.elapsed();
             info!(
                 ?why,
-                held_ms = held.as_millis() as u64,
+                held_ms = saturating_u64(held.as_millis()),
                 "the standby caught up; the guest runs again"
             );
             let mut r = self.watch.lock();
@@ -524,11 +525,11 @@ impl EpochLoop<'_> {
             ?why,
             held_frames = state.output.frames.items.len(),
             disk_ops = disk.len(),
-            pause_us = pause.as_micros() as u64,
-            stop_us = stopped.as_micros() as u64,
-            harvest_us = harvest.as_micros() as u64,
-            copy_us = copy_time.as_micros() as u64,
-            save_us = save.as_micros() as u64,
+            pause_us = saturating_u64(pause.as_micros()),
+            stop_us = saturating_u64(stopped.as_micros()),
+            harvest_us = saturating_u64(harvest.as_micros()),
+            copy_us = saturating_u64(copy_time.as_micros()),
+            save_us = saturating_u64(save.as_micros()),
             "checkpoint"
         );
         {
@@ -593,7 +594,7 @@ fn send_loop(
         let mut digest = EpochDigest::new();
         let mut wire_bytes = 0u64;
         let mut send = |frame: &[u8]| -> std::io::Result<()> {
-            wire_bytes += frame.len() as u64;
+            wire_bytes += usize_to_u64(frame.len());
             data.send_frame(frame)
         };
         let mut result = Ok(());
@@ -626,7 +627,7 @@ fn send_loop(
             let mut r = watch.lock();
             if unit.state.is_some() {
                 r.wire_bytes += wire_bytes;
-                r.page_bytes += unit.pages.bytes().len() as u64;
+                r.page_bytes += usize_to_u64(unit.pages.bytes().len());
             } else {
                 r.precopy_wire_bytes += wire_bytes;
             }
@@ -753,8 +754,8 @@ impl Lag {
                     self.last_said = now;
                     warn!(
                         epoch,
-                        age_ms = age.as_millis() as u64,
-                        ack_timeout_ms = ack_timeout.as_millis() as u64,
+                        age_ms = saturating_u64(age.as_millis()),
+                        ack_timeout_ms = saturating_u64(ack_timeout.as_millis()),
                         "standby slow: its heartbeats arrive but the oldest unacknowledged \
                          epoch is {} ms old; holding output",
                         age.as_millis()
@@ -767,7 +768,10 @@ impl Lag {
                     let slow = since.elapsed();
                     r.slow_time += slow;
                     r.standby = StandbyHealth::Ok;
-                    info!(slow_ms = slow.as_millis() as u64, "the standby caught up");
+                    info!(
+                        slow_ms = saturating_u64(slow.as_millis()),
+                        "the standby caught up"
+                    );
                 }
                 None
             }

@@ -5,12 +5,13 @@ use disk_sync::{DiskOp, EpochWrites};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm::builder::VmmState;
+use vmm::cast::usize_to_u64;
 use vmm::devices::GuestMemory;
 use vmm::memory::DirtyLog;
 use vmm::VmOutcome;
 
 use crate::outputs::HeldOutput;
-use crate::wire::PAGE_SIZE;
+use crate::wire::{self, PAGE_SIZE};
 
 /// Dirty sets from this many pages (8 MiB) up are copied by several threads in the pause.
 const PARALLEL_COPY_PAGES: usize = 2048;
@@ -83,7 +84,7 @@ pub fn encode_disk(ops: &[DiskOp]) -> Vec<Vec<u8>> {
             DiskOp::Write { offset, data } => {
                 blob.push(OP_WRITE);
                 blob.extend_from_slice(&offset.to_le_bytes());
-                blob.extend_from_slice(&(data.len() as u32).to_le_bytes());
+                blob.extend_from_slice(&wire::len_field(data.len()));
                 blob.extend_from_slice(data);
             }
             DiskOp::Flush => blob.push(OP_FLUSH),
@@ -233,7 +234,7 @@ fn copy_paused(memory: &GuestMemory, gpas: &[u64], data: &mut [u8]) -> Result<()
 /// The host address of the guest page at `gpa`, checked to lie wholly in RAM.
 fn host_page(memory: &GuestMemory, gpa: u64) -> Result<*mut u8, StagingError> {
     let addr = GuestAddress(gpa);
-    if !gpa.is_multiple_of(PAGE_SIZE as u64)
+    if !gpa.is_multiple_of(usize_to_u64(PAGE_SIZE))
         || memory
             .checked_offset(addr, PAGE_SIZE - 1)
             .is_none_or(|end| memory.find_region(end).is_none())
@@ -248,6 +249,7 @@ fn host_page(memory: &GuestMemory, gpa: u64) -> Result<*mut u8, StagingError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vmm::cast::u64_to_usize;
     use vmm::memory::create_guest_memory;
 
     #[test]
@@ -290,14 +292,13 @@ mod tests {
     #[test]
     fn staged_pages_reach_another_image_exactly() {
         let src = create_guest_memory(64 << 20).unwrap();
-        for (i, gpa) in [0u64, 4096, 12 << 20, (64 << 20) - 4096].iter().enumerate() {
-            src.write_slice(&[i as u8 + 1; 4096], GuestAddress(*gpa))
-                .unwrap();
+        for (fill, gpa) in (1u8..).zip([0u64, 4096, 12 << 20, (64 << 20) - 4096]) {
+            src.write_slice(&[fill; 4096], GuestAddress(gpa)).unwrap();
         }
         let mut log = DirtyLog::default();
         let mut bits = vec![0u64; (64 << 20) / 4096 / 64];
         for gpa in [0u64, 4096, 12 << 20, (64 << 20) - 4096] {
-            let page = (gpa / 4096) as usize;
+            let page = u64_to_usize(gpa / 4096);
             bits[page / 64] |= 1 << (page % 64);
         }
         log.add_region(GuestAddress(0), 64 << 20, bits);
@@ -319,14 +320,12 @@ mod tests {
         let pages = PARALLEL_COPY_PAGES + 1000;
         let src = create_guest_memory(64 << 20).unwrap();
         let mut bits = vec![0u64; (64 << 20) / 4096 / 64];
+        let fill = |i: usize| u8::try_from(i % 251).unwrap() + 1;
         // Every other page, so that the threads' shares are scattered.
         for i in 0..pages {
             let page = 2 * i + 1;
-            src.write_slice(
-                &[(i % 251) as u8 + 1; 4096],
-                GuestAddress(page as u64 * 4096),
-            )
-            .unwrap();
+            src.write_slice(&[fill(i); 4096], GuestAddress(usize_to_u64(page) * 4096))
+                .unwrap();
             bits[page / 64] |= 1 << (page % 64);
         }
         let mut log = DirtyLog::default();
@@ -335,7 +334,7 @@ mod tests {
         staged.copy_from(&src, &log, false).unwrap();
         assert_eq!(staged.gpas.len(), pages);
         for (i, page) in staged.bytes().chunks_exact(4096).enumerate() {
-            assert!(page.iter().all(|&b| b == (i % 251) as u8 + 1), "page {i}");
+            assert!(page.iter().all(|&b| b == fill(i)), "page {i}");
         }
         // A smaller set reuses the buffer and exposes only its own pages.
         let mut few = DirtyLog::default();

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, info_span, warn};
+use vmm::cast::saturating_u64;
 use vmm::devices::GuestMemory;
 use vmm::memory::{self, MemoryError};
 use vmm::{VmShell, Vmm};
@@ -364,7 +365,7 @@ fn receive(
                 debug!(
                     pages,
                     disk_ops = pending.disk.len(),
-                    apply_us = start.elapsed().as_micros() as u64,
+                    apply_us = saturating_u64(start.elapsed().as_micros()),
                     "committed"
                 );
                 let _ = control.send(&Message::Ack { epoch });

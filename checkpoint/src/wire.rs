@@ -10,6 +10,8 @@
 
 use std::io::{self, Read, Write};
 
+use vmm::cast::usize_to_u64;
+
 /// Version spoken by this build; a `Hello` of any other version is refused.
 pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest payload a frame may declare; bigger lengths are refused before allocating.
@@ -153,9 +155,15 @@ const KIND_NAMES: [&str; 13] = [
     "Disk",
 ];
 
+/// `len` as a `u32` LE length field. Lengths inside a frame stay within [`MAX_PAYLOAD`]; one
+/// beyond `u32` saturates, so that the peer refuses the frame instead of misreading it.
+pub(crate) fn len_field(len: usize) -> [u8; 4] {
+    u32::try_from(len).unwrap_or(u32::MAX).to_le_bytes()
+}
+
 /// Appends a `u32` length prefix and the bytes.
 fn put_blob(f: &mut Vec<u8>, bytes: &[u8]) {
-    f.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    f.extend_from_slice(&len_field(bytes.len()));
     f.extend_from_slice(bytes);
 }
 
@@ -165,7 +173,7 @@ fn seal(kind: u8, mut f: Vec<u8>) -> Vec<u8> {
     let len = f.len() - HEADER_LEN;
     debug_assert!(len <= MAX_PAYLOAD, "{len}-byte payload exceeds MAX_PAYLOAD");
     let crc = crc32c::crc32c_append(crc32c::crc32c(&[kind]), &f[HEADER_LEN..]);
-    f[0..4].copy_from_slice(&(len as u32).to_le_bytes());
+    f[0..4].copy_from_slice(&len_field(len));
     f[4] = kind;
     f[5..9].copy_from_slice(&crc.to_le_bytes());
     f
@@ -180,7 +188,7 @@ pub fn encode_pages(epoch: u64, gpas: &[u64], data: &[u8]) -> Vec<u8> {
     let mut f = Vec::with_capacity(HEADER_LEN + 12 + gpas.len() * 8 + packed.len());
     f.resize(HEADER_LEN, 0);
     f.extend_from_slice(&epoch.to_le_bytes());
-    f.extend_from_slice(&(gpas.len() as u32).to_le_bytes());
+    f.extend_from_slice(&len_field(gpas.len()));
     for gpa in gpas {
         f.extend_from_slice(&gpa.to_le_bytes());
     }
@@ -320,7 +328,7 @@ fn decode_pages(f: &mut Fields) -> Result<Message, WireError> {
         .iter()
         .map(|b| u64::from_le_bytes(*b))
         .collect();
-    if let Some(gpa) = gpas.iter().find(|&&g| g % PAGE_SIZE as u64 != 0) {
+    if let Some(gpa) = gpas.iter().find(|&&g| g % usize_to_u64(PAGE_SIZE) != 0) {
         return Err(malformed(format!("Pages gpa {gpa:#x} is not page aligned")));
     }
     let expected = count.saturating_mul(PAGE_SIZE);
@@ -529,7 +537,7 @@ impl EpochDigest {
     /// Chains the bytes of an opaque blob (State, Disk); `state_bytes` counts them all.
     pub fn add_state(&mut self, bytes: &[u8]) {
         self.crc = crc32c::crc32c_append(self.crc, bytes);
-        self.state_bytes += bytes.len() as u64;
+        self.state_bytes += usize_to_u64(bytes.len());
     }
 
     /// The `EpochEnd` closing `epoch` with what this digest saw.
@@ -581,7 +589,7 @@ mod tests {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            x as u8
+            (x & 0xff) as u8
         };
         (0..n).map(|_| step()).collect()
     }
@@ -593,7 +601,9 @@ mod tests {
             .flat_map(|i| match i % 3 {
                 0 => noise(i + 1, PAGE_SIZE),
                 1 => vec![0; PAGE_SIZE],
-                _ => (0..PAGE_SIZE).map(|j| (j % 17) as u8 ^ i as u8).collect(),
+                _ => (0..usize_to_u64(PAGE_SIZE))
+                    .map(|j| (j % 17) as u8 ^ (i & 0xff) as u8)
+                    .collect(),
             })
             .collect();
         (gpas, data)
@@ -752,7 +762,7 @@ mod tests {
 
     #[test]
     fn oversized_length_is_refused_before_allocating() {
-        for len in [MAX_PAYLOAD as u32 + 1, u32::MAX] {
+        for len in [u32::try_from(MAX_PAYLOAD).unwrap() + 1, u32::MAX] {
             let header = [&len.to_le_bytes()[..], &[ACK, 0, 0, 0, 0]].concat();
             let mut r = FrameReader::new(header.as_slice());
             // No payload follows: TooLarge (not Truncated) shows it was refused before reading on.
@@ -845,7 +855,7 @@ mod tests {
         for (count, gpas, packed, needle) in cases {
             assert_malformed(PAGES, &pages_payload(count, gpas, &packed), needle);
         }
-        let count = (MAX_PAGES_BYTES / PAGE_SIZE + 1) as u32;
+        let count = u32::try_from(MAX_PAGES_BYTES / PAGE_SIZE + 1).unwrap();
         let gpas = vec![0u64; count as usize];
         assert_malformed(PAGES, &pages_payload(count, &gpas, &one), "exceeds");
     }

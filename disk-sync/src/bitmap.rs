@@ -6,6 +6,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use vmm::cast::{u64_to_usize, usize_to_u64};
 use vmm::devices::BlockBackend;
 
 use crate::{block_span, DiskSyncError};
@@ -117,7 +118,7 @@ impl WriteIntentBitmap {
                 });
             }
             // In range: block / 8 < bits.len(), which is a usize.
-            bits[(block / 8) as usize] |= 1 << (block % 8);
+            bits[u64_to_usize(block / 8)] |= 1 << (block % 8);
         }
         self.write_bytes(0, &bits)
     }
@@ -130,7 +131,7 @@ impl WriteIntentBitmap {
                 continue;
             }
             for bit in 0..8 {
-                let block = i as u64 * 8 + bit;
+                let block = usize_to_u64(i) * 8 + bit;
                 if byte & (1 << bit) != 0 && block < self.blocks {
                     set.insert(block);
                 }
@@ -157,7 +158,7 @@ impl WriteIntentBitmap {
             if block >= self.blocks {
                 continue;
             }
-            let index = (block / 8) as usize;
+            let index = u64_to_usize(block / 8);
             let mask = 1u8 << (block % 8);
             let byte = changed.entry(index).or_insert(self.bits[index]);
             if set {
@@ -182,10 +183,10 @@ impl WriteIntentBitmap {
     /// Writes `bytes` at byte `at` of the file, then (on success) into memory.
     fn write_bytes(&mut self, at: usize, bytes: &[u8]) -> Result<(), DiskSyncError> {
         self.file
-            .write_all_at(bytes, at as u64)
+            .write_all_at(bytes, usize_to_u64(at))
             .map_err(|source| DiskSyncError::BitmapWrite {
                 path: self.path.clone(),
-                offset: at as u64,
+                offset: usize_to_u64(at),
                 source,
             })?;
         self.bits[at..at + bytes.len()].copy_from_slice(bytes);
@@ -220,7 +221,7 @@ impl BlockBackend for MarkingBackend {
     /// error), so no block changes unrecorded.
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
         self.bitmap
-            .mark(offset, buf.len() as u64)
+            .mark(offset, usize_to_u64(buf.len()))
             .map_err(DiskSyncError::into_io)?;
         self.inner.write_at(offset, buf)
     }
@@ -315,13 +316,13 @@ mod tests {
     fn marking_backend_marks_before_writing() {
         let dir = TempDir::new("marking");
         let path = dir.path().join("img.ftvmm-bitmap");
-        let mem = MemBackend::new(8 * BLOCK_SIZE as usize);
+        let mem = MemBackend::new(u64_to_usize(8 * BLOCK_SIZE));
         let bytes = mem.bytes.clone();
         let bm = WriteIntentBitmap::open(&path, 8 * BLOCK_SIZE).unwrap();
         let mut backend = MarkingBackend::new(Box::new(mem), bm);
         backend.write_at(2 * BLOCK_SIZE + 1, b"abc").unwrap();
         assert_eq!(
-            &bytes.lock().unwrap()[2 * BLOCK_SIZE as usize + 1..][..3],
+            &bytes.lock().unwrap()[u64_to_usize(2 * BLOCK_SIZE) + 1..][..3],
             b"abc"
         );
         assert_eq!(std::fs::read(&path).unwrap(), vec![0b100]);

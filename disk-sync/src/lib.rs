@@ -148,6 +148,7 @@ mod testutil {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
 
+    use vmm::cast::{u64_to_usize, usize_to_u64};
     use vmm::devices::BlockBackend;
 
     /// A directory under the system temp dir, removed (with its contents) on drop.
@@ -195,17 +196,17 @@ mod testutil {
 
     impl BlockBackend for MemBackend {
         fn size(&self) -> u64 {
-            self.bytes.lock().unwrap().len() as u64
+            usize_to_u64(self.bytes.lock().unwrap().len())
         }
         fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
             let bytes = self.bytes.lock().unwrap();
-            let start = offset as usize;
+            let start = u64_to_usize(offset);
             buf.copy_from_slice(&bytes[start..start + buf.len()]);
             Ok(())
         }
         fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
             let mut bytes = self.bytes.lock().unwrap();
-            let start = offset as usize;
+            let start = u64_to_usize(offset);
             bytes[start..start + buf.len()].copy_from_slice(buf);
             Ok(())
         }

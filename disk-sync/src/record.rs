@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use vmm::cast::usize_to_u64;
 use vmm::devices::BlockBackend;
 
 use crate::{block_span, DiskOp, DiskSyncError, EpochWrites, WriteIntentBitmap};
@@ -90,7 +91,7 @@ impl BlockBackend for RecordingBackend {
     }
 
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        let len = buf.len() as u64;
+        let len = usize_to_u64(buf.len());
         let span = block_span(offset, len);
         {
             let mut shared = lock(&self.shared);
@@ -206,6 +207,7 @@ mod tests {
     use std::path::{Path, PathBuf};
     use std::sync::atomic::Ordering;
 
+    use vmm::cast::u64_to_usize;
     use vmm::devices::virtio::blk::RawFileBackend;
 
     use super::*;
@@ -223,7 +225,7 @@ mod tests {
         let size = 4 * BLOCK_SIZE;
         let bitmap = WriteIntentBitmap::open(&bitmap_path(&image), size).unwrap();
         let (mut backend, recorder) =
-            RecordingBackend::new(Box::new(MemBackend::new(size as usize)), Some(bitmap));
+            RecordingBackend::new(Box::new(MemBackend::new(u64_to_usize(size))), Some(bitmap));
         backend.write_at(0, &[1; 512]).unwrap();
         recorder.seal(1);
         recorder.stop();
@@ -325,7 +327,7 @@ mod tests {
         let path = image(&dir, size);
         let bm_path = bitmap_path(&path);
         let bm = WriteIntentBitmap::open(&bm_path, size).unwrap();
-        let mem = MemBackend::new(size as usize);
+        let mem = MemBackend::new(u64_to_usize(size));
         let flushes = mem.flushes.clone();
         let (mut backend, recorder) = RecordingBackend::new(Box::new(mem), Some(bm));
         let on_disk = || WriteIntentBitmap::open(&bm_path, size).unwrap().blocks();
@@ -363,7 +365,7 @@ mod tests {
         let bm_path = dir.path().join("bm");
         let bm = WriteIntentBitmap::open(&bm_path, size).unwrap();
         let (mut backend, recorder) =
-            RecordingBackend::new(Box::new(MemBackend::new(size as usize)), Some(bm));
+            RecordingBackend::new(Box::new(MemBackend::new(u64_to_usize(size))), Some(bm));
         backend.write_at(2 * BLOCK_SIZE, b"n").unwrap();
         backend.write_at(0, b"n").unwrap();
         recorder.seal(10);
@@ -392,7 +394,7 @@ mod tests {
         }
         fn write_at(&mut self, offset: u64, _buf: &[u8]) -> io::Result<()> {
             let bits = std::fs::read(&self.bitmap_file)?;
-            let block = (offset / BLOCK_SIZE) as usize;
+            let block = u64_to_usize(offset / BLOCK_SIZE);
             let marked = bits[block / 8] & (1 << (block % 8)) != 0;
             self.seen.lock().unwrap().push(marked);
             Ok(())

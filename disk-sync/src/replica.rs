@@ -6,6 +6,8 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
+use vmm::cast::usize_to_u64;
+
 use crate::{DiskOp, DiskSyncError};
 
 /// Standby side: the standby's image, to which committed epochs are applied. Until an epoch
@@ -57,7 +59,7 @@ impl Replica {
     pub fn apply(&mut self, ops: &[DiskOp]) -> Result<(), DiskSyncError> {
         for op in ops {
             if let DiskOp::Write { offset, data } = op {
-                let len = data.len() as u64;
+                let len = usize_to_u64(data.len());
                 match offset.checked_add(len) {
                     Some(end) if end <= self.size => {}
                     _ => {
@@ -97,7 +99,7 @@ impl Replica {
                 }
                 Ok(n) => {
                     data = &data[n..];
-                    at += n as u64;
+                    at += usize_to_u64(n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(source) => return Err(DiskSyncError::StandbyWrite { offset: at, source }),

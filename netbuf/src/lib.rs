@@ -14,6 +14,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
+use vmm::cast::usize_to_u64;
 use vmm::devices::{ConsoleSink, FrameSink};
 
 pub use announce::{announcements, GuestAddresses, Ipv4};
@@ -38,7 +39,7 @@ pub struct ConsoleChunk(pub Vec<u8>);
 
 impl Output for ConsoleChunk {
     fn units(&self) -> u64 {
-        self.0.len() as u64
+        usize_to_u64(self.0.len())
     }
     fn held_bytes(&self) -> usize {
         self.0.len()

@@ -10,9 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use vmm::cast::{u64_to_usize, usize_to_u64};
 
 use super::{median, Row};
+use crate::node::quantile_index;
 use crate::run::{Error, Node};
 use crate::testbed::{kv_pipelined, kv_sequential, Topology, BRIDGE, GUEST_IP, KV_PORT};
 
@@ -142,7 +143,7 @@ fn ms(d: Duration) -> f64 {
 /// The `q`-quantile of `v`.
 fn quantile(mut v: Vec<Duration>, q: f64) -> Duration {
     v.sort_unstable();
-    v[((v.len() - 1) as f64 * q).round() as usize]
+    v[quantile_index(v.len(), q)]
 }
 
 /// A [`kv_sequential`] client running in the topology's client namespace.
@@ -194,10 +195,10 @@ fn kv_round_trips(mode: Mode, count: u64, think: Duration) -> Result<Vec<Duratio
     let warm_up = 20;
     client.reach(warm_up + count);
     let trips = client.finish()?;
-    if (trips.len() as u64) < warm_up + count {
+    if usize_to_u64(trips.len()) < warm_up + count {
         return Err(format!("kv answered only {} requests", trips.len()).into());
     }
-    Ok(trips[warm_up as usize..].to_vec())
+    Ok(trips[u64_to_usize(warm_up)..].to_vec())
 }
 
 fn kv_throughput(mode: Mode, lines: u64) -> Result<f64, Error> {
@@ -238,13 +239,13 @@ fn failover_stall(signal: Signal) -> Result<Duration, Error> {
     let nodes = bench.kv(Mode::Replicated)?;
     let client = KvClient::start(&bench.topo, Duration::ZERO);
     let at_fault = client.reach(100);
-    kill(Pid::from_raw(nodes[0].0.id() as i32), signal)?;
+    kill(nodes[0].pid()?, signal)?;
     let after = client.reach(at_fault + 100);
     let trips = client.finish()?;
     if after < at_fault + 100 {
         return Err("the kv stream did not go on after the failover".into());
     }
-    Ok(trips[at_fault as usize..]
+    Ok(trips[u64_to_usize(at_fault)..]
         .iter()
         .copied()
         .max()

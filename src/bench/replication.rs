@@ -19,7 +19,7 @@ use checkpoint::primary::{self, PrimaryEnd, PrimaryReport};
 use checkpoint::standby::{self, Local, StandbyEnd};
 use netbuf::{ConsoleGateSink, Gate, Mode, FRAME_HOLD_LIMIT};
 use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use vmm::cast::usize_to_u64;
 use vmm::devices::ConsoleSink;
 use vmm::{GuestKind, VmConfig, VmOutcome};
 
@@ -70,6 +70,8 @@ fn steady_speed(text: &str, steps: u64) -> Option<f64> {
 
 /// Steps of an `n * n` stencil that take about `seconds` unreplicated on one vCPU here
 /// (0.4 ns per cell and step).
+// A rough estimate: `as` saturates a float (NaN to 0), which is all it needs.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
 fn steps_for(n: usize, seconds: f64) -> u64 {
     ((seconds / (n * n) as f64 / 0.4e-9) as u64).max(50)
 }
@@ -78,7 +80,7 @@ fn stencil_config(n: usize, steps: u64) -> VmConfig {
     // Both grids plus room for the runtime, in whole 64 MiB.
     let need = 2 * n * n * 8 + (16 << 20);
     VmConfig {
-        mem_size: need.div_ceil(64 << 20) as u64 * (64 << 20),
+        mem_size: usize_to_u64(need.div_ceil(64 << 20)) * (64 << 20),
         vcpus: 1,
         args: vec![
             format!("n={n}"),
@@ -329,7 +331,7 @@ fn drill(dir: &Path, signal: Signal, timeout_ms: u64) -> Result<Failover, Error>
         std::thread::sleep(Duration::from_millis(5));
     }
     std::thread::sleep(Duration::from_millis(200));
-    let pid = Pid::from_raw(primary.0.id() as i32);
+    let pid = primary.pid()?;
     let died = unix_us(SystemTime::now());
     kill(pid, signal)?;
     wait_exit(&mut standby.0, Duration::from_secs(60))?;

@@ -10,6 +10,8 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use vmm::cast::usize_to_u64;
+
 pub const FTVMM: &str = env!("CARGO_BIN_EXE_ftvmm");
 /// ftvmm's own failures exit with this status.
 pub const EXIT_FTVMM_ERROR: i32 = 125;
@@ -163,7 +165,7 @@ pub fn elf_with_code(code: &[u8], load: u64) -> Vec<u8> {
     e[52..54].copy_from_slice(&64u16.to_le_bytes());
     e[54..56].copy_from_slice(&56u16.to_le_bytes());
     e[56..58].copy_from_slice(&1u16.to_le_bytes());
-    let n = code.len() as u64;
+    let n = usize_to_u64(code.len());
     let ph = &mut e[64..120];
     ph[0..4].copy_from_slice(&1u32.to_le_bytes());
     ph[4..8].copy_from_slice(&5u32.to_le_bytes());
@@ -226,9 +228,10 @@ pub fn file_len(path: &Path) -> u64 {
 
 /// Sends `sig` to the process `pid`.
 pub fn signal(pid: u32, sig: libc::c_int) {
+    let pid = libc::pid_t::try_from(pid).unwrap();
     // SAFETY: kill(2) has no memory effects. Callers pass a child of this test that they know
     // runs, so it is not reaped yet and its pid cannot have been reused.
-    let rc = unsafe { libc::kill(pid as libc::pid_t, sig) };
+    let rc = unsafe { libc::kill(pid, sig) };
     assert_eq!(
         rc,
         0,

@@ -18,15 +18,18 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::cast::usize_to_u64;
 use crate::devices::power::{PORT_ACPI_RESET, PORT_ACPI_SLEEP, RESET_VALUE, SLP_TYP_S5};
 use crate::devices::GuestMemory;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AcpiError {
     #[error("ACPI tables ({0} bytes) overflow the BIOS area")]
-    TooLarge(usize),
+    TooLarge(u64),
     #[error("too many vCPUs for the MADT: {0}")]
     TooManyVcpus(u32),
+    #[error("virtio-mmio window {base:#x} ({size:#x} bytes) is not below 4 GiB")]
+    WindowAbove4G { base: u64, size: u64 },
     #[error("cannot write ACPI tables into guest memory: {0}")]
     Memory(#[from] vm_memory::GuestMemoryError),
 }
@@ -57,7 +60,7 @@ fn table_id(name: &[u8; 4]) -> [u8; 8] {
     id
 }
 
-fn dsdt(devices: &[MmioDevice]) -> Vec<u8> {
+fn dsdt(devices: &[MmioDevice]) -> Result<Vec<u8>, AcpiError> {
     let mut body = Vec::new();
     let com1_io = aml::IO::new(0x3f8, 0x3f8, 0, 8);
     let com1_irq = aml::Interrupt::new(true, true, false, false, UART_IRQ);
@@ -72,13 +75,20 @@ fn dsdt(devices: &[MmioDevice]) -> Vec<u8> {
         ],
     )
     .to_aml_bytes(&mut body);
-    for (i, d) in devices.iter().enumerate() {
-        let window = aml::Memory32Fixed::new(true, d.base as u32, d.size as u32);
+    for (uid, d) in (0u32..).zip(devices) {
+        let above_4g = || AcpiError::WindowAbove4G {
+            base: d.base,
+            size: d.size,
+        };
+        let window = aml::Memory32Fixed::new(
+            true,
+            u32::try_from(d.base).map_err(|_| above_4g())?,
+            u32::try_from(d.size).map_err(|_| above_4g())?,
+        );
         let irq = aml::Interrupt::new(true, true, false, false, d.irq);
         let crs = aml::ResourceTemplate::new(vec![&window, &irq]);
-        let uid = i as u32;
         aml::Device::new(
-            format!("_SB_.V{i:03X}").as_str().into(),
+            format!("_SB_.V{uid:03X}").as_str().into(),
             vec![
                 &aml::Name::new("_HID".into(), &"LNRO0005"),
                 &aml::Name::new("_UID".into(), &uid),
@@ -93,7 +103,7 @@ fn dsdt(devices: &[MmioDevice]) -> Vec<u8> {
     aml::Name::new("_S5_".into(), &s5).to_aml_bytes(&mut body);
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, table_id(b"DSDT"), OEM_REVISION);
     dsdt.append_slice(&body);
-    dsdt.as_slice().to_vec()
+    Ok(dsdt.as_slice().to_vec())
 }
 
 fn io_gas(port: u16) -> GAS {
@@ -125,16 +135,14 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
 }
 
 fn madt(vcpus: u32) -> Result<Vec<u8>, AcpiError> {
-    if vcpus > 255 {
-        return Err(AcpiError::TooManyVcpus(vcpus));
-    }
+    let count = u8::try_from(vcpus).map_err(|_| AcpiError::TooManyVcpus(vcpus))?;
     let mut madt = MADT::new(
         OEM_ID,
         table_id(b"APIC"),
         OEM_REVISION,
         LocalInterruptController::Address(LAPIC_ADDR),
     );
-    for id in 0..vcpus as u8 {
+    for id in 0..count {
         madt.add_structure(ProcessorLocalApic::new(id, id, EnabledStatus::Enabled));
     }
     madt.add_structure(IoApic::new(0, IOAPIC_ADDR, 0));
@@ -150,17 +158,17 @@ pub fn write_tables(
     devices: &[MmioDevice],
 ) -> Result<u64, AcpiError> {
     let align = |a: u64| (a + 15) & !15;
-    let mut next = align(RSDP_ADDR + Rsdp::len() as u64);
+    let mut next = align(RSDP_ADDR + usize_to_u64(Rsdp::len()));
     let mut place = |bytes: &[u8]| -> Result<u64, AcpiError> {
         let at = next;
-        next = align(at + bytes.len() as u64);
+        next = align(at + usize_to_u64(bytes.len()));
         if next > TABLES_END {
-            return Err(AcpiError::TooLarge((next - RSDP_ADDR) as usize));
+            return Err(AcpiError::TooLarge(next - RSDP_ADDR));
         }
         mem.write_slice(bytes, GuestAddress(at))?;
         Ok(at)
     };
-    let dsdt_addr = place(&dsdt(devices))?;
+    let dsdt_addr = place(&dsdt(devices)?)?;
     let fadt_addr = place(&fadt(dsdt_addr))?;
     let madt_addr = place(&madt(vcpus)?)?;
     let mut xsdt = XSDT::new(OEM_ID, table_id(b"XSDT"), OEM_REVISION);

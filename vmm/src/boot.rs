@@ -11,6 +11,7 @@ use kvm_bindings::{kvm_regs, kvm_segment, kvm_sregs};
 use linux_loader::loader::{elf::Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::cast::{u64_to_usize, usize_to_u64};
 use crate::devices::GuestMemory;
 use crate::memory::ram_ranges;
 use crate::x86::*;
@@ -89,7 +90,7 @@ pub fn check_payload(elf: &[u8], mem_size: u64) -> Result<PayloadImage, BootErro
         return Err(BootError::WrongElfKind("not a static executable (ET_EXEC)"));
     }
     let entry = u64_at(elf, 24).ok_or(BootError::Malformed)?;
-    let phoff = u64_at(elf, 32).ok_or(BootError::Malformed)? as usize;
+    let phoff = u64_to_usize(u64_at(elf, 32).ok_or(BootError::Malformed)?);
     let phentsize = u16_at(elf, 54).ok_or(BootError::Malformed)? as usize;
     let phnum = u16_at(elf, 56).ok_or(BootError::Malformed)? as usize;
     if phentsize != 56 || phnum == 0 {
@@ -112,7 +113,7 @@ pub fn check_payload(elf: &[u8], mem_size: u64) -> Result<PayloadImage, BootErro
         let memsz = u64_at(ph, 40).ok_or(BootError::Malformed)?;
         if offset
             .checked_add(filesz)
-            .is_none_or(|e| e > elf.len() as u64)
+            .is_none_or(|e| e > usize_to_u64(elf.len()))
             || filesz > memsz
         {
             return Err(BootError::Malformed);
@@ -208,17 +209,22 @@ const GDT: [u64; 5] = [
     0x00cf_f300_0000_ffff, // 0x18 user data, DPL3
     0x00af_fb00_0000_ffff, // 0x20 user code, 64-bit, DPL3
 ];
-/// Size of the TSS proper; the I/O permission bitmap follows it.
-const TSS_SIZE: u64 = 104;
-/// One bit per port, all clear (allowed), plus the terminating all-ones byte.
-const IO_BITMAP_SIZE: u64 = 65536 / 8 + 1;
-const TSS_LIMIT: u64 = TSS_SIZE + IO_BITMAP_SIZE - 1;
+/// Size of the TSS proper; the I/O permission bitmap follows it (where the TSS's 16-bit I/O map
+/// base field points).
+const TSS_SIZE: u16 = 104;
+/// One bit per port (65536 / 8 bytes), all clear (allowed), plus the terminating all-ones
+/// byte.
+const IO_BITMAP_SIZE: u16 = 8192 + 1;
+const TSS_LIMIT: u16 = TSS_SIZE + IO_BITMAP_SIZE - 1;
 
 fn write_gdt_and_tss(mem: &GuestMemory) -> Result<(), BootError> {
     let mut gdt: Vec<u64> = GDT.to_vec();
     // 16-byte available 64-bit TSS descriptor at 0x28.
     let base = TSS_ADDR;
-    let low = TSS_LIMIT | ((base & 0xff_ffff) << 16) | (0x89 << 40) | (((base >> 24) & 0xff) << 56);
+    let low = u64::from(TSS_LIMIT)
+        | ((base & 0xff_ffff) << 16)
+        | (0x89 << 40)
+        | (((base >> 24) & 0xff) << 56);
     gdt.push(low);
     gdt.push(base >> 32);
     let bytes: Vec<u8> = gdt.iter().flat_map(|d| d.to_le_bytes()).collect();
@@ -227,11 +233,8 @@ fn write_gdt_and_tss(mem: &GuestMemory) -> Result<(), BootError> {
     // at ring 3 without its IOPL, traps every port access and emulates it; the emulator lets a
     // CPL3 access through when IOPL or this bitmap allows it, and the IOPL that ftvmm sets may
     // not survive the guest's first exit.
-    mem.write_obj(TSS_SIZE as u16, GuestAddress(TSS_ADDR + 102))?;
-    mem.write_obj(
-        0xffu8,
-        GuestAddress(TSS_ADDR + TSS_SIZE + IO_BITMAP_SIZE - 1),
-    )?;
+    mem.write_obj(TSS_SIZE, GuestAddress(TSS_ADDR + 102))?;
+    mem.write_obj(0xffu8, GuestAddress(TSS_ADDR + u64::from(TSS_LIMIT)))?;
     Ok(())
 }
 
@@ -268,6 +271,8 @@ fn write_boot_info(
             size: *size,
         };
     }
+    // Each count is at most its array's length (MAX_MEM_REGIONS, MAX_DEVICES, MAX_ARGS_LEN).
+    #[allow(clippy::cast_possible_truncation)]
     let info = BootInfo {
         magic: BOOT_INFO_MAGIC,
         mem_size,
@@ -281,8 +286,9 @@ fn write_boot_info(
         devices,
         args,
     };
-    // SAFETY: BootInfo is repr(C) plain data without padding-sensitive invariants; viewing it
-    // as bytes to copy it into guest memory reads only initialised memory.
+    // SAFETY: BootInfo is repr(C) plain data laid out without padding (its u32 fields come in
+    // pairs between u64s, and its byte array ends it on a multiple of 8), so every byte of
+    // `info` is initialised; the slice borrows `info` only for the copy below.
     let bytes = unsafe {
         std::slice::from_raw_parts(
             (&info as *const BootInfo).cast::<u8>(),
@@ -345,7 +351,7 @@ impl EntryState {
         sregs.ss = data;
         sregs.tr = kvm_segment {
             base: TSS_ADDR,
-            limit: TSS_LIMIT as u32,
+            limit: u32::from(TSS_LIMIT),
             selector: SEL_TSS,
             type_: 0xb,
             present: 1,
@@ -359,7 +365,8 @@ impl EntryState {
             padding: 0,
         };
         sregs.gdt.base = GDT_ADDR;
-        sregs.gdt.limit = (GDT.len() as u16 + 2) * 8 - 1;
+        // The TSS descriptor takes the two slots after GDT.
+        sregs.gdt.limit = gdt_limit(GDT.len() + 2);
         sregs.idt.base = 0;
         sregs.idt.limit = 0;
         sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;

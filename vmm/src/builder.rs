@@ -102,14 +102,14 @@ pub struct HostIo {
 
 /// The virtio-mmio window (and legacy IRQ) of each device slot; fixed, so that a device keeps
 /// its address whatever else is attached.
-const SLOT_DISK: u64 = 0;
-const SLOT_NET: u64 = 1;
+const SLOT_DISK: u32 = 0;
+const SLOT_NET: u32 = 1;
 
-fn slot_info(kind: DeviceKind, slot: u64) -> DeviceInfo {
+fn slot_info(kind: DeviceKind, slot: u32) -> DeviceInfo {
     DeviceInfo {
         kind: kind as u32,
-        irq: MMIO_FIRST_IRQ + slot as u32,
-        mmio_base: MMIO_BASE + slot * MMIO_DEVICE_SIZE,
+        irq: MMIO_FIRST_IRQ + slot,
+        mmio_base: MMIO_BASE + u64::from(slot) * MMIO_DEVICE_SIZE,
     }
 }
 
@@ -117,12 +117,12 @@ fn slot_info(kind: DeviceKind, slot: u64) -> DeviceInfo {
 fn attach<D: VirtioDevice + 'static>(
     bus: &mut Bus,
     mem: &GuestMemory,
-    slot: u64,
+    slot: u32,
     device: D,
 ) -> Arc<Mutex<MmioTransport<D>>> {
     let transport = Arc::new(Mutex::new(MmioTransport::new(device, mem.clone())));
     bus.add_mmio(
-        MMIO_BASE + slot * MMIO_DEVICE_SIZE,
+        MMIO_BASE + u64::from(slot) * MMIO_DEVICE_SIZE,
         MMIO_DEVICE_SIZE,
         transport.clone(),
     );
@@ -271,9 +271,9 @@ fn route_irq(vm: &Vm, evt: &EventFd, gsi: u32) -> Result<(), BuildError> {
 }
 
 /// A fresh interrupt eventfd for the virtio-mmio device in `slot`, routed to its GSI.
-fn irq_for(vm: &Vm, slot: u64) -> Result<EventFd, BuildError> {
+fn irq_for(vm: &Vm, slot: u32) -> Result<EventFd, BuildError> {
     let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
-    route_irq(vm, &evt, MMIO_FIRST_IRQ + slot as u32)?;
+    route_irq(vm, &evt, MMIO_FIRST_IRQ + slot)?;
     Ok(evt)
 }
 

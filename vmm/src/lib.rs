@@ -6,6 +6,7 @@ pub mod acpi;
 pub mod boot;
 pub mod builder;
 pub mod bus;
+pub mod cast;
 pub mod devices;
 pub mod linux;
 pub mod memory;

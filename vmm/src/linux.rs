@@ -25,11 +25,12 @@ use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::KernelLoader;
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::cast::u64_to_usize;
 use crate::devices::GuestMemory;
 use crate::memory::ram_ranges;
 use crate::x86::{
-    write_identity_map, CR0_ET, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, PTE_PRESENT,
-    PTE_WRITE, RFLAGS_RESERVED,
+    gdt_limit, write_identity_map, CR0_ET, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME,
+    PTE_PRESENT, PTE_WRITE, RFLAGS_RESERVED,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -290,10 +291,12 @@ fn load_initrd(
         .map(|a| a & !0xfff)
         .filter(|&a| a >= kernel_end)
         .ok_or(LinuxError::InitrdTooLarge { size, kernel_end })?;
-    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)?;
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, u64_to_usize(size))?;
     Ok((addr, size))
 }
 
+// The e820 map has at most four entries and the module list at most one (the initrd).
+#[allow(clippy::cast_possible_truncation)]
 fn write_pvh_info(
     mem: &GuestMemory,
     map: &[(u64, u64, u32)],
@@ -339,6 +342,9 @@ fn write_pvh_info(
     Ok(())
 }
 
+// The 32-bit fields get low-RAM addresses and sizes (the initrd lies below the MMIO hole, see
+// `load_initrd`); e820_entries gets at most the table's 128.
+#[allow(clippy::cast_possible_truncation)]
 fn write_zero_page(
     mem: &GuestMemory,
     hdr: &mut linux_loader::loader::bootparam::setup_header,
@@ -407,6 +413,8 @@ fn write_gdt(mem: &GuestMemory) -> Result<(), LinuxError> {
 }
 
 /// The descriptor of `selector` in [`GDT`], as KVM takes it.
+// The limit is a 20-bit field: even scaled to 4 KiB granules it fits in 32 bits.
+#[allow(clippy::cast_possible_truncation)]
 fn segment(selector: u16) -> kvm_segment {
     let d = GDT[usize::from(selector / 8)];
     let base = ((d >> 16) & 0xff_ffff) | (((d >> 56) & 0xff) << 24);
@@ -473,7 +481,7 @@ impl LinuxEntry {
         sregs.ss = data;
         sregs.tr = segment(SEL_TSS);
         sregs.gdt.base = GDT_ADDR;
-        sregs.gdt.limit = (GDT.len() * 8 - 1) as u16;
+        sregs.gdt.limit = gdt_limit(GDT.len());
         sregs.idt.base = 0;
         sregs.idt.limit = 0;
         sregs.cr0 = cr0;

@@ -3,6 +3,7 @@
 use guest_abi::{HIGH_RAM_START, LOW_RAM_END};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
+use crate::cast::{u64_to_usize, usize_to_u64};
 use crate::devices::GuestMemory;
 
 /// Smallest guest RAM ftvmm accepts.
@@ -47,7 +48,7 @@ pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemory, MemoryError> {
     check_mem_size(mem_size)?;
     let ranges: Vec<(GuestAddress, usize)> = ram_ranges(mem_size)
         .into_iter()
-        .map(|(a, s)| (a, s as usize))
+        .map(|(a, s)| (a, u64_to_usize(s)))
         .collect();
     GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Allocate {
         size: mem_size,
@@ -79,7 +80,7 @@ impl DirtyLog {
         let mut log = Self::default();
         for region in memory.iter() {
             let pages = region.len().div_ceil(PAGE_SIZE);
-            let mut bits = vec![u64::MAX; pages.div_ceil(64) as usize];
+            let mut bits = vec![u64::MAX; u64_to_usize(pages.div_ceil(64))];
             if pages % 64 != 0 {
                 if let Some(last) = bits.last_mut() {
                     *last = (1u64 << (pages % 64)) - 1;
@@ -108,7 +109,7 @@ impl DirtyLog {
                 while w != 0 {
                     let bit = w.trailing_zeros() as u64;
                     w &= w - 1;
-                    if keep(region.start.0 + (i as u64 * 64 + bit) * PAGE_SIZE) {
+                    if keep(region.start.0 + (usize_to_u64(i) * 64 + bit) * PAGE_SIZE) {
                         out.bits[i] |= 1 << bit;
                     }
                 }
@@ -152,7 +153,7 @@ impl DirtyLog {
                     }
                     let bit = w.trailing_zeros() as u64;
                     w &= w - 1;
-                    Some(i as u64 * 64 + bit)
+                    Some(usize_to_u64(i) * 64 + bit)
                 })
                 .filter(move |&page| page < pages)
                 .map(move |page| r.start.0 + page * PAGE_SIZE)
@@ -205,7 +206,7 @@ mod tests {
         assert_eq!(log.count(), 5);
         let mem = create_guest_memory(66 << 20).unwrap();
         let all = DirtyLog::all(&mem);
-        assert_eq!(all.count() as u64, (66 << 20) / PAGE_SIZE);
+        assert_eq!(usize_to_u64(all.count()), (66 << 20) / PAGE_SIZE);
         assert_eq!(all.pages().last(), Some((66 << 20) - PAGE_SIZE));
     }
 }

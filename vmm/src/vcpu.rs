@@ -140,11 +140,11 @@ impl Vcpu {
         let set_lvt = |lapic: &mut kvm_lapic_state, reg: usize, mode: u32| {
             let mut raw = [0u8; 4];
             for (d, s) in raw.iter_mut().zip(&lapic.regs[reg..reg + 4]) {
-                *d = *s as u8;
+                *d = s.cast_unsigned();
             }
             let v = (u32::from_le_bytes(raw) & !0x700) | (mode << 8);
             for (d, s) in lapic.regs[reg..reg + 4].iter_mut().zip(v.to_le_bytes()) {
-                *d = s as _;
+                *d = s.cast_signed();
             }
         };
         set_lvt(&mut lapic, APIC_LVT0, APIC_MODE_EXTINT);

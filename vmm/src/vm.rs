@@ -14,6 +14,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
 use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_iowr_nr;
 
+use crate::cast::u64_to_usize;
 use crate::devices::GuestMemory;
 use crate::memory::{DirtyLog, PAGE_SIZE};
 
@@ -85,7 +86,7 @@ impl Vm {
         })
         .map_err(fail("KVM_CREATE_PIT2"))?;
         let manual_protect = kvm.check_extension_raw(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2.into())
-            & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE as i32
+            & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE.cast_signed()
             != 0
             && {
                 let mut cap = kvm_enable_cap {
@@ -113,15 +114,15 @@ impl Vm {
         if let Err(e) = self.fd.set_identity_map_address(IDENTITY_MAP_ADDR) {
             tracing::debug!("KVM_SET_IDENTITY_MAP_ADDR: {e}");
         }
-        if let Err(e) = self.fd.set_tss_address(TSS_ADDR as usize) {
+        if let Err(e) = self.fd.set_tss_address(u64_to_usize(TSS_ADDR)) {
             tracing::debug!("KVM_SET_TSS_ADDR: {e}");
         }
     }
 
     fn set_memory_slots(&self, flags: u32) -> Result<(), kvm_ioctls::Error> {
-        for (slot, region) in self.memory.iter().enumerate() {
+        for (slot, region) in (0..).zip(self.memory.iter()) {
             let desc = kvm_userspace_memory_region {
-                slot: slot as u32,
+                slot,
                 flags,
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
@@ -173,10 +174,13 @@ impl Vm {
 
     /// Write-protects the pages of `log` again and clears their bits in KVM's log.
     fn clear_dirty(&self, log: &DirtyLog) -> Result<(), VmError> {
-        for (slot, (region, bits)) in self.memory.iter().zip(log.region_bits()).enumerate() {
+        for (slot, (region, bits)) in (0..).zip(self.memory.iter().zip(log.region_bits())) {
+            // Guest RAM is at most MAX_MEM_SIZE (64 GiB): 2^24 pages.
+            #[allow(clippy::cast_possible_truncation)]
+            let num_pages = (region.len() / PAGE_SIZE) as u32;
             let clear = kvm_clear_dirty_log {
-                slot: slot as u32,
-                num_pages: (region.len() / PAGE_SIZE) as u32,
+                slot,
+                num_pages,
                 first_page: 0,
                 __bindgen_anon_1: kvm_bindings::kvm_clear_dirty_log__bindgen_ty_1 {
                     dirty_bitmap: bits.as_ptr() as *mut libc::c_void,
@@ -197,10 +201,10 @@ impl Vm {
     /// KVM's log and the VMM's bitmap (which it resets), merged.
     fn read_dirty(&self) -> Result<DirtyLog, VmError> {
         let mut log = DirtyLog::default();
-        for (slot, region) in self.memory.iter().enumerate() {
+        for (slot, region) in (0..).zip(self.memory.iter()) {
             let mut bits = self
                 .fd
-                .get_dirty_log(slot as u32, region.len() as usize)
+                .get_dirty_log(slot, u64_to_usize(region.len()))
                 .map_err(self.kvm_err("KVM_GET_DIRTY_LOG"))?;
             let mapping: &MmapRegion<_> = region;
             let vmm_bits = mapping.bitmap().get_and_reset();

@@ -25,6 +25,13 @@ pub const PTE_USER: u64 = 1 << 2;
 pub const PTE_HUGE: u64 = 1 << 7;
 pub const GIB: u64 = 1 << 30;
 
+/// The GDTR limit (size less one) of a GDT of `slots` 8-byte descriptor slots.
+#[allow(clippy::cast_possible_truncation)] // at most 8192 slots, so the limit fits 16 bits
+pub const fn gdt_limit(slots: usize) -> u16 {
+    assert!(slots > 0 && slots <= 8192, "a GDT has 1 to 8192 slots");
+    (slots * 8 - 1) as u16
+}
+
 /// Identity-maps guest-physical 0..`gibs` GiB with 2 MiB pages carrying `flags`: a PML4 at
 /// `pml4`, its PDPT in the next page, then one page directory per GiB.
 pub fn write_identity_map(

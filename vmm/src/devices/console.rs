@@ -6,6 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use super::ConsoleSink;
+use crate::cast::usize_to_u64;
 
 /// Writes console bytes to this process's standard output.
 pub struct StdoutConsole;
@@ -42,6 +43,6 @@ impl ConsoleSink for FileConsole {
         if let Err(e) = self.file.write_all_at(bytes, self.offset) {
             tracing::error!("console file write failed: {e}");
         }
-        self.offset += bytes.len() as u64;
+        self.offset += usize_to_u64(bytes.len());
     }
 }

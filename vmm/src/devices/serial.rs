@@ -125,16 +125,26 @@ impl SerialDevice {
 
 impl MmioDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
+        // The bus passes offsets inside the UART's 8-port window; one that does not even fit
+        // a register index reads as an unclaimed port.
+        let Ok(reg) = u8::try_from(offset) else {
+            data.fill(0xff);
+            return;
+        };
         for b in data.iter_mut() {
-            *b = self.uart.read(offset as u8);
+            *b = self.uart.read(reg);
         }
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
+        let Ok(reg) = u8::try_from(offset) else {
+            tracing::warn!("UART write at offset {offset:#x} ignored");
+            return;
+        };
         // `rep outsb` delivers a whole buffer in one exit: feed it byte by byte, then hand the
         // sink one batch.
         for b in data {
-            if let Err(e) = self.uart.write(offset as u8, *b) {
+            if let Err(e) = self.uart.write(reg, *b) {
                 tracing::warn!("UART write failed: {e:?}");
             }
         }

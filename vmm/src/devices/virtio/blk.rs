@@ -20,6 +20,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_queue::{DescriptorChain, Queue, QueueState, QueueT, Reader, Writer};
 
 use super::{read_config_bytes, DeviceError, GuestMemory, Interrupt, VirtioDevice};
+use crate::cast::usize_to_u64;
 use crate::devices::BlockBackend;
 
 /// Sector size of the virtio-blk protocol.
@@ -257,12 +258,16 @@ impl RequestContext<'_> {
             }
         };
         let written = data.bytes_written();
-        if let Err(e) = status_w.write_all(&[status as u8]) {
-            tracing::warn!("virtio-blk: cannot write status byte: {e}");
-            return written as u32;
-        }
+        // The status codes (VIRTIO_BLK_S_*) are below 256: their low byte is all of them.
+        let used = match status_w.write_all(&status.to_le_bytes()[..1]) {
+            Ok(()) => written + 1,
+            Err(e) => {
+                tracing::warn!("virtio-blk: cannot write status byte: {e}");
+                written
+            }
+        };
         // The chain is at most 4 GiB (virtio-queue enforces it), so this fits in u32.
-        u32::try_from(written + 1).unwrap_or(u32::MAX)
+        u32::try_from(used).unwrap_or(u32::MAX)
     }
 
     fn dispatch(&mut self, reader: &mut Reader<'_, Bs<'_>>, data: &mut Writer<'_, Bs<'_>>) -> u32 {
@@ -299,7 +304,7 @@ impl RequestContext<'_> {
 
     /// Checks that `len` bytes at `sector` are whole sectors inside the image.
     fn range(&self, sector: u64, len: usize) -> io::Result<u64> {
-        let len = len as u64;
+        let len = usize_to_u64(len);
         let offset = sector.checked_mul(SECTOR_SIZE).filter(|o| {
             len.is_multiple_of(SECTOR_SIZE)
                 && o.checked_add(len)
@@ -325,7 +330,7 @@ impl RequestContext<'_> {
             let n = left.min(CHUNK);
             self.backend.read_at(offset, &mut buf[..n])?;
             data.write_all(&buf[..n])?;
-            offset += n as u64;
+            offset += usize_to_u64(n);
             left -= n;
         }
         Ok(())
@@ -346,7 +351,7 @@ impl RequestContext<'_> {
             let n = left.min(CHUNK);
             reader.read_exact(&mut buf[..n])?;
             self.backend.write_at(offset, &buf[..n])?;
-            offset += n as u64;
+            offset += usize_to_u64(n);
             left -= n;
         }
         Ok(())
@@ -455,6 +460,7 @@ impl VirtioDevice for Block {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cast::u64_to_usize;
     use crate::devices::virtio::mmio::MmioTransport;
     use crate::devices::virtio::testutil::*;
     use crate::devices::MmioDevice;
@@ -549,7 +555,7 @@ mod tests {
         r.mem
             .read_slice(&mut got, GuestAddress(DATA + 0x1000))
             .unwrap();
-        let expect: Vec<u8> = (3 * 512..4 * 512).map(|i| (i % 251) as u8).collect();
+        let expect: Vec<u8> = (3 * 512..4 * 512u64).map(|i| (i % 251) as u8).collect();
         assert_eq!(got, expect);
 
         // Write sector 5 and read it back through the file.
@@ -574,7 +580,7 @@ mod tests {
         r.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
         assert_eq!(&id[..12], b"ftvmm-disk-0");
 
-        assert_eq!(r.request(99, 0, &[]).0, VIRTIO_BLK_S_UNSUPP as u8);
+        assert_eq!(u32::from(r.request(99, 0, &[]).0), VIRTIO_BLK_S_UNSUPP);
     }
 
     #[test]
@@ -698,7 +704,7 @@ mod tests {
         let mem = r.mem.clone();
         let region = mem.find_region(GuestAddress(DATA)).unwrap();
         let base = region.start_addr().0;
-        let dirty = |a: u64| region.bitmap().dirty_at((a - base) as usize);
+        let dirty = |a: u64| region.bitmap().dirty_at(u64_to_usize(a - base));
         assert!(!dirty(DATA) && !dirty(DATA + 0x1000) && !dirty(DATA + 0x2000));
         assert_eq!(
             r.request(VIRTIO_BLK_T_IN, 0, &[(DATA + 0x800, 0x1000, true)])

@@ -225,7 +225,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             REG_DEVICE_ID => self.device.device_type(),
             REG_VENDOR_ID => MMIO_VENDOR_ID,
             REG_DEVICE_FEATURES => match self.device_features_sel {
-                0 => self.offered_features() as u32,
+                0 => (self.offered_features() & 0xffff_ffff) as u32,
                 1 => (self.offered_features() >> 32) as u32,
                 _ => 0,
             },
@@ -253,7 +253,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 if let Some(q) = self.queue_config_writable() {
                     // Queue::set_size rejects (and logs) sizes that are not a power of two or
                     // exceed the maximum; activation then fails on the invalid queue.
-                    q.set_size(v as u16);
+                    match u16::try_from(v) {
+                        Ok(size) => q.set_size(size),
+                        Err(_) => tracing::warn!("virtio-mmio: queue size {v} ignored"),
+                    }
                 }
             }
             REG_QUEUE_READY => {
@@ -537,7 +540,7 @@ mod tests {
             crate::devices::virtio::read_config_bytes(&self.config, offset, data);
         }
         fn write_config(&mut self, offset: u64, data: &[u8]) {
-            let o = offset as usize;
+            let o = crate::cast::u64_to_usize(offset);
             if o + data.len() <= self.config.len() {
                 self.config[o..o + data.len()].copy_from_slice(data);
             }
@@ -659,8 +662,8 @@ mod tests {
             QueueLayout::new(0x1_0000, 16),
             QueueLayout::new(0x2_0000, 8),
         ];
-        for (i, l) in layouts.iter().enumerate() {
-            setup_queue(&mut t, i as u32, l);
+        for (i, l) in (0..).zip(&layouts) {
+            setup_queue(&mut t, i, l);
         }
         wr(&mut t, 0x070, 1 | 2 | 8 | 4);
         assert_eq!(rd(&mut t, 0x070), 1 | 2 | 8 | 4);

@@ -198,7 +198,8 @@ impl Inner {
             let len = match chain.writer(&rx.mem) {
                 Ok(mut w) if w.available_bytes() >= packet.len() => {
                     match io::Write::write_all(&mut w, packet) {
-                        Ok(()) => packet.len() as u32,
+                        // At most NET_HDR_LEN + MAX_FRAME_LEN bytes, the size of `buf`.
+                        Ok(()) => u32::try_from(packet.len()).unwrap_or(u32::MAX),
                         Err(e) => {
                             tracing::warn!("virtio-net: RX write failed: {e}");
                             0
@@ -593,11 +594,8 @@ mod tests {
             // SAFETY: `buf` is valid for `buf.len()` bytes of writes.
             let n =
                 unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
-            }
+            // Negative on failure, with errno set.
+            usize::try_from(n).map_err(|_| io::Error::last_os_error())
         }
     }
 
@@ -616,7 +614,7 @@ mod tests {
         assert_eq!(r, 0);
         // SAFETY: fresh descriptors owned by nothing else.
         let (a, b) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        // SAFETY: fcntl on a valid fd.
+        // SAFETY: F_SETFL on `a`, which is open; its argument is an integer, not memory.
         unsafe { libc::fcntl(a.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
         (a, b)
     }
@@ -624,7 +622,7 @@ mod tests {
     fn send(peer: &OwnedFd, frame: &[u8]) {
         // SAFETY: `frame` is valid for reads of its length.
         let n = unsafe { libc::send(peer.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
-        assert_eq!(n, frame.len() as isize);
+        assert_eq!(usize::try_from(n).ok(), Some(frame.len()));
     }
 
     /// Keeps the frames it gets; has room for at most `.1` of them.
@@ -714,8 +712,11 @@ mod tests {
         }
     }
 
+    /// `len` bytes counting up from `i`, wrapping.
     fn frame(i: u8, len: usize) -> Vec<u8> {
-        (0..len).map(|j| i.wrapping_add(j as u8)).collect()
+        std::iter::successors(Some(i), |b| Some(b.wrapping_add(1)))
+            .take(len)
+            .collect()
     }
 
     #[test]
@@ -750,7 +751,7 @@ mod tests {
                 &r.mem,
                 &[
                     (base, 32, false),
-                    (base + 0x800, f.len() as u32 - 20, false),
+                    (base + 0x800, u32::try_from(f.len() - 20).unwrap(), false),
                 ],
             );
         }
@@ -783,7 +784,7 @@ mod tests {
             assert_eq!(len as usize, NET_HDR_LEN + 100);
             let (hdr, f) = r.rx_packet(addrs[k], len);
             assert_eq!(hdr, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0]);
-            assert_eq!(f, frame(k as u8, 100));
+            assert_eq!(f, frame(u8::try_from(k).unwrap(), 100));
         }
         // The third frame waits in the source until the guest posts a buffer.
         std::thread::sleep(Duration::from_millis(50));
@@ -899,7 +900,7 @@ mod tests {
         // RX continues into the buffer posted before the snapshot.
         send(&r.peer, &frame(2, 70));
         let used = r.wait_rx_used(1);
-        assert_eq!(used, vec![(1, (NET_HDR_LEN + 70) as u32)]);
+        assert_eq!(used, vec![(1, u32::try_from(NET_HDR_LEN + 70).unwrap())]);
         // TX continues.
         r.mem
             .write_slice(&frame(6, 60), GuestAddress(TX_BUFS + 0x1000 + 12))

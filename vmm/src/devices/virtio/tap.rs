@@ -68,9 +68,16 @@ fn ifreq_for(name: &str) -> Result<libc::ifreq, TapError> {
     // is a valid value of every variant.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (dst, &src) in req.ifr_name.iter_mut().zip(bytes) {
-        *dst = src as libc::c_char;
+        *dst = src.cast_signed();
     }
     Ok(req)
+}
+
+/// `flags` (IFF_*, which libc declares as `c_int`) as the `c_short` that `ifreq` holds them in:
+/// the kernel's interface flags all lie in the low 16 bits.
+#[allow(clippy::cast_possible_truncation)]
+fn ifr_flags(flags: libc::c_int) -> libc::c_short {
+    flags as libc::c_short
 }
 
 /// A throwaway socket for interface ioctls (SIOC*).
@@ -107,7 +114,7 @@ impl Tap {
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open("/dev/net/tun")
             .map_err(TapError::OpenTun)?;
-        req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+        req.ifr_ifru.ifru_flags = ifr_flags(libc::IFF_TAP | libc::IFF_NO_PI);
         ifreq_ioctl(file.as_raw_fd(), libc::TUNSETIFF as libc::c_ulong, &mut req).map_err(
             |source| TapError::Create {
                 name: name.to_owned(),
@@ -119,7 +126,7 @@ impl Tap {
             .ifr_name
             .iter()
             .take_while(|&&c| c != 0)
-            .map(|&c| c as u8)
+            .map(|&c| c.cast_unsigned())
             .collect();
         let tap = Tap {
             file,
@@ -139,7 +146,7 @@ impl Tap {
         ifreq_ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req).map_err(err)?;
         // SAFETY: SIOCGIFFLAGS filled the `ifru_flags` member of the union.
         let flags = unsafe { req.ifr_ifru.ifru_flags };
-        req.ifr_ifru.ifru_flags = flags | (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        req.ifr_ifru.ifru_flags = flags | ifr_flags(libc::IFF_UP | libc::IFF_RUNNING);
         ifreq_ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &mut req).map_err(err)
     }
 
@@ -168,7 +175,8 @@ impl Tap {
         }
         let sock = ctl_socket().map_err(err)?;
         let mut req = ifreq_for(bridge)?;
-        req.ifr_ifru.ifru_ifindex = tap_idx as libc::c_int;
+        // if_nametoindex returns the kernel's (positive) int ifindex as unsigned.
+        req.ifr_ifru.ifru_ifindex = tap_idx.cast_signed();
         ifreq_ioctl(sock.as_raw_fd(), SIOCBRADDIF, &mut req).map_err(err)
     }
 

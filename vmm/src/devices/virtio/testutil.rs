@@ -31,7 +31,7 @@ pub fn negotiate(d: &mut impl MmioDevice, features: u64) {
     wr(d, 0x070, 1);
     wr(d, 0x070, 1 | 2);
     wr(d, 0x024, 0);
-    wr(d, 0x020, f as u32);
+    wr(d, 0x020, (f & 0xffff_ffff) as u32);
     wr(d, 0x024, 1);
     wr(d, 0x020, (f >> 32) as u32);
     wr(d, 0x070, 1 | 2 | 8);
@@ -66,11 +66,11 @@ impl QueueLayout {
 pub fn setup_queue(d: &mut impl MmioDevice, index: u32, l: &QueueLayout) {
     wr(d, 0x030, index);
     wr(d, 0x038, u32::from(l.size));
-    wr(d, 0x080, l.desc as u32);
+    wr(d, 0x080, (l.desc & 0xffff_ffff) as u32);
     wr(d, 0x084, (l.desc >> 32) as u32);
-    wr(d, 0x090, l.avail as u32);
+    wr(d, 0x090, (l.avail & 0xffff_ffff) as u32);
     wr(d, 0x094, (l.avail >> 32) as u32);
-    wr(d, 0x0a0, l.used as u32);
+    wr(d, 0x0a0, (l.used & 0xffff_ffff) as u32);
     wr(d, 0x0a4, (l.used >> 32) as u32);
     wr(d, 0x044, 1);
 }
