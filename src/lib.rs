@@ -3,7 +3,7 @@
 
 pub mod bench;
 pub mod demo;
-pub mod node;
+pub mod pair;
 pub mod options;
 pub mod payloads;
 pub mod run;

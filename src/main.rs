@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use ftvmm::{bench, demo, node, options, run, EXIT_FTVMM_ERROR};
+use ftvmm::{bench, demo, options, pair, run, EXIT_FTVMM_ERROR};
 
 #[derive(Parser)]
 #[command(
@@ -43,8 +43,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(&args),
-        Command::Primary(args) => node::primary(&args),
-        Command::Standby(args) => node::standby(&args),
+        Command::Primary(args) => pair::primary(&args),
+        Command::Standby(args) => pair::standby(&args),
         Command::Demo => demo::demo(),
         Command::Bench(args) => bench::bench(&args),
     };

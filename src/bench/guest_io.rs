@@ -13,7 +13,7 @@ use nix::sys::signal::{kill, Signal};
 use vmm::cast::{u64_to_usize, usize_to_u64};
 
 use super::{median, Row};
-use crate::node::quantile_index;
+use crate::pair::quantile_index;
 use crate::run::{Error, Node};
 use crate::testbed::{kv_pipelined, kv_sequential, Topology, BRIDGE, GUEST_IP, KV_PORT};
 

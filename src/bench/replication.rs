@@ -24,7 +24,7 @@ use vmm::devices::ConsoleSink;
 use vmm::{GuestKind, VmConfig, VmOutcome};
 
 use super::{build, median, Capture, Row};
-use crate::node::{quantile_us, unix_us};
+use crate::pair::{quantile_us, unix_us};
 use crate::run::Error;
 use crate::run::Node;
 

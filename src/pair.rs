@@ -1,4 +1,4 @@
-//! `ftvmm primary` and `ftvmm standby`: the two roles of a replicated guest.
+//! `ftvmm primary` and `ftvmm standby`: the two roles of a replicated guest, started by hand.
 
 use std::path::Path;
 use std::process::ExitCode;

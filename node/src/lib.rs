@@ -1,0 +1,10 @@
+//! The self-healing pair: one daemon per host (`ftvmm node`) and one VMM process per protected
+//! VM that it starts and supervises. Per VM, a role machine (a pure function of events) and
+//! persisted generation identifiers decide which node runs the guest, when a returning node
+//! resynchronises only what changed, and what status says; the VMM processes carry it out
+//! through the `checkpoint` crate.
+
+pub mod config;
+pub mod control;
+pub mod metrics;
+pub mod status;
