@@ -3,8 +3,8 @@
 
 pub mod bench;
 pub mod demo;
-pub mod pair;
 pub mod options;
+pub mod pair;
 pub mod payloads;
 pub mod run;
 pub mod testbed;

@@ -38,6 +38,18 @@ pub struct RunArgs {
     pub args: Vec<String>,
 }
 
+impl HostArgs {
+    /// The resources these flags name, as the node crate takes them.
+    pub fn spec(&self) -> node::guest::HostSpec {
+        node::guest::HostSpec {
+            kvm: self.kvm_device.clone(),
+            console: self.console.clone(),
+            disk: self.disk.clone(),
+            net: self.net.clone(),
+        }
+    }
+}
+
 /// The host resources a VM uses on this node: flags of every command that runs a VM here.
 #[derive(Args, Debug, Clone)]
 pub struct HostArgs {
@@ -115,18 +127,7 @@ pub enum OnReboot {
     Restart,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ConsoleSpec {
-    Stdio,
-    File(PathBuf),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NetSpec {
-    pub tap: String,
-    pub mac: [u8; 6],
-    pub bridge: Option<String>,
-}
+pub use node::guest::{ConsoleSpec, NetSpec};
 
 /// The MAC a guest gets when none is given (locally administered).
 pub const DEFAULT_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];

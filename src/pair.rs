@@ -1,29 +1,21 @@
 //! `ftvmm primary` and `ftvmm standby`: the two roles of a replicated guest, started by hand.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use checkpoint::link::{self, LinkError, Listener, PeerConfig};
-use checkpoint::outputs::Outputs;
 use checkpoint::primary::{self, PrimaryEnd, PrimaryReport};
-use checkpoint::standby::{self, Local, StandbyEnd, Takeover};
-use disk_sync::{
-    bitmap_path, EpochRecorder, MarkingBackend, RecordingBackend, Replica, WriteIntentBitmap,
-};
-use netbuf::{ConsoleGateSink, Gate, Ipv4, Mode, FRAME_HOLD_LIMIT};
+use checkpoint::standby::{self, StandbyEnd, StandbyWatch};
+use node::guest::{boot_primary, Resumed, StandbyHost};
 use serde::Serialize;
 use tracing::{info, warn};
-use vmm::builder::HostIo;
 use vmm::cast::saturating_u64;
-use vmm::devices::virtio::tap::Tap;
-use vmm::devices::{BlockBackend, FrameSink};
-use vmm::{VmOutcome, Vmm};
+use vmm::VmOutcome;
 
 use crate::options::{OnReboot, PrimaryArgs, StandbyArgs};
-use crate::run::{
-    boot, console_sink, exit_status, guest, host_io, open_disk, open_net, vm_config, Error,
-};
+use crate::run::{exit_status, guest, vm_config, Error};
 
 /// What `--stats-json` records about a primary's run (machine-readable status), written while
 /// it runs and at its end.
@@ -120,18 +112,10 @@ fn write_json(path: Option<&Path>, value: &impl Serialize) -> Result<(), Error> 
 }
 
 pub fn primary(args: &PrimaryArgs) -> Result<ExitCode, Error> {
-    let guest = guest(&args.vm)?;
+    let image = guest(&args.vm)?;
     if args.vm.on_reboot == OnReboot::Restart {
         return Err("--on-reboot restart is not supported for a replicated guest (it ends)".into());
     }
-    let mut io = host_io(&args.vm)?;
-    // Output is held from the first byte: nothing leaves before a standby can continue from it.
-    let console = std::mem::replace(
-        &mut io.console,
-        Box::new(vmm::devices::console::StdoutConsole),
-    );
-    let console = Gate::new(Box::new(console), 0, Mode::Held);
-    io.console = Box::new(ConsoleGateSink(console.clone()));
     if args.ack_timeout_ms <= args.failover_timeout_ms {
         return Err(format!(
             "--ack-timeout-ms ({}) must be longer than --failover-timeout-ms ({}): a standby \
@@ -152,17 +136,16 @@ pub fn primary(args: &PrimaryArgs) -> Result<ExitCode, Error> {
         ack_timeout_ms: args.ack_timeout_ms,
     };
     // Boot (which checks the payload) before connecting, so bad input never reaches the peer.
-    let recorder = record_disk(&mut io, args.vm.host.disk.as_deref())?;
-    let mut vmm = boot(&config.vm, &guest, io)?;
-    let outputs = Outputs::attach(console, Mode::Held, &vmm, FRAME_HOLD_LIMIT, recorder);
+    // Output is held from the first byte: nothing leaves before a standby can continue from it.
+    let mut guest = boot_primary(&config.vm, &image, &args.vm.host.spec(), true)?;
     let connect_timeout = Duration::from_millis(args.connect_timeout_ms);
     let link = match link::connect(&args.peer, &config, connect_timeout) {
         Ok(link) => link,
         Err(e @ LinkError::Connect { .. }) if args.allow_unprotected => {
             warn!("{e}; running unprotected (--allow-unprotected)");
-            outputs.open();
-            vmm.start()?;
-            let outcome = vmm.wait();
+            guest.outputs.open();
+            guest.vmm.start()?;
+            let outcome = guest.vmm.wait();
             return Ok(exit_status(outcome));
         }
         Err(e) => return Err(e.into()),
@@ -184,17 +167,26 @@ pub fn primary(args: &PrimaryArgs) -> Result<ExitCode, Error> {
                 }
             });
         }
-        let result = primary::protect(vmm, outputs, link, &config, &watch);
+        let result = primary::protect(guest, link, &config, &watch);
         running.store(false, std::sync::atomic::Ordering::Relaxed);
         result
     })?;
-    write_json(stats_path, &primary_stats(format!("{end:?}"), &report))?;
-    match end {
-        PrimaryEnd::Guest(outcome) => Ok(exit_status(outcome)),
+    let outcome = match end {
+        PrimaryEnd::Guest(outcome) => outcome,
         PrimaryEnd::Deposed => {
-            Err("the standby took over; this node stopped and released nothing more".into())
+            write_json(stats_path, &primary_stats("Deposed".into(), &report))?;
+            return Err(
+                "the standby took over; this node stopped and released nothing more".into(),
+            );
         }
-    }
+        // Unprotected from now on, as the log said: the guest runs to its end here.
+        PrimaryEnd::Alone { mut guest, .. } => guest.vmm.wait(),
+    };
+    write_json(
+        stats_path,
+        &primary_stats(format!("Guest({outcome:?})"), &report),
+    )?;
+    Ok(exit_status(outcome))
 }
 
 fn primary_stats(outcome: String, r: &PrimaryReport) -> PrimaryStats {
@@ -225,23 +217,8 @@ fn primary_stats(outcome: String, r: &PrimaryReport) -> PrimaryStats {
 
 pub fn standby(args: &StandbyArgs) -> Result<ExitCode, Error> {
     // Open local resources first: a bad flag fails here, before any primary relies on us.
-    let disk = open_disk(args.host.disk.as_deref())?;
-    let net = open_net(args.host.net.as_ref())?;
-    let (replica, bitmap) = match (&args.host.disk, &disk) {
-        (Some(path), Some(backend)) => (
-            Some(
-                Replica::open(path)?
-                    .with_sync_delay(Duration::from_millis(args.test_fsync_delay_ms)),
-            ),
-            Some(WriteIntentBitmap::open(&bitmap_path(path), backend.size())?),
-        ),
-        _ => (None, None),
-    };
-    let local = Local {
-        disk_size: disk.as_ref().map(|d| d.size()),
-        net_mac: net.as_ref().map(|(_, mac)| *mac),
-        kvm_path: args.host.kvm_device.clone(),
-    };
+    let sync_delay = Duration::from_millis(args.test_fsync_delay_ms);
+    let mut host = StandbyHost::open(&args.host.spec(), &BTreeSet::new(), sync_delay)?;
     let listener = Listener::bind(&args.listen)?;
     info!(listen = %args.listen, "waiting for a primary");
     let mut stats = StandbyStats {
@@ -258,7 +235,8 @@ pub fn standby(args: &StandbyArgs) -> Result<ExitCode, Error> {
         held_frames_sent: None,
         announced: Vec::new(),
     };
-    let result = match standby::serve(&listener, &local, replica)? {
+    let disk = host.take_disk();
+    let result = match standby::serve(&listener, &host.local, disk, &StandbyWatch::default())? {
         StandbyEnd::Exit(code) => {
             stats.outcome = format!("guest exited on the primary with {code}");
             Ok(exit_status(VmOutcome::Exited(code)))
@@ -275,7 +253,7 @@ pub fn standby(args: &StandbyArgs) -> Result<ExitCode, Error> {
             stats.decided_unix_us = Some(unix_us(SystemTime::now() - t.decided.elapsed()));
             stats.drain_ms = Some((t.drained - t.decided).as_secs_f64() * 1e3);
             let drained = t.drained;
-            if net.is_some() {
+            if host.has_net() {
                 let held = &t.state.output;
                 stats.held_frames_sent = Some(held.frames.items.len());
                 stats.announced = held
@@ -284,21 +262,14 @@ pub fn standby(args: &StandbyArgs) -> Result<ExitCode, Error> {
                     .map(|a| std::net::Ipv4Addr::from(*a).to_string())
                     .collect();
             }
-            // Alone now: every write marks the bitmap, for the resync when a peer returns.
-            let disk = match (disk, bitmap) {
-                (Some(d), Some(b)) => {
-                    Some(Box::new(MarkingBackend::new(d, b)) as Box<dyn BlockBackend>)
-                }
-                (d, _) => d,
-            };
-            let outcome = match resume(*t, args, disk, net)? {
-                Resumed::Running(mut vmm) => {
+            let outcome = match host.resume(*t)? {
+                Resumed::Running(mut guest) => {
                     stats.restore_ms = Some(drained.elapsed().as_secs_f64() * 1e3);
                     stats.resumed_unix_us = Some(unix_us(SystemTime::now()));
                     // The takeover is on record while the guest runs on (written again at exit).
                     stats.outcome = "running".into();
                     write_json(args.host.stats_json.as_deref(), &stats)?;
-                    vmm.wait()
+                    guest.vmm.wait()
                 }
                 Resumed::Ended(outcome) => outcome,
             };
@@ -308,93 +279,4 @@ pub fn standby(args: &StandbyArgs) -> Result<ExitCode, Error> {
     };
     write_json(args.host.stats_json.as_deref(), &stats)?;
     result
-}
-
-/// What a takeover resumed.
-enum Resumed {
-    Running(Vmm),
-    /// The checkpoint was the final one of a guest that had ended this way.
-    Ended(VmOutcome),
-}
-
-/// Builds the VM from the last committed checkpoint and starts it. First releases the output
-/// that checkpoint holds (the primary may or may not have released it: a repeat lands at the
-/// same stream offset with the same bytes).
-fn resume(
-    t: Takeover,
-    args: &StandbyArgs,
-    disk: Option<Box<dyn BlockBackend>>,
-    mut net: Option<(Tap, [u8; 6])>,
-) -> Result<Resumed, Error> {
-    let held = &t.state.output;
-    let mut console = console_sink(&args.host.console, held.console.first)?;
-    for chunk in &held.console.items {
-        console.write_console(&chunk.0);
-    }
-    if let Some((tap, mac)) = &mut net {
-        for frame in &held.frames.items {
-            tap.send_frame(&frame.0);
-        }
-        announce(tap, *mac, &held.addresses)?;
-    }
-    if let Some(outcome) = t.state.ended {
-        info!(
-            epoch = t.epoch,
-            ?outcome,
-            "took over a guest that had ended"
-        );
-        return Ok(Resumed::Ended(outcome));
-    }
-    let io = HostIo {
-        kvm_path: args.host.kvm_device.clone(),
-        console,
-        disk,
-        net,
-    };
-    let detection = standby::detection_time(&t);
-    let mut vmm = t.shell.restore(&t.state.vmm, io)?;
-    vmm.start()?;
-    info!(
-        epoch = t.epoch,
-        detection_ms = detection.as_secs_f64() * 1e3,
-        drain_ms = (t.drained - t.decided).as_secs_f64() * 1e3,
-        restore_ms = t.drained.elapsed().as_secs_f64() * 1e3,
-        "took over: the guest runs on this node"
-    );
-    Ok(Resumed::Running(vmm))
-}
-
-/// The pause before each round of announcements after a takeover (as QEMU's self-announce: a
-/// switch that missed one round learns from the next).
-const ANNOUNCE_GAPS_MS: [u64; 3] = [0, 50, 150];
-
-/// Tells the network that the guest with `mac` (and `addresses`) is now behind `tap`, from a
-/// thread while the guest runs.
-fn announce(tap: &Tap, mac: [u8; 6], addresses: &[Ipv4]) -> Result<(), Error> {
-    let frames = netbuf::announcements(mac, addresses);
-    let mut out = tap.try_clone()?;
-    info!(?addresses, "announcing the guest's new location");
-    std::thread::Builder::new()
-        .name("announce".into())
-        .spawn(move || {
-            for gap in ANNOUNCE_GAPS_MS {
-                std::thread::sleep(Duration::from_millis(gap));
-                for frame in &frames {
-                    out.send_frame(frame);
-                }
-            }
-        })?;
-    Ok(())
-}
-
-/// Puts the primary's disk (the image at `path`) behind a recorder of the guest's writes, which
-/// also marks them in the image's write-intent bitmap.
-fn record_disk(io: &mut HostIo, path: Option<&Path>) -> Result<Option<EpochRecorder>, Error> {
-    let (Some(inner), Some(path)) = (io.disk.take(), path) else {
-        return Ok(None);
-    };
-    let bitmap = WriteIntentBitmap::open(&bitmap_path(path), inner.size())?;
-    let (backend, recorder) = RecordingBackend::new(inner, Some(bitmap));
-    io.disk = Some(Box::new(backend));
-    Ok(Some(recorder))
 }

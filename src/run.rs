@@ -1,19 +1,16 @@
 //! `ftvmm run`: boot a payload or a Linux kernel and run it to completion.
 
-use std::path::Path;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use node::guest::{boot, console_sink, open_disk, open_net, GuestImage};
 use vmm::builder::HostIo;
-use vmm::devices::console::{FileConsole, StdoutConsole};
-use vmm::devices::virtio::blk::RawFileBackend;
-use vmm::devices::virtio::tap::Tap;
-use vmm::devices::{BlockBackend, ConsoleSink};
+use vmm::devices::ConsoleSink;
 use vmm::linux::{LinuxBoot, DEFAULT_CMDLINE};
-use vmm::{GuestKind, VmConfig, VmOutcome, Vmm};
+use vmm::{GuestKind, VmConfig, VmOutcome};
 
-use crate::options::{ConsoleSpec, NetSpec, OnReboot, RunArgs};
+use crate::options::{OnReboot, RunArgs};
 use crate::{payloads, EXIT_GUEST_FAULT};
 
 /// An error of ftvmm itself, printed as one line.
@@ -33,17 +30,6 @@ pub fn load_payload(spec: &str) -> Result<Vec<u8>, Error> {
     }
 }
 
-/// The console `spec` names; a file console's stream starts at `offset`.
-pub fn console_sink(spec: &ConsoleSpec, offset: u64) -> Result<Box<dyn ConsoleSink>, Error> {
-    Ok(match spec {
-        ConsoleSpec::Stdio => Box::new(StdoutConsole),
-        ConsoleSpec::File(path) => Box::new(
-            FileConsole::create(path, offset)
-                .map_err(|e| format!("cannot create console file {}: {e}", path.display()))?,
-        ),
-    })
-}
-
 pub fn vm_config(args: &RunArgs) -> VmConfig {
     VmConfig {
         mem_size: args.mem,
@@ -57,15 +43,9 @@ pub fn vm_config(args: &RunArgs) -> VmConfig {
     }
 }
 
-/// What the VM flags say to boot.
-pub enum Guest {
-    Payload(Vec<u8>),
-    Linux(LinuxBoot),
-}
-
 /// Checks that the flags name exactly one guest and reads it (a payload) or describes it (a
 /// kernel, which the VMM reads while loading it).
-pub fn guest(args: &RunArgs) -> Result<Guest, Error> {
+pub fn guest(args: &RunArgs) -> Result<GuestImage, Error> {
     match (&args.payload, &args.kernel) {
         (Some(_), Some(_)) => Err("give either --payload or --kernel, not both".into()),
         (None, None) => Err("give the guest to boot: --payload or --kernel".into()),
@@ -73,7 +53,7 @@ pub fn guest(args: &RunArgs) -> Result<Guest, Error> {
             if args.initrd.is_some() || args.cmdline.is_some() {
                 return Err("--initrd and --cmdline need --kernel".into());
             }
-            Ok(Guest::Payload(load_payload(payload)?))
+            Ok(GuestImage::Payload(load_payload(payload)?))
         }
         (None, Some(kernel)) => {
             if !args.args.is_empty() {
@@ -81,7 +61,7 @@ pub fn guest(args: &RunArgs) -> Result<Guest, Error> {
                     "arguments after -- are for payloads; give a kernel --cmdline instead".into(),
                 );
             }
-            Ok(Guest::Linux(LinuxBoot {
+            Ok(GuestImage::Linux(LinuxBoot {
                 kernel: kernel.clone(),
                 initrd: args.initrd.clone(),
                 cmdline: args
@@ -91,14 +71,6 @@ pub fn guest(args: &RunArgs) -> Result<Guest, Error> {
             }))
         }
     }
-}
-
-/// Builds the VM `config` describes and boots `guest` into it.
-pub fn boot(config: &VmConfig, guest: &Guest, io: HostIo) -> Result<Vmm, Error> {
-    Ok(match guest {
-        Guest::Payload(elf) => Vmm::boot_payload(config, elf, io)?,
-        Guest::Linux(boot) => Vmm::boot_linux(config, boot, io)?,
-    })
 }
 
 /// Maps how the guest ended to this process's exit status.
@@ -115,38 +87,6 @@ pub fn exit_status(outcome: VmOutcome) -> ExitCode {
             ExitCode::from(EXIT_GUEST_FAULT)
         }
     }
-}
-
-/// Opens the disk image `--disk` names.
-pub fn open_disk(path: Option<&Path>) -> Result<Option<Box<dyn BlockBackend>>, Error> {
-    Ok(match path {
-        Some(path) => Some(Box::new(RawFileBackend::open(path)?)),
-        None => None,
-    })
-}
-
-/// Creates the tap `--net` names and puts it on its bridge.
-pub fn open_net(spec: Option<&NetSpec>) -> Result<Option<(Tap, [u8; 6])>, Error> {
-    Ok(match spec {
-        Some(spec) => {
-            let tap = Tap::open(&spec.tap)?;
-            if let Some(bridge) = &spec.bridge {
-                tap.enslave(bridge)?;
-            }
-            Some((tap, spec.mac))
-        }
-        None => None,
-    })
-}
-
-/// Opens the host resources the VM flags name: console, disk image, tap.
-pub fn host_io(args: &RunArgs) -> Result<HostIo, Error> {
-    Ok(HostIo {
-        kvm_path: args.host.kvm_device.clone(),
-        console: console_sink(&args.host.console, 0)?,
-        disk: open_disk(args.host.disk.as_deref())?,
-        net: open_net(args.host.net.as_ref())?,
-    })
 }
 
 /// What `--stats-json` records about a run.

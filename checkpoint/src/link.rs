@@ -105,10 +105,12 @@ impl Sender {
     }
 }
 
-/// The two connections of a link, as the primary sees them after the handshake.
+/// The two connections of a link, as the primary sees them after the handshake, and the disk
+/// blocks the standby said its image needs.
 pub struct PrimaryLink {
     pub data: TcpStream,
     pub control: TcpStream,
+    pub need: Vec<(u64, u64)>,
 }
 
 fn configure(stream: &TcpStream) -> io::Result<()> {
@@ -180,7 +182,21 @@ pub fn connect(
     };
     let data = open(Channel::Data)?;
     let control = open(Channel::Control)?;
-    Ok(PrimaryLink { data, control })
+    let mut reader = FrameReader::new(control.try_clone()?);
+    let need = match read_within(&mut reader, timeout.max(Duration::from_secs(2)))? {
+        Message::Need { runs } => runs,
+        other => {
+            return Err(LinkError::Unexpected {
+                expected: "Need",
+                got: format!("{other:?}"),
+            })
+        }
+    };
+    Ok(PrimaryLink {
+        data,
+        control,
+        need,
+    })
 }
 
 /// A standby's listening socket.
@@ -201,13 +217,21 @@ impl Listener {
     }
 
     /// Accepts a primary's two connections. `check` decides whether the primary's config is
-    /// acceptable here; a refusal is sent to the primary and returned as an error.
+    /// acceptable here; a refusal is sent to the primary and returned as an error. Once both
+    /// are welcome, tells the primary which disk blocks this node's image `need`s.
     pub fn accept(
         &self,
         check: impl Fn(&PeerConfig) -> Result<(), String>,
+        need: &[(u64, u64)],
     ) -> Result<(PeerConfig, TcpStream, TcpStream), LinkError> {
         let (data, session, config) = self.accept_one(Channel::Data, None, &check)?;
         let (control, _, _) = self.accept_one(Channel::Control, Some(session), &check)?;
+        wire::write_message(
+            &mut &control,
+            &Message::Need {
+                runs: need.to_vec(),
+            },
+        )?;
         Ok((config, data, control))
     }
 
@@ -280,6 +304,24 @@ pub fn yield_to_guest() {
         if let Ok(tid) = libc::id_t::try_from(libc::syscall(libc::SYS_gettid)) {
             libc::setpriority(libc::PRIO_PROCESS, tid, 10);
         }
+    }
+}
+
+/// Puts the calling thread's disk I/O in the lowest best-effort class level (ioprio BE 7), so
+/// that a resync's reads of the image yield to the guest's own I/O. Best effort.
+pub fn lower_io_priority() {
+    const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+    const IOPRIO_CLASS_BE: libc::c_long = 2;
+    const IOPRIO_CLASS_SHIFT: libc::c_long = 13;
+    // SAFETY: ioprio_set on the calling thread (who 0 with IOPRIO_WHO_PROCESS means the
+    // caller); no memory is passed.
+    unsafe {
+        libc::syscall(
+            libc::SYS_ioprio_set,
+            IOPRIO_WHO_PROCESS,
+            0,
+            (IOPRIO_CLASS_BE << IOPRIO_CLASS_SHIFT) | 7,
+        );
     }
 }
 

@@ -89,6 +89,14 @@ impl Outputs {
         }
     }
 
+    /// Protected again: output from now on waits for its epoch's acknowledgement.
+    pub fn hold(&self) {
+        self.console.hold();
+        if let Some(net) = &self.net {
+            net.gate.hold();
+        }
+    }
+
     /// Deposed: nothing more leaves.
     pub fn close(&self) {
         self.console.close();

@@ -4,8 +4,11 @@
 //! Today an epoch ends when its period is over or when the output and disk writes it holds
 //! reach a bound, as soon as the sender can take it. When the sender cannot (the link or the
 //! standby is behind) the epoch stretches, and the guest runs on, until what it holds reaches
-//! its bound: then the guest waits, paused, until the standby catches up. Together these bound
-//! every buffer of the primary, however slow the standby.
+//! its bound: then the guest waits, paused, until the standby catches up. A standby whose
+//! oldest unacknowledged checkpoint is older than the lag bound also makes the guest wait: the
+//! guest runs at the pace its standby can follow (which, when both share a host, also gives
+//! the standby the CPU the guest took). Together these bound every buffer of the primary and
+//! the lag of the standby, however slow it is.
 
 use std::time::Duration;
 
@@ -20,16 +23,20 @@ pub struct Limits {
     pub held_bytes: usize,
     /// Epochs sealed and not yet acknowledged at which no further epoch is sealed.
     pub unacked_epochs: usize,
+    /// Age of the oldest unacknowledged checkpoint at which the guest waits for the standby.
+    pub lag: Duration,
 }
 
 impl Limits {
-    /// The defaults for an epoch of `period`.
-    pub fn new(period: Duration) -> Self {
+    /// The defaults for an epoch of `period`, the guest waiting for a standby that lags by
+    /// more than `lag` (the failover timeout: then the standby is slow).
+    pub fn new(period: Duration, lag: Duration) -> Self {
         Self {
             period,
             epoch_bytes: EPOCH_BYTES,
             held_bytes: HELD_BYTES,
             unacked_epochs: UNACKED_EPOCHS,
+            lag,
         }
     }
 }
@@ -56,6 +63,8 @@ pub struct Observation {
     pub epoch_bytes: usize,
     /// Console bytes held in all unacknowledged epochs, the running one included.
     pub held_bytes: usize,
+    /// Age of the oldest unacknowledged checkpoint (zero when all are acknowledged).
+    pub oldest_unacked: Duration,
 }
 
 /// Why an epoch ended.
@@ -74,6 +83,8 @@ pub enum Hold {
     EpochFull,
     /// The standby acknowledges too slowly: held output is at its bound.
     HeldFull,
+    /// The standby lags by more than the lag bound.
+    StandbyBehind,
 }
 
 /// What the epoch loop does next.
@@ -89,6 +100,9 @@ pub enum Next {
 
 /// Decides what the epoch loop does, given what it observes.
 pub fn next(obs: &Observation, limits: &Limits) -> Next {
+    if obs.oldest_unacked >= limits.lag {
+        return Next::Hold(Hold::StandbyBehind);
+    }
     let epoch_full = obs.epoch_bytes >= limits.epoch_bytes;
     let can_seal = obs.sender_ready && obs.unacked < limits.unacked_epochs;
     if can_seal && epoch_full {
@@ -116,6 +130,7 @@ mod tests {
             epoch_bytes: 1000,
             held_bytes: 5000,
             unacked_epochs: 4,
+            lag: Duration::from_millis(300),
         }
     }
 
@@ -178,6 +193,20 @@ mod tests {
             ..obs(100)
         };
         assert_eq!(next(&o, &limits()), Next::Run);
+    }
+
+    #[test]
+    fn a_standby_that_lags_holds_the_guest_whatever_else_is_due() {
+        let o = Observation {
+            oldest_unacked: Duration::from_millis(300),
+            ..obs(500)
+        };
+        assert_eq!(next(&o, &limits()), Next::Hold(Hold::StandbyBehind));
+        let o = Observation {
+            oldest_unacked: Duration::from_millis(299),
+            ..obs(500)
+        };
+        assert_eq!(next(&o, &limits()), Next::Checkpoint(EpochEnd::Period));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! answering is said goodbye to and the guest continues unprotected; a standby that has taken
 //! over stops this node at once.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::TcpStream;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -22,7 +22,8 @@ use crate::outputs::Outputs;
 use crate::policy::{self, EpochEnd, Hold, Limits, Next, Observation};
 use crate::staging::{self, CheckpointState, StagedPages, StagingError};
 use crate::wire::{self, EpochDigest, FrameReader, Message, WireError, PAGE_SIZE};
-use disk_sync::EpochWrites;
+use disk_sync::resync::{self, ResyncSource};
+use disk_sync::{EpochRecorder, EpochWrites};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PrimaryError {
@@ -34,15 +35,34 @@ pub enum PrimaryError {
     Io(#[from] std::io::Error),
     #[error("cannot start a replication thread: {0}")]
     Thread(std::io::Error),
+    #[error("a replication thread still holds the VM")]
+    StillShared,
+    #[error("disk resync: {0}")]
+    Resync(#[from] disk_sync::DiskSyncError),
 }
 
 /// How a protected run ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PrimaryEnd {
     /// The guest ended on this node.
     Guest(VmOutcome),
     /// The standby took over: this node stopped and released nothing more.
     Deposed,
+    /// The standby was lost (for `reason`): the guest runs on, unprotected, its output
+    /// released as it comes and its disk writes marked in the bitmap.
+    Alone {
+        guest: Box<PrimaryGuest>,
+        reason: String,
+    },
+}
+
+impl std::fmt::Debug for PrimaryEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PrimaryEnd::Guest(outcome) => write!(f, "Guest({outcome:?})"),
+            PrimaryEnd::Deposed => write!(f, "Deposed"),
+            PrimaryEnd::Alone { reason, .. } => write!(f, "Alone({reason})"),
+        }
+    }
 }
 
 /// Figures of a protected run, for logs, status and benchmarks.
@@ -75,6 +95,9 @@ pub struct PrimaryReport {
     pub held_time: Duration,
     /// Why protection was dropped, if it was.
     pub lost_reason: Option<String>,
+    /// Bytes of disk blocks the resync sends, and those sent so far.
+    pub resync_total: u64,
+    pub resync_sent: u64,
     /// Pages sent in pre-copy.
     pub precopy_pages: usize,
     /// Frame bytes of pre-copy written to the data connection.
@@ -146,6 +169,9 @@ impl Watch {
     }
 }
 
+/// Disk blocks per Resync frame (1 MiB).
+const RESYNC_RUN_BLOCKS: u64 = 16;
+
 /// Pages per Pages frame: big enough to compress well, small enough to pipeline.
 const BATCH_PAGES: usize = 256;
 /// Pre-copy stops once a round finds fewer dirty pages than this (or after `PRECOPY_ROUNDS`).
@@ -208,16 +234,30 @@ struct Outgoing {
     disk: EpochWrites,
 }
 
-/// Runs `vmm` (booted, not started) as a protected primary over `link` until the guest ends or
-/// the standby takes over. `outputs` hold what `vmm` sends out; `watch` shows the run's figures
-/// while it goes on.
+/// The guest as its primary runs it: the VM, the gates of its output (and the record of its
+/// disk writes), and its disk image, to resync a returning standby from.
+pub struct PrimaryGuest {
+    pub vmm: Vmm,
+    pub outputs: Outputs,
+    pub image: Option<ResyncSource>,
+}
+
+/// Runs `guest` as a protected primary over `link` until the guest ends, the standby takes
+/// over, or the standby is lost. The VM may be booted and not started (it starts here, its
+/// output held from the first byte) or running alone (its output flows until the standby holds
+/// a first checkpoint). First the disk blocks that may differ between the nodes are resynced
+/// and memory is pre-copied while the guest runs. `watch` shows the run's figures meanwhile.
 pub fn protect(
-    mut vmm: Vmm,
-    outputs: Outputs,
+    guest: PrimaryGuest,
     link: PrimaryLink,
     config: &PeerConfig,
     watch: &Watch,
 ) -> Result<(PrimaryEnd, PrimaryReport), PrimaryError> {
+    let PrimaryGuest {
+        mut vmm,
+        outputs,
+        image,
+    } = guest;
     let shared = Arc::new(Shared {
         state: Mutex::new(Role {
             protected: true,
@@ -234,7 +274,9 @@ pub fn protect(
 
     vmm.set_dirty_logging(true)?;
     vmm.harvest_dirty()?;
-    vmm.start()?;
+    if !vmm.started() {
+        vmm.start()?;
+    }
     let vmm = Arc::new(vmm);
 
     // Compression gets the cores the vCPUs leave (at least one): the guest comes first, and a
@@ -268,11 +310,16 @@ pub fn protect(
         shared: &shared,
         out: &out_tx,
         spare: &spare_rx,
+        data: &data,
         config,
         watch,
-        limits: Limits::new(Duration::from_millis(config.epoch_ms)),
+        limits: Limits::new(
+            Duration::from_millis(config.epoch_ms),
+            config.failover_timeout(),
+        ),
     };
-    let result = epochs.run();
+    let need = resync::blocks_of(&link.need);
+    let result = epochs.run(image.as_ref(), need);
     drop(out_tx);
     let end = match result {
         Ok(end) => end,
@@ -284,19 +331,36 @@ pub fn protect(
     };
     // Finished before the Exit goes out: the standby closes the link as soon as it reads it,
     // and the control thread must not take that for the loss of the standby.
-    let protected = {
+    let (mut protected, complete) = {
         let mut role = shared.lock();
         role.finished = true;
-        role.protected
+        (role.protected, role.unacked.is_empty())
     };
     shared.changed.notify_all();
+    if protected && !complete && matches!(end, Ended::Guest(_)) {
+        // The control thread judges the standby within the acknowledgement timeout, which
+        // the final wait outlasts: it can only have stopped judging. The guest has ended here,
+        // so its output is released; the standby, told goodbye, does not take over.
+        let why = "the guest's final checkpoint was not acknowledged".to_string();
+        error!("standby lost ({why})");
+        {
+            let mut r = watch.lock();
+            r.standby = StandbyHealth::Lost;
+            r.lost_reason = Some(why);
+        }
+        outputs.open();
+        let _ = control.send(&Message::Goodbye);
+        protected = false;
+    }
     // A guest reset ends the VM like an exit with status 0 (ftvmm does not restart it).
-    if let PrimaryEnd::Guest(VmOutcome::Exited(code)) = &end {
-        if protected {
+    match (&end, protected) {
+        (Ended::Guest(VmOutcome::Exited(code)), true) => {
             let _ = control.send(&Message::Exit { code: *code });
         }
-    } else if let (PrimaryEnd::Guest(VmOutcome::Reset), true) = (&end, protected) {
-        let _ = control.send(&Message::Exit { code: 0 });
+        (Ended::Guest(VmOutcome::Reset), true) => {
+            let _ = control.send(&Message::Exit { code: 0 });
+        }
+        _ => {}
     }
     // The sender may be blocked on a dead standby's full socket: cut it loose.
     data.shutdown();
@@ -306,7 +370,34 @@ pub fn protect(
     if !protected {
         report.unprotected_at = Some(report.epochs);
     }
+    let end = match end {
+        Ended::Guest(outcome) => PrimaryEnd::Guest(outcome),
+        Ended::Deposed => PrimaryEnd::Deposed,
+        Ended::Alone => {
+            // Every thread that shared the VM has ended.
+            let vmm = Arc::try_unwrap(vmm).map_err(|_| PrimaryError::StillShared)?;
+            // Alone, dirty logging only costs the guest write faults.
+            vmm.set_dirty_logging(false)?;
+            let reason = report.lost_reason.clone().unwrap_or_default();
+            PrimaryEnd::Alone {
+                guest: Box::new(PrimaryGuest {
+                    vmm,
+                    outputs,
+                    image,
+                }),
+                reason,
+            }
+        }
+    };
     Ok((end, report))
+}
+
+/// How the epoch loop ended.
+enum Ended {
+    Guest(VmOutcome),
+    Deposed,
+    /// The standby was lost; the guest runs on.
+    Alone,
 }
 
 /// The primary's epoch loop: pre-copy, then checkpoints where the epoch policy says.
@@ -316,21 +407,56 @@ struct EpochLoop<'a> {
     shared: &'a Shared,
     out: &'a crossbeam_channel::Sender<Outgoing>,
     spare: &'a Receiver<StagedPages>,
+    /// The data connection, written directly by the resync (before the sender has work).
+    data: &'a Sender,
     config: &'a PeerConfig,
     watch: &'a Watch,
     limits: Limits,
 }
 
 /// Whether the guest is running, or paused by the epoch loop and since when.
-enum Guest {
+enum GuestRun {
     Running,
     Held { since: Instant, why: Hold },
 }
 
 impl EpochLoop<'_> {
-    fn run(&self) -> Result<PrimaryEnd, PrimaryError> {
+    /// The role as the loop must act on it: deposed or alone, if so.
+    fn role_change(&self) -> Option<Ended> {
+        let role = self.shared.lock();
+        if role.deposed {
+            self.vmm.stop(VmOutcome::Fault("deposed".into()));
+            return Some(Ended::Deposed);
+        }
+        if !role.protected {
+            drop(role);
+            return Some(match self.vmm.outcome() {
+                Some(outcome) => Ended::Guest(outcome),
+                None => Ended::Alone,
+            });
+        }
+        None
+    }
+
+    fn run(
+        &self,
+        image: Option<&ResyncSource>,
+        need: BTreeSet<u64>,
+    ) -> Result<Ended, PrimaryError> {
         let vmm = self.vmm;
+        if let (Some(recorder), Some(image)) = (&self.outputs.disk, image) {
+            self.resync(recorder, image, need)?;
+        }
+        if let Some(ended) = self.role_change() {
+            return Ok(ended);
+        }
         let log = self.precopy()?;
+        if let Some(ended) = self.role_change() {
+            return Ok(ended);
+        }
+        // From here on the standby can take over: output waits for its checkpoint (a guest
+        // that ran alone released it as it came; one just booted held it from the start).
+        self.outputs.hold();
         // The pages dirtied since the last round was copied (or that round itself): the
         // harvest that measured them already cleared them from the dirty log, so the first
         // checkpoint must add them.
@@ -340,20 +466,12 @@ impl EpochLoop<'_> {
         let mut epoch = 0u64;
         let mut hot = HotPages::default();
         let mut began = Instant::now();
-        let mut guest = Guest::Running;
+        let mut guest = GuestRun::Running;
         loop {
             let why = loop {
-                {
-                    let role = self.shared.lock();
-                    if role.deposed {
-                        vmm.stop(VmOutcome::Fault("deposed".into()));
-                        return Ok(PrimaryEnd::Deposed);
-                    }
-                    if !role.protected {
-                        drop(role);
-                        self.release(&mut guest);
-                        return Ok(PrimaryEnd::Guest(wait_guest(vmm)));
-                    }
+                if let Some(ended) = self.role_change() {
+                    self.release(&mut guest);
+                    return Ok(ended);
                 }
                 if vmm.outcome().is_some() {
                     // The guest ended: its final checkpoint carries how.
@@ -367,10 +485,10 @@ impl EpochLoop<'_> {
                         self.wait(left.max(Duration::from_millis(1)));
                     }
                     Next::Hold(why) => {
-                        if let Guest::Running = guest {
+                        if let GuestRun::Running = guest {
                             vmm.pause();
                             info!(?why, "holding the guest until the standby catches up");
-                            guest = Guest::Held {
+                            guest = GuestRun::Held {
                                 since: Instant::now(),
                                 why,
                             };
@@ -393,6 +511,91 @@ impl EpochLoop<'_> {
                 return Ok(self.finish(epoch, outcome));
             }
         }
+    }
+
+    /// Resyncs the disk blocks that may differ between the nodes (those `recorder`'s bitmap
+    /// marks and those the standby `need`s) from `image`, while the guest runs: first all of
+    /// them, then once more those the guest wrote meanwhile, when from that moment on every
+    /// write is recorded in the first epoch too. On a thread of low CPU and I/O priority, so
+    /// that the guest's own I/O goes first.
+    fn resync(
+        &self,
+        recorder: &EpochRecorder,
+        image: &ResyncSource,
+        mut blocks: BTreeSet<u64>,
+    ) -> Result<(), PrimaryError> {
+        let _span = info_span!("resync").entered();
+        blocks.extend(recorder.begin_resync());
+        if blocks.is_empty() {
+            recorder.start_recording();
+            return Ok(());
+        }
+        let start = Instant::now();
+        let bytes = image.bytes_of(&blocks);
+        info!(blocks = blocks.len(), bytes, "resync of the disk begins");
+        self.watch.lock().resync_total = bytes;
+        let sent = std::thread::scope(|s| {
+            let sending = s.spawn(|| -> Result<u64, PrimaryError> {
+                link::yield_to_guest();
+                link::lower_io_priority();
+                self.data.send(&Message::ResyncPlan { bytes })?;
+                let mut sent = self.send_blocks(image, &blocks)?;
+                let again = recorder.start_recording();
+                info!(
+                    blocks = again.len(),
+                    "resync: blocks the guest wrote meanwhile"
+                );
+                sent += self.send_blocks(image, &again)?;
+                self.data.send(&Message::ResyncEnd)?;
+                Ok(sent)
+            });
+            sending.join().unwrap_or_else(|_| {
+                Err(PrimaryError::Thread(std::io::Error::other(
+                    "resync panicked",
+                )))
+            })
+        });
+        match sent {
+            Ok(sent) => {
+                let secs = start.elapsed().as_secs_f64();
+                info!(
+                    sent,
+                    secs,
+                    mib_s = sent as f64 / (1 << 20) as f64 / secs.max(1e-9),
+                    "resync of the disk sent"
+                );
+                Ok(())
+            }
+            // The link failed: the control thread says why and the standby is lost.
+            Err(PrimaryError::Io(e)) => {
+                warn!("resync stopped: {e}");
+                recorder.stop();
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sends `blocks` of `image` in runs of up to `RESYNC_RUN_BLOCKS`; returns the bytes sent.
+    fn send_blocks(
+        &self,
+        image: &ResyncSource,
+        blocks: &BTreeSet<u64>,
+    ) -> Result<u64, PrimaryError> {
+        let mut sent = 0;
+        for (first, count) in resync::runs(blocks, RESYNC_RUN_BLOCKS) {
+            if !self.shared.lock().protected {
+                return Err(PrimaryError::Io(std::io::Error::other(
+                    "the standby was lost",
+                )));
+            }
+            let (offset, data) = image.read_run(first, count)?;
+            let len = usize_to_u64(data.len());
+            self.data.send(&Message::Resync { offset, data })?;
+            sent += len;
+            self.watch.lock().resync_sent += len;
+        }
+        Ok(sent)
     }
 
     /// Pre-copy: all of memory, then what the running guest dirtied meanwhile, a few rounds.
@@ -425,12 +628,18 @@ impl EpochLoop<'_> {
 
     /// What the epoch policy looks at, `elapsed` into the running epoch.
     fn observe(&self, elapsed: Duration) -> Observation {
+        let (unacked, oldest_unacked) = {
+            let role = self.shared.lock();
+            let oldest = role.unacked.front().map(|(_, sealed)| sealed.elapsed());
+            (role.unacked.len(), oldest.unwrap_or_default())
+        };
         Observation {
             elapsed,
             sender_ready: self.out.is_empty(),
-            unacked: self.shared.lock().unacked.len(),
+            unacked,
             epoch_bytes: self.outputs.running_bytes(),
             held_bytes: self.outputs.console.held_bytes(),
+            oldest_unacked,
         }
     }
 
@@ -443,8 +652,8 @@ impl EpochLoop<'_> {
     }
 
     /// Lets a held guest run again.
-    fn release(&self, guest: &mut Guest) {
-        if let Guest::Held { since, why } = std::mem::replace(guest, Guest::Running) {
+    fn release(&self, guest: &mut GuestRun) {
+        if let GuestRun::Held { since, why } = std::mem::replace(guest, GuestRun::Running) {
             let held = since.elapsed();
             info!(
                 ?why,
@@ -467,13 +676,13 @@ impl EpochLoop<'_> {
         &self,
         epoch: u64,
         why: EpochEnd,
-        guest: &mut Guest,
+        guest: &mut GuestRun,
         hot: &mut HotPages,
         carried: &mut Option<DirtyLog>,
     ) -> Result<(Outgoing, Option<VmOutcome>), PrimaryError> {
         let vmm = self.vmm;
         let start = Instant::now();
-        if let Guest::Running = guest {
+        if let GuestRun::Running = guest {
             vmm.pause();
         }
         let stopped = start.elapsed();
@@ -507,15 +716,15 @@ impl EpochLoop<'_> {
                 _ => None,
             };
             match (&*guest, hold) {
-                (Guest::Held { .. }, None) => self.release(guest),
-                (Guest::Running, None) => vmm.resume(),
-                (Guest::Running, Some(why)) => {
-                    *guest = Guest::Held {
+                (GuestRun::Held { .. }, None) => self.release(guest),
+                (GuestRun::Running, None) => vmm.resume(),
+                (GuestRun::Running, Some(why)) => {
+                    *guest = GuestRun::Held {
                         since: Instant::now(),
                         why,
                     }
                 }
-                (Guest::Held { .. }, Some(_)) => {}
+                (GuestRun::Held { .. }, Some(_)) => {}
             }
         }
         let pause = start.elapsed();
@@ -551,25 +760,19 @@ impl EpochLoop<'_> {
 
     /// The guest ended and its final checkpoint `epoch` is on its way: wait for its ack (which
     /// releases the last output), the loss of the standby, or deposition.
-    fn finish(&self, epoch: u64, outcome: VmOutcome) -> PrimaryEnd {
-        let limit = Instant::now() + self.config.ack_timeout();
+    fn finish(&self, epoch: u64, outcome: VmOutcome) -> Ended {
+        // Longer than the control thread takes to give up on a slow or silent standby.
+        let limit = Instant::now()
+            + self.config.ack_timeout()
+            + self.config.failover_timeout()
+            + Duration::from_secs(1);
         let role = self.shared.wait_while(limit, |role| {
             role.protected && !role.deposed && role.acked < epoch
         });
         if role.deposed {
-            return PrimaryEnd::Deposed;
+            return Ended::Deposed;
         }
-        PrimaryEnd::Guest(outcome)
-    }
-}
-
-/// Waits for the guest to end (it runs unprotected or has ended already).
-fn wait_guest(vmm: &Vmm) -> VmOutcome {
-    loop {
-        if let Some(outcome) = vmm.outcome() {
-            return outcome;
-        }
-        std::thread::sleep(TICK);
+        Ended::Guest(outcome)
     }
 }
 
@@ -870,6 +1073,16 @@ fn control_loop(
                 if received != standby_received {
                     standby_received = received;
                     progress_at = Instant::now();
+                }
+            }
+            Ok(Message::Synced { runs }) => {
+                silence.heard();
+                progress_at = Instant::now();
+                if let Some(disk) = &outputs.disk {
+                    if let Err(e) = disk.synced(&resync::blocks_of(&runs)) {
+                        // The bits stay set: a later resync sends those blocks again.
+                        warn!("cannot clear resynced blocks from the bitmap: {e}");
+                    }
                 }
             }
             Ok(Message::TakenOver) => {

@@ -5,11 +5,13 @@
 use std::net::{Shutdown, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use disk_sync::resync::{self, ResyncTarget};
+use disk_sync::{EpochWrites, Replica, WriteIntentBitmap};
 use tracing::{debug, error, info, info_span, warn};
-use vmm::cast::saturating_u64;
+use vmm::cast::{saturating_u64, usize_to_u64};
 use vmm::devices::GuestMemory;
 use vmm::memory::{self, MemoryError};
 use vmm::{VmShell, Vmm};
@@ -17,7 +19,6 @@ use vmm::{VmShell, Vmm};
 use crate::link::{LinkError, Listener, PeerConfig, Sender, SilenceClock};
 use crate::staging::{self, CheckpointState, StagedPages, StagingError};
 use crate::wire::{EpochDigest, FrameReader, Message, WireError};
-use disk_sync::{EpochWrites, Replica};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StandbyError {
@@ -93,6 +94,8 @@ pub struct Takeover {
     pub last_heard: Instant,
     pub decided: Instant,
     pub drained: Instant,
+    /// This node's write-intent bitmap, to mark what the guest writes from now on.
+    pub bitmap: Option<WriteIntentBitmap>,
 }
 
 /// How a standby's watch ended.
@@ -105,24 +108,65 @@ pub enum StandbyEnd {
     Goodbye,
 }
 
-/// What the receiver thread hands back: its last committed epoch and state (its image is the
-/// memory of the prepared VM).
+/// What the receiver thread hands back: its last committed epoch and state, decoded (its
+/// image is the memory of the prepared VM).
 struct Committed {
     memory: GuestMemory,
     epoch: u64,
-    state: Option<Vec<u8>>,
+    state: Option<CheckpointState>,
     /// Why an epoch's disk writes could not be applied, if they could not.
     disk_failed: Option<String>,
+    /// The resync target, if the disk was brought up to date (its bitmap marks after takeover).
+    resync: Option<ResyncTarget>,
+}
+
+/// A standby's progress as it happens, for status: clones share it.
+#[derive(Clone, Default)]
+pub struct StandbyWatch(Arc<Mutex<StandbyProgress>>);
+
+/// What a standby has received and committed so far.
+#[derive(Debug, Clone, Default)]
+pub struct StandbyProgress {
+    /// Bytes of disk blocks the primary said it would resync, and those written here.
+    pub resync_total: u64,
+    pub resync_done: u64,
+    /// The last committed epoch (0: none yet; the node is not a standby until it has one).
+    pub committed: u64,
+    /// When the last epoch committed.
+    pub committed_at: Option<Instant>,
+}
+
+impl StandbyWatch {
+    fn lock(&self) -> std::sync::MutexGuard<'_, StandbyProgress> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn snapshot(&self) -> StandbyProgress {
+        self.lock().clone()
+    }
+}
+
+/// This node's copy of the guest's disk: the image committed epochs are applied to, and the
+/// resync target that brings it up to date first (which knows what it still needs).
+pub struct StandbyDisk {
+    pub replica: Replica,
+    pub resync: ResyncTarget,
 }
 
 /// Serves one primary that connects to `listener` until it exits, says goodbye, or dies.
-/// Committed epochs' disk writes go to `replica` (this node's copy of the guest's disk).
+/// `disk` is this node's copy of the guest's disk, if it has one: the primary first resyncs
+/// the blocks it needs, then committed epochs' writes go to it.
 pub fn serve(
     listener: &Listener,
     local: &Local,
-    replica: Option<Replica>,
+    disk: Option<StandbyDisk>,
+    watch: &StandbyWatch,
 ) -> Result<StandbyEnd, StandbyError> {
-    let (config, data, control_stream) = listener.accept(|c| local.check(c))?;
+    let need = disk
+        .as_ref()
+        .map(|d| resync::runs(&d.resync.needed(), u64::MAX))
+        .unwrap_or_default();
+    let (config, data, control_stream) = listener.accept(|c| local.check(c), &need)?;
     info!(
         mem = config.vm.mem_size,
         vcpus = config.vm.vcpus,
@@ -138,9 +182,16 @@ pub fn serve(
     let received = Arc::new(AtomicU64::new(0));
     let receiver = {
         let (control, draining, received) = (control.clone(), draining.clone(), received.clone());
+        let watch = watch.clone();
+        let receiver = Receiver {
+            control,
+            draining,
+            received,
+            watch,
+        };
         std::thread::Builder::new()
             .name("ckpt-recv".into())
-            .spawn(move || receive(data, memory, replica, control, draining, received))
+            .spawn(move || receiver.run(data, memory, disk))
             .map_err(StandbyError::Thread)?
     };
 
@@ -201,7 +252,6 @@ pub fn serve(
     let _ = control.send(&Message::TakenOver);
     control.shutdown();
     let state = committed.state.ok_or(StandbyError::NoCheckpoint)?;
-    let state = CheckpointState::decode(&state)?;
     info!(
         epoch = committed.epoch,
         "resuming from the last committed checkpoint"
@@ -215,6 +265,7 @@ pub fn serve(
         last_heard,
         decided,
         drained: Instant::now(),
+        bitmap: committed.resync.map(ResyncTarget::into_bitmap),
     })))
 }
 
@@ -241,150 +292,241 @@ impl Pending {
     }
 }
 
-/// Receives epochs on the data connection and commits each verified one, counting the frames
-/// read in `received`. Stops at the end of the connection, at the first bad frame or epoch
-/// (refusing it to the primary), or, once `draining` is set, when no more bytes are waiting.
-fn receive(
-    stream: TcpStream,
-    memory: GuestMemory,
-    mut replica: Option<Replica>,
+/// Resync blocks written here between flushes: each flush makes them durable and tells the
+/// primary, which then clears them from its bitmap.
+const RESYNC_FLUSH_BYTES: u64 = 8 << 20;
+
+/// The receiver thread's links to the rest of the standby.
+struct Receiver {
     control: Sender,
     draining: Arc<AtomicBool>,
+    /// Frames read on the data connection (the standby's heartbeats carry it).
     received: Arc<AtomicU64>,
-) -> Committed {
-    // On a host it shares with running guests, the standby's work must not slow them.
-    crate::link::yield_to_guest();
-    let mut reader = FrameReader::new(stream);
-    let mut committed = Committed {
-        memory,
-        epoch: 0,
-        state: None,
-        disk_failed: None,
-    };
-    let mut pending = Pending::new(1);
-    let reject = |committed: &Committed, pending: &Pending, reason: String| {
+    watch: StandbyWatch,
+}
+
+impl Receiver {
+    fn reject(&self, committed: &Committed, pending: &Pending, reason: String) {
         error!(
             "rejecting epoch {}: {reason}; staying on committed epoch {}",
             pending.epoch, committed.epoch
         );
-        let _ = control.send(&Message::Refuse {
+        let _ = self.control.send(&Message::Refuse {
             reason: format!("epoch {}: {reason}", pending.epoch),
         });
-    };
-    loop {
-        let msg = match reader.read_message() {
-            Ok(msg) => {
-                received.fetch_add(1, Ordering::Relaxed);
-                msg
-            }
-            Err(WireError::Idle) if draining.load(Ordering::SeqCst) => break,
-            Err(WireError::Idle) => continue,
-            Err(WireError::Closed) => break,
-            Err(e) if draining.load(Ordering::SeqCst) => {
-                info!(
-                    "dropping the incomplete epoch {} at takeover ({e}); staying on epoch {}",
-                    pending.epoch, committed.epoch
-                );
-                break;
-            }
-            Err(e) => {
-                reject(&committed, &pending, e.to_string());
-                break;
-            }
+    }
+
+    /// Makes the resync's writes durable and tells the primary which blocks it holds.
+    fn flush_resync(&self, target: &mut ResyncTarget) -> Result<(), String> {
+        let done = target.flush().map_err(|e| e.to_string())?;
+        if !done.is_empty() {
+            let runs = resync::runs(&done, u64::MAX);
+            let _ = self.control.send(&Message::Synced { runs });
+        }
+        Ok(())
+    }
+
+    /// Receives the resync and epochs on the data connection and commits each verified epoch.
+    /// Stops at the end of the connection, at the first bad frame or epoch (refusing it to the
+    /// primary), or, once `draining` is set, when no more bytes are waiting.
+    fn run(self, stream: TcpStream, memory: GuestMemory, disk: Option<StandbyDisk>) -> Committed {
+        // On a host it shares with running guests, the standby's work must not slow them.
+        crate::link::yield_to_guest();
+        let mut reader = FrameReader::new(stream);
+        let (mut replica, resync) = match disk {
+            Some(d) => (Some(d.replica), Some(d.resync)),
+            None => (None, None),
         };
-        match msg {
-            // Pre-copy: nothing is committed yet, so pages go straight into the image.
-            Message::Pages {
-                epoch: 0,
-                gpas,
-                data,
-            } if committed.state.is_none() && pending.batches.is_empty() => {
-                if let Err(e) = StagedPages::apply(&committed.memory, &gpas, &data) {
-                    reject(&committed, &pending, e.to_string());
+        let mut committed = Committed {
+            memory,
+            epoch: 0,
+            state: None,
+            disk_failed: None,
+            resync,
+        };
+        let mut pending = Pending::new(1);
+        loop {
+            let msg = match reader.read_message() {
+                Ok(msg) => {
+                    self.received.fetch_add(1, Ordering::Relaxed);
+                    msg
+                }
+                Err(WireError::Idle) if self.draining.load(Ordering::SeqCst) => break,
+                Err(WireError::Idle) => continue,
+                Err(WireError::Closed) => break,
+                Err(e) if self.draining.load(Ordering::SeqCst) => {
+                    info!(
+                        "dropping the incomplete epoch {} at takeover ({e}); staying on epoch {}",
+                        pending.epoch, committed.epoch
+                    );
                     break;
                 }
-            }
-            Message::Pages { epoch, gpas, data } if epoch == pending.epoch => {
-                pending.digest.add_pages(&gpas, &data);
-                pending.batches.push((gpas, data));
-            }
-            Message::State { epoch, bytes } if epoch == pending.epoch => {
-                pending.digest.add_state(&bytes);
-                pending.state = Some(bytes);
-            }
-            Message::Disk { epoch, bytes } if epoch == pending.epoch => {
-                pending.digest.add_state(&bytes);
-                match staging::decode_disk(&bytes) {
-                    Ok(mut ops) => pending.disk.append(&mut ops),
-                    Err(e) => {
-                        reject(&committed, &pending, format!("bad disk writes: {e}"));
+                Err(e) => {
+                    self.reject(&committed, &pending, e.to_string());
+                    break;
+                }
+            };
+            let before_first = committed.state.is_none() && pending.batches.is_empty();
+            match msg {
+                // The resync and the pre-copy come before the first epoch: nothing is committed
+                // yet, so they go straight into the image and memory.
+                Message::ResyncPlan { bytes } if before_first => {
+                    info!(bytes, "resync of the disk begins");
+                    self.watch.lock().resync_total = bytes;
+                }
+                Message::Resync { offset, data } if before_first => {
+                    let Some(target) = committed.resync.as_mut() else {
+                        self.reject(&committed, &pending, "resync data and no disk here".into());
                         break;
-                    }
-                }
-            }
-            Message::EpochEnd {
-                epoch,
-                pages,
-                state_bytes,
-                checksum,
-            } if epoch == pending.epoch => {
-                if let Err(e) = pending.digest.verify(epoch, pages, state_bytes, checksum) {
-                    reject(&committed, &pending, e.to_string());
-                    break;
-                }
-                let Some(state) = pending.state.take() else {
-                    reject(&committed, &pending, "the epoch carries no VM state".into());
-                    break;
-                };
-                let _span = info_span!("commit", epoch).entered();
-                let start = Instant::now();
-                if !pending.disk.is_empty() {
-                    // The disk first, durably: an acknowledged epoch's writes survive this node.
-                    let applied = match replica.as_mut() {
-                        Some(replica) => replica.apply(&pending.disk).map_err(|e| e.to_string()),
-                        None => Err("the epoch has disk writes and this node has no disk".into()),
                     };
-                    if let Err(e) = applied {
+                    let written = target.write(offset, &data).map_err(|e| e.to_string());
+                    let flushed = match written {
+                        Ok(()) if target.pending_bytes() >= RESYNC_FLUSH_BYTES => {
+                            self.flush_resync(target)
+                        }
+                        other => other,
+                    };
+                    if let Err(e) = flushed {
                         let reason = format!("standby disk: {e}");
-                        reject(&committed, &pending, reason.clone());
+                        self.reject(&committed, &pending, reason.clone());
                         committed.disk_failed = Some(reason);
                         break;
                     }
+                    self.watch.lock().resync_done += usize_to_u64(data.len());
                 }
-                if let Err(e) = StagedPages::apply_batches(&committed.memory, &pending.batches) {
-                    reject(&committed, &pending, e.to_string());
-                    if !pending.disk.is_empty() {
-                        committed.disk_failed = Some(format!(
-                            "epoch {epoch}'s disk writes are applied, its pages are not: {e}"
-                        ));
+                Message::ResyncEnd if before_first => {
+                    if let Some(target) = committed.resync.as_mut() {
+                        if let Err(e) = self.flush_resync(target) {
+                            let reason = format!("standby disk: {e}");
+                            self.reject(&committed, &pending, reason.clone());
+                            committed.disk_failed = Some(reason);
+                            break;
+                        }
                     }
+                    info!("resync of the disk complete");
+                }
+                Message::Pages {
+                    epoch: 0,
+                    gpas,
+                    data,
+                } if before_first => {
+                    if let Err(e) = StagedPages::apply(&committed.memory, &gpas, &data) {
+                        self.reject(&committed, &pending, e.to_string());
+                        break;
+                    }
+                }
+                Message::Pages { epoch, gpas, data } if epoch == pending.epoch => {
+                    pending.digest.add_pages(&gpas, &data);
+                    pending.batches.push((gpas, data));
+                }
+                Message::State { epoch, bytes } if epoch == pending.epoch => {
+                    pending.digest.add_state(&bytes);
+                    pending.state = Some(bytes);
+                }
+                Message::Disk { epoch, bytes } if epoch == pending.epoch => {
+                    pending.digest.add_state(&bytes);
+                    match staging::decode_disk(&bytes) {
+                        Ok(mut ops) => pending.disk.append(&mut ops),
+                        Err(e) => {
+                            self.reject(&committed, &pending, format!("bad disk writes: {e}"));
+                            break;
+                        }
+                    }
+                }
+                Message::EpochEnd {
+                    epoch,
+                    pages,
+                    state_bytes,
+                    checksum,
+                } if epoch == pending.epoch => {
+                    if let Err(e) = pending.digest.verify(epoch, pages, state_bytes, checksum) {
+                        self.reject(&committed, &pending, e.to_string());
+                        break;
+                    }
+                    let Some(state) = pending.state.take() else {
+                        self.reject(&committed, &pending, "the epoch carries no VM state".into());
+                        break;
+                    };
+                    // Decoded now, before anything of the epoch is applied or acknowledged: a
+                    // state this node could not resume from is refused like a corrupt frame.
+                    let state = match CheckpointState::decode(&state) {
+                        Ok(state) => state,
+                        Err(e) => {
+                            self.reject(&committed, &pending, e.to_string());
+                            break;
+                        }
+                    };
+                    if !self.commit(&mut committed, &mut replica, &pending, pages) {
+                        break;
+                    }
+                    committed.epoch = epoch;
+                    committed.state = Some(state);
+                    {
+                        let mut w = self.watch.lock();
+                        w.committed = epoch;
+                        w.committed_at = Some(Instant::now());
+                    }
+                    let _ = self.control.send(&Message::Ack { epoch });
+                    pending = Pending::new(epoch + 1);
+                }
+                other => {
+                    let what = match &other {
+                        Message::Pages { epoch, .. }
+                        | Message::State { epoch, .. }
+                        | Message::Disk { epoch, .. }
+                        | Message::EpochEnd { epoch, .. } => format!("a frame of epoch {epoch}"),
+                        m => format!("{m:?}"),
+                    };
+                    self.reject(&committed, &pending, format!("out of order: got {what}"));
                     break;
                 }
-                committed.epoch = epoch;
-                committed.state = Some(state);
-                debug!(
-                    pages,
-                    disk_ops = pending.disk.len(),
-                    apply_us = saturating_u64(start.elapsed().as_micros()),
-                    "committed"
-                );
-                let _ = control.send(&Message::Ack { epoch });
-                pending = Pending::new(epoch + 1);
-            }
-            other => {
-                let what = match &other {
-                    Message::Pages { epoch, .. }
-                    | Message::State { epoch, .. }
-                    | Message::Disk { epoch, .. }
-                    | Message::EpochEnd { epoch, .. } => format!("a frame of epoch {epoch}"),
-                    m => format!("{m:?}"),
-                };
-                reject(&committed, &pending, format!("out of order: got {what}"));
-                break;
             }
         }
+        committed
     }
-    committed
+
+    /// Applies verified epoch `pending`: its disk writes first, durably, then its pages.
+    /// Returns false, having refused the epoch, if either fails.
+    fn commit(
+        &self,
+        committed: &mut Committed,
+        replica: &mut Option<Replica>,
+        pending: &Pending,
+        pages: u64,
+    ) -> bool {
+        let _span = info_span!("commit", epoch = pending.epoch).entered();
+        let start = Instant::now();
+        if !pending.disk.is_empty() {
+            // The disk first, durably: an acknowledged epoch's writes survive this node.
+            let applied = match replica.as_mut() {
+                Some(replica) => replica.apply(&pending.disk).map_err(|e| e.to_string()),
+                None => Err("the epoch has disk writes and this node has no disk".into()),
+            };
+            if let Err(e) = applied {
+                let reason = format!("standby disk: {e}");
+                self.reject(committed, pending, reason.clone());
+                committed.disk_failed = Some(reason);
+                return false;
+            }
+        }
+        if let Err(e) = StagedPages::apply_batches(&committed.memory, &pending.batches) {
+            self.reject(committed, pending, e.to_string());
+            if !pending.disk.is_empty() {
+                committed.disk_failed = Some(format!(
+                    "epoch {}'s disk writes are applied, its pages are not: {e}",
+                    pending.epoch
+                ));
+            }
+            return false;
+        }
+        debug!(
+            pages,
+            disk_ops = pending.disk.len(),
+            apply_us = saturating_u64(start.elapsed().as_micros()),
+            "committed"
+        );
+        true
+    }
 }
 
 /// How long the standby waited from the last word of the primary to deciding it was dead.

@@ -10,10 +10,10 @@
 
 use std::io::{self, Read, Write};
 
-use vmm::cast::usize_to_u64;
+use vmm::cast::{u64_to_usize, usize_to_u64};
 
 /// Version spoken by this build; a `Hello` of any other version is refused.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Largest payload a frame may declare; bigger lengths are refused before allocating.
 pub const MAX_PAYLOAD: usize = 64 << 20;
 /// Guest page size: `Pages` carry whole pages at page-aligned guest-physical addresses.
@@ -124,6 +124,27 @@ pub enum Message {
     Exit {
         code: i32,
     },
+    /// The standby's first word after its control Welcome: the disk blocks its image needs
+    /// (its write-intent bitmap, every block for an image with no history in common), as
+    /// runs of (first block, count).
+    Need {
+        runs: Vec<(u64, u64)>,
+    },
+    /// Before the pre-copy, a resync of the disk begins: this many bytes of blocks follow.
+    ResyncPlan {
+        bytes: u64,
+    },
+    /// Disk blocks from the running node's image, at byte `offset` (block-aligned).
+    Resync {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// The disk resync is complete; the pre-copy of memory follows.
+    ResyncEnd,
+    /// The standby holds these runs of blocks durably (resync acknowledgement).
+    Synced {
+        runs: Vec<(u64, u64)>,
+    },
 }
 
 const HELLO: u8 = 1;
@@ -138,8 +159,13 @@ const GOODBYE: u8 = 9;
 const TAKEN_OVER: u8 = 10;
 const EXIT: u8 = 11;
 const DISK: u8 = 12;
+const NEED: u8 = 13;
+const RESYNC_PLAN: u8 = 14;
+const RESYNC: u8 = 15;
+const RESYNC_END: u8 = 16;
+const SYNCED: u8 = 17;
 /// Names of the kinds above, for error messages.
-const KIND_NAMES: [&str; 13] = [
+const KIND_NAMES: [&str; 18] = [
     "",
     "Hello",
     "Welcome",
@@ -153,6 +179,11 @@ const KIND_NAMES: [&str; 13] = [
     "TakenOver",
     "Exit",
     "Disk",
+    "Need",
+    "ResyncPlan",
+    "Resync",
+    "ResyncEnd",
+    "Synced",
 ];
 
 /// `len` as a `u32` LE length field. Lengths inside a frame stay within [`MAX_PAYLOAD`]; one
@@ -165,6 +196,15 @@ pub(crate) fn len_field(len: usize) -> [u8; 4] {
 fn put_blob(f: &mut Vec<u8>, bytes: &[u8]) {
     f.extend_from_slice(&len_field(bytes.len()));
     f.extend_from_slice(bytes);
+}
+
+/// Appends a `u32` count and the (first, count) pairs of `runs`.
+fn put_runs(f: &mut Vec<u8>, runs: &[(u64, u64)]) {
+    f.extend_from_slice(&len_field(runs.len()));
+    for (first, count) in runs {
+        f.extend_from_slice(&first.to_le_bytes());
+        f.extend_from_slice(&count.to_le_bytes());
+    }
 }
 
 /// Fills in the header of a frame whose payload follows `HEADER_LEN` placeholder bytes.
@@ -257,6 +297,24 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             f.extend_from_slice(&code.to_le_bytes());
             EXIT
         }
+        Message::Need { runs } => {
+            put_runs(&mut f, runs);
+            NEED
+        }
+        Message::ResyncPlan { bytes } => {
+            f.extend_from_slice(&bytes.to_le_bytes());
+            RESYNC_PLAN
+        }
+        Message::Resync { offset, data } => {
+            f.extend_from_slice(&offset.to_le_bytes());
+            f.extend_from_slice(&lz4_flex::block::compress_prepend_size(data));
+            RESYNC
+        }
+        Message::ResyncEnd => RESYNC_END,
+        Message::Synced { runs } => {
+            put_runs(&mut f, runs);
+            SYNCED
+        }
     };
     seal(kind, f)
 }
@@ -300,6 +358,22 @@ impl<'a> Fields<'a> {
     fn blob(&mut self) -> Result<Vec<u8>, WireError> {
         let n = self.u32()? as usize;
         Ok(self.take(n)?.to_vec())
+    }
+    /// A `u32` count then that many (u64, u64) pairs; the count is checked against what is
+    /// left before allocating.
+    fn runs(&mut self) -> Result<Vec<(u64, u64)>, WireError> {
+        let n = u64_to_usize(u64::from(self.u32()?));
+        let raw = self.take(n.saturating_mul(16))?;
+        Ok(raw
+            .as_chunks::<16>()
+            .0
+            .iter()
+            .map(|pair| {
+                let (first, count) = pair.split_at(8);
+                let word = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or_default());
+                (word(first), word(count))
+            })
+            .collect())
     }
     fn rest(&mut self) -> &'a [u8] {
         std::mem::take(&mut self.buf)
@@ -350,6 +424,27 @@ fn decode_pages(f: &mut Fields) -> Result<Message, WireError> {
             "Pages decompressed to {n} bytes, expected {expected}"
         ))),
         Err(e) => Err(malformed(format!("Pages data does not decompress: {e}"))),
+    }
+}
+
+/// Largest run of disk blocks a `Resync` frame carries, decompressed.
+pub const MAX_RESYNC_BYTES: usize = 4 << 20;
+
+fn decode_resync(f: &mut Fields) -> Result<Message, WireError> {
+    let offset = f.u64()?;
+    let declared = u64_to_usize(u64::from(f.u32()?));
+    if declared > MAX_RESYNC_BYTES {
+        return Err(malformed(format!(
+            "Resync declares {declared} bytes, above {MAX_RESYNC_BYTES}"
+        )));
+    }
+    let mut data = vec![0u8; declared];
+    match lz4_flex::block::decompress_into(f.rest(), &mut data) {
+        Ok(n) if n == declared => Ok(Message::Resync { offset, data }),
+        Ok(n) => Err(malformed(format!(
+            "Resync decompressed to {n} bytes, expected {declared}"
+        ))),
+        Err(e) => Err(malformed(format!("Resync data does not decompress: {e}"))),
     }
 }
 
@@ -410,10 +505,15 @@ fn decode(kind: u8, payload: &[u8]) -> Result<Message, WireError> {
             epoch: f.u64()?,
             bytes: f.blob()?,
         },
-        // EXIT, the only kind left after the check above.
-        _ => Message::Exit {
+        EXIT => Message::Exit {
             code: i32::from_le_bytes(f.array()?),
         },
+        NEED => Message::Need { runs: f.runs()? },
+        RESYNC_PLAN => Message::ResyncPlan { bytes: f.u64()? },
+        RESYNC => decode_resync(&mut f)?,
+        RESYNC_END => Message::ResyncEnd,
+        SYNCED => Message::Synced { runs: f.runs()? },
+        _ => return Err(WireError::UnknownKind(kind)),
     };
     f.finish(msg)
 }
@@ -666,6 +766,17 @@ mod tests {
             Message::Goodbye,
             Message::TakenOver,
             Message::Exit { code: -3 },
+            Message::Need { runs: vec![] },
+            Message::Need {
+                runs: vec![(0, 3), (17, u64::MAX)],
+            },
+            Message::ResyncPlan { bytes: 1 << 40 },
+            Message::Resync {
+                offset: 64 << 10,
+                data: noise(11, 65536),
+            },
+            Message::ResyncEnd,
+            Message::Synced { runs: vec![(5, 1)] },
         ]
     }
 
@@ -869,7 +980,15 @@ mod tests {
         assert_malformed(STATE, &[0, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 1], "too short");
         let bad_channel = [&PROTOCOL_VERSION.to_le_bytes()[..], &[2]].concat();
         assert_malformed(HELLO, &bad_channel, "unknown channel 2");
-        for kind in [0, 13, 200] {
+        // A count of runs beyond the payload is refused before allocating.
+        assert_malformed(
+            NEED,
+            &[0xff, 0xff, 0xff, 0x7f, 1, 2],
+            "Need payload is too short",
+        );
+        let huge = [&0u64.to_le_bytes()[..], &u32::MAX.to_le_bytes()].concat();
+        assert_malformed(RESYNC, &huge, "declares 4294967295 bytes");
+        for kind in [0, 18, 200] {
             let got = read_one(&frame(kind, &[]));
             assert!(
                 matches!(got, Err(WireError::UnknownKind(k)) if k == kind),

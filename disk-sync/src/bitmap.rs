@@ -123,6 +123,18 @@ impl WriteIntentBitmap {
         self.write_bytes(0, &bits)
     }
 
+    /// Makes the bits written so far durable (for a resync target, whose bits name what it
+    /// still needs and must survive a host crash).
+    pub fn sync(&self) -> Result<(), DiskSyncError> {
+        self.file
+            .sync_data()
+            .map_err(|source| DiskSyncError::BitmapWrite {
+                path: self.path.clone(),
+                offset: 0,
+                source,
+            })
+    }
+
     /// Block indices currently set.
     pub fn blocks(&self) -> BTreeSet<u64> {
         let mut set = BTreeSet::new();

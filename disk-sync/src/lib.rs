@@ -14,6 +14,7 @@
 mod bitmap;
 mod record;
 mod replica;
+pub mod resync;
 
 use std::io;
 use std::path::PathBuf;
@@ -82,6 +83,13 @@ pub enum DiskSyncError {
         expected: u64,
         image_size: u64,
     },
+    /// Reading a block to resync from the running node's image failed.
+    #[error("resync read at {offset:#x}: {source}")]
+    ResyncRead {
+        offset: u64,
+        #[source]
+        source: io::Error,
+    },
     /// Writing bits to the bitmap file failed.
     #[error("write to write-intent bitmap {path} at byte {offset}: {source}")]
     BitmapWrite {
@@ -101,7 +109,8 @@ impl DiskSyncError {
             | DiskSyncError::StandbySync(source)
             | DiskSyncError::ReplicaOpen { source, .. }
             | DiskSyncError::BitmapOpen { source, .. }
-            | DiskSyncError::BitmapWrite { source, .. } => source.kind(),
+            | DiskSyncError::BitmapWrite { source, .. }
+            | DiskSyncError::ResyncRead { source, .. } => source.kind(),
             DiskSyncError::OutOfRange { .. } => io::ErrorKind::InvalidInput,
             DiskSyncError::BitmapSize { .. } => io::ErrorKind::InvalidData,
         };

@@ -32,6 +32,8 @@ struct Shared {
     bitmap: Option<WriteIntentBitmap>,
     /// No peer any more (see [`EpochRecorder::stop`]): writes only mark the bitmap.
     stopped: bool,
+    /// Blocks written since a resync began reading (see [`EpochRecorder::begin_resync`]).
+    tracked: Option<BTreeSet<u64>>,
 }
 
 /// A lock that survives a panic elsewhere: the state is a record, consistent after each
@@ -113,6 +115,9 @@ impl BlockBackend for RecordingBackend {
                 }
             }
         }
+        if let (Ok(()), Some(tracked)) = (&result, shared.tracked.as_mut()) {
+            tracked.extend(blocks(span));
+        }
         match &result {
             Ok(()) if shared.stopped => {}
             Ok(()) => {
@@ -188,12 +193,58 @@ impl EpochRecorder {
         bitmap.clear(&clear)
     }
 
+    /// A resync to a returning peer begins (the recorder is stopped: the guest runs alone):
+    /// returns the blocks the bitmap marks, and tracks from now on the blocks the guest writes,
+    /// which the resync must send again (see [`EpochRecorder::start_recording`]).
+    pub fn begin_resync(&self) -> BTreeSet<u64> {
+        let mut shared = lock(&self.shared);
+        shared.tracked = Some(BTreeSet::new());
+        shared
+            .bitmap
+            .as_ref()
+            .map(WriteIntentBitmap::blocks)
+            .unwrap_or_default()
+    }
+
+    /// Every write is recorded in the running epoch again, from now on; returns the blocks
+    /// written since [`EpochRecorder::begin_resync`], whose content the resync must send once
+    /// more (a write after this call is also in the first epoch, applied after the resync).
+    pub fn start_recording(&self) -> BTreeSet<u64> {
+        let mut shared = lock(&self.shared);
+        shared.stopped = false;
+        shared.tracked.take().unwrap_or_default()
+    }
+
+    /// The peer holds `blocks` durably as this image has them: their bits leave the bitmap,
+    /// but for blocks written since (tracked, in an epoch, in flight, or failed here), whose
+    /// newer content the peer does not have yet.
+    pub fn synced(&self, blocks: &BTreeSet<u64>) -> Result<(), DiskSyncError> {
+        let mut guard = lock(&self.shared);
+        let shared = &mut *guard;
+        let clear: BTreeSet<u64> = blocks
+            .iter()
+            .copied()
+            .filter(|block| {
+                !shared.tracked.as_ref().is_some_and(|t| t.contains(block))
+                    && !shared.running_blocks.contains(block)
+                    && !shared.in_flight.contains_key(block)
+                    && !shared.failed.contains(block)
+                    && !shared.sealed.values().any(|s| s.contains(block))
+            })
+            .collect();
+        match shared.bitmap.as_mut() {
+            Some(bitmap) => bitmap.clear(&clear),
+            None => Ok(()),
+        }
+    }
+
     /// The node runs on without a peer: nothing more is recorded (so nothing piles up) and
     /// what was recorded is dropped; every block written since the last acknowledged epoch,
     /// and from now on, stays marked in the bitmap for a later resync.
     pub fn stop(&self) {
         let mut shared = lock(&self.shared);
         shared.stopped = true;
+        shared.tracked = None;
         shared.running = Vec::new();
         shared.running_bytes = 0;
         shared.sealed.clear();
@@ -239,6 +290,45 @@ mod tests {
             set(&[0, 2]),
             "unacknowledged and later writes stay marked"
         );
+    }
+
+    #[test]
+    fn a_resync_keeps_the_bits_of_blocks_written_since_it_read_them() {
+        let dir = TempDir::new("resync-bits");
+        let image = dir.path().join("img");
+        let size = 8 * BLOCK_SIZE;
+        let bitmap = WriteIntentBitmap::open(&bitmap_path(&image), size).unwrap();
+        let (mut backend, recorder) =
+            RecordingBackend::new(Box::new(MemBackend::new(u64_to_usize(size))), Some(bitmap));
+        recorder.stop();
+        backend.write_at(0, &[1; 512]).unwrap();
+        backend.write_at(BLOCK_SIZE, &[1; 512]).unwrap();
+        // The resync reads blocks 0 and 1; meanwhile the guest writes block 1 again.
+        assert_eq!(recorder.begin_resync(), set(&[0, 1]));
+        backend.write_at(BLOCK_SIZE, &[2; 512]).unwrap();
+        recorder.synced(&set(&[0, 1])).unwrap();
+        let bits = || {
+            WriteIntentBitmap::open(&bitmap_path(&image), size)
+                .unwrap()
+                .blocks()
+        };
+        assert_eq!(
+            bits(),
+            set(&[1]),
+            "block 1's newer content is not on the peer"
+        );
+        // The catch-up pass sends block 1 again; a write after it is in the first epoch.
+        assert_eq!(recorder.start_recording(), set(&[1]));
+        backend.write_at(2 * BLOCK_SIZE, &[3; 512]).unwrap();
+        recorder.synced(&set(&[1, 2])).unwrap();
+        assert_eq!(
+            bits(),
+            set(&[2]),
+            "block 2 waits for its epoch's acknowledgement"
+        );
+        assert_eq!(recorder.seal(1), vec![write(2 * BLOCK_SIZE, &[3; 512])]);
+        recorder.acked(1).unwrap();
+        assert!(bits().is_empty());
     }
 
     fn write(offset: u64, data: &[u8]) -> DiskOp {

@@ -247,6 +247,15 @@ impl<T: Output> Gate<T> {
         self.released_held();
     }
 
+    /// Protected again (a returning standby holds a checkpoint): output from now on waits for
+    /// its epoch's acknowledgement. A closed gate stays closed.
+    pub fn hold(&self) {
+        let mut st = self.lock();
+        if st.mode == Mode::Open {
+            st.mode = Mode::Held;
+        }
+    }
+
     /// Stops for good: drops everything held and all later output.
     pub fn close(&self) {
         let mut st = self.lock();
@@ -370,6 +379,20 @@ mod tests {
         assert_eq!(seen.text(), "12");
         sink.write_console(b"3");
         assert_eq!(seen.text(), "123");
+    }
+
+    #[test]
+    fn an_open_gate_holds_again_from_its_stream_position() {
+        let (gate, seen, mut sink) = gate();
+        gate.open();
+        sink.write_console(b"ab");
+        gate.hold();
+        sink.write_console(b"c");
+        let held = gate.seal(7);
+        assert_eq!((held.first, held.end()), (2, 3));
+        assert_eq!(seen.text(), "ab");
+        gate.release_through(7);
+        assert_eq!(seen.text(), "abc");
     }
 
     #[test]

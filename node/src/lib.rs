@@ -6,5 +6,7 @@
 
 pub mod config;
 pub mod control;
+pub mod generation;
+pub mod guest;
 pub mod metrics;
 pub mod status;

@@ -144,7 +144,9 @@ fn replicated(
         net_mac: None,
         kvm_path: "/dev/kvm".into(),
     };
-    let standby = std::thread::spawn(move || standby::serve(&listener, &local, None));
+    let standby = std::thread::spawn(move || {
+        standby::serve(&listener, &local, None, &standby::StandbyWatch::default())
+    });
     let gate = Gate::new(Box::new(console), 0, Mode::Held);
     let vmm = build(
         "stencil",
@@ -164,9 +166,14 @@ fn replicated(
     };
     let link = link::connect(&addr, &peer, Duration::from_secs(10))?;
     let outputs = Outputs::attach(gate, Mode::Held, &vmm, FRAME_HOLD_LIMIT, None);
-    let (end, report) = primary::protect(vmm, outputs, link, &peer, &primary::Watch::default())?;
+    let guest = primary::PrimaryGuest {
+        vmm,
+        outputs,
+        image: None,
+    };
+    let (end, report) = primary::protect(guest, link, &peer, &primary::Watch::default())?;
     let standby_end = standby.join().map_err(|_| "standby thread panicked")??;
-    if end != PrimaryEnd::Guest(VmOutcome::Exited(0)) {
+    if !matches!(end, PrimaryEnd::Guest(VmOutcome::Exited(0))) {
         return Err(format!("replicated bench guest ended with {end:?}").into());
     }
     if !matches!(standby_end, StandbyEnd::Exit(0)) || report.unprotected_at.is_some() {

@@ -408,7 +408,12 @@ impl Vmm {
         Self::prepare(config, memory, &io.kvm_path)?.restore(state, io)
     }
 
-    /// Starts one thread per vCPU.    /// Starts one thread per vCPU.
+    /// Starts one thread per vCPU.    /// Whether the vCPUs run (or ran): [`Vmm::start`] was called.
+    pub fn started(&self) -> bool {
+        !self.threads.is_empty()
+    }
+
+    /// Starts one thread per vCPU.
     pub fn start(&mut self) -> Result<(), BuildError> {
         vcpu::install_kick_handler()?;
         let n = self.vcpus.len();
