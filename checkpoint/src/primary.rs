@@ -167,6 +167,11 @@ impl Watch {
     pub fn snapshot(&self) -> PrimaryReport {
         self.lock().clone()
     }
+
+    /// `f` of the report as it is now, without copying its per-epoch figures.
+    pub fn peek<T>(&self, f: impl FnOnce(&PrimaryReport) -> T) -> T {
+        f(&self.lock())
+    }
 }
 
 /// Disk blocks per Resync frame (1 MiB).

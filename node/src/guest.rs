@@ -47,7 +47,7 @@ pub enum GuestError {
 }
 
 /// Where a guest's console goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ConsoleSpec {
     Stdio,
     /// Written at the guest's stream offsets, so that two nodes' files line up.
@@ -55,7 +55,7 @@ pub enum ConsoleSpec {
 }
 
 /// A virtio-net device on a tap.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetSpec {
     pub tap: String,
     pub mac: [u8; 6],
@@ -63,7 +63,7 @@ pub struct NetSpec {
 }
 
 /// The host resources a VM uses on this node.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct HostSpec {
     pub kvm: PathBuf,
     pub console: ConsoleSpec,

@@ -10,3 +10,5 @@ pub mod generation;
 pub mod guest;
 pub mod metrics;
 pub mod status;
+pub mod role;
+pub mod worker;
