@@ -8,3 +8,6 @@ pub mod config;
 pub mod control;
 pub mod metrics;
 pub mod status;
+
+#[cfg(test)]
+mod testutil;
