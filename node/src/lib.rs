@@ -4,6 +4,7 @@
 //! resynchronises only what changed, and what status says; the VMM processes carry it out
 //! through the `checkpoint` crate.
 
+mod accept;
 pub mod config;
 pub mod control;
 pub mod metrics;
