@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use ftvmm::{bench, demo, options, pair, run, EXIT_FTVMM_ERROR};
+use ftvmm::{bench, demo, node_args, options, pair, run, EXIT_FTVMM_ERROR};
 
 #[derive(Parser)]
 #[command(
@@ -28,6 +28,8 @@ enum Command {
     Demo,
     /// Measure boot latency, guest speed and device throughput; print a table.
     Bench(bench::BenchArgs),
+    /// Ask a node daemon how it and its VMs are (text, or JSON with --json).
+    Status(node_args::StatusArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +49,7 @@ fn main() -> ExitCode {
         Command::Standby(args) => pair::standby(&args),
         Command::Demo => demo::demo(),
         Command::Bench(args) => bench::bench(&args),
+        Command::Status(args) => node_args::status(&args),
     };
     match result {
         Ok(code) => code,
