@@ -1,8 +1,10 @@
 //! The `ftvmm` command: its options, the commands that start VMs (run, primary, standby, demo,
-//! bench), the builtin payloads, and the network test bed that tests and benchmarks share.
+//! bench) and the one that asks a node daemon (status), the builtin payloads, and the network
+//! test bed that tests and benchmarks share.
 
 pub mod bench;
 pub mod demo;
+pub mod node_args;
 pub mod options;
 pub mod pair;
 pub mod payloads;

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use ftvmm::{bench, demo, options, pair, run, EXIT_FTVMM_ERROR};
+use ftvmm::{bench, demo, node_args, options, pair, run, EXIT_FTVMM_ERROR};
 
 #[derive(Parser)]
 #[command(
@@ -28,6 +28,16 @@ enum Command {
     Demo,
     /// Measure boot latency, guest speed and device throughput; print a table.
     Bench(bench::BenchArgs),
+    /// Run this host's node daemon: it runs, protects and re-protects the pair's VMs.
+    Node(node_args::NodeArgs),
+    /// Ask a node daemon how it and its VMs are (text, or JSON with --json).
+    Status(node_args::StatusArgs),
+    /// Discard this node's copy of a VM whose history cannot be ordered with the peer's: it
+    /// takes every block from the peer.
+    Discard(node_args::VmArgs),
+    /// One VM's process, started by the node daemon (spec and commands on stdin).
+    #[command(hide = true)]
+    VmWorker,
 }
 
 fn main() -> ExitCode {
@@ -47,6 +57,10 @@ fn main() -> ExitCode {
         Command::Standby(args) => pair::standby(&args),
         Command::Demo => demo::demo(),
         Command::Bench(args) => bench::bench(&args),
+        Command::Node(args) => node_args::node(&args),
+        Command::Status(args) => node_args::status(&args),
+        Command::Discard(args) => node_args::discard(&args),
+        Command::VmWorker => node_args::vm_worker(),
     };
     match result {
         Ok(code) => code,

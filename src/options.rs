@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 
 use clap::Args;
+use vmm::devices::virtio::net::parse_mac;
+use vmm::memory::parse_size;
 
 /// The VM flags of `ftvmm run` (and of `ftvmm primary`).
 #[derive(Args, Debug, Clone)]
@@ -132,30 +134,6 @@ pub use node::guest::{ConsoleSpec, NetSpec};
 /// The MAC a guest gets when none is given (locally administered).
 pub const DEFAULT_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 
-/// Parses `64M`, `2G`, `1048576`, `512k` (binary units).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (digits, unit) = t
-        .find(|c: char| !c.is_ascii_digit())
-        .map_or((t, ""), |i| t.split_at(i));
-    let shift = match unit
-        .to_ascii_uppercase()
-        .trim_end_matches("IB")
-        .trim_end_matches('B')
-    {
-        "" => 0,
-        "K" => 10,
-        "M" => 20,
-        "G" => 30,
-        _ => return Err(format!("bad size '{s}': use a number with K, M or G")),
-    };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("bad size '{s}': use a number with K, M or G"))?;
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("size '{s}' is too large"))
-}
-
 fn parse_console(s: &str) -> Result<ConsoleSpec, String> {
     match s {
         "stdio" => Ok(ConsoleSpec::Stdio),
@@ -164,18 +142,6 @@ fn parse_console(s: &str) -> Result<ConsoleSpec, String> {
             _ => Err(format!("bad console '{s}': use stdio or file:PATH")),
         },
     }
-}
-
-fn parse_mac(s: &str) -> Result<[u8; 6], String> {
-    let parts: Vec<&str> = s.split(':').collect();
-    let mut mac = [0u8; 6];
-    if parts.len() != 6 {
-        return Err(format!("bad MAC '{s}'"));
-    }
-    for (b, p) in mac.iter_mut().zip(parts) {
-        *b = u8::from_str_radix(p, 16).map_err(|_| format!("bad MAC '{s}'"))?;
-    }
-    Ok(mac)
 }
 
 fn parse_net(s: &str) -> Result<NetSpec, String> {
@@ -201,18 +167,6 @@ fn parse_net(s: &str) -> Result<NetSpec, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("64M"), Ok(64 << 20));
-        assert_eq!(parse_size("2G"), Ok(2 << 30));
-        assert_eq!(parse_size("512k"), Ok(512 << 10));
-        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert!(parse_size("12X").is_err());
-        assert!(parse_size("M").is_err());
-        assert!(parse_size("99999999999G").is_err());
-    }
 
     #[test]
     fn net_specs() {

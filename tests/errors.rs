@@ -267,3 +267,50 @@ fn an_ack_timeout_not_longer_than_the_failover_timeout() {
         "{err}"
     );
 }
+
+/// A pair config in `s` whose nodes' sockets are in `s` (and nothing listens on them).
+fn pair_config(s: &Scratch) -> std::path::PathBuf {
+    let config = s.path("pair.toml");
+    let text = "[nodes.a]\ncontrol = \"127.0.0.1:7701\"\nreplication = \"127.0.0.1\"\n\
+                socket = \"a.sock\"\n\n[nodes.b]\ncontrol = \"127.0.0.1:7702\"\n\
+                replication = \"127.0.0.1\"\nsocket = \"b.sock\"\n";
+    write_file(&config, text.as_bytes());
+    config
+}
+
+#[test]
+fn status_of_an_unknown_node() {
+    let s = Scratch::new("status-unknown");
+    let config = pair_config(&s);
+    let config = config.to_str().unwrap();
+    let err = fails(
+        &["status", "--config", config, "--name", "c"],
+        EXIT_FTVMM_ERROR,
+    );
+    assert!(
+        err.contains(&format!("{config}: no node \"c\" (nodes: a, b)")),
+        "{err}"
+    );
+}
+
+#[test]
+fn status_with_no_node_listening() {
+    let s = Scratch::new("status-silent");
+    let config = pair_config(&s);
+    let err = fails(
+        &[
+            "status",
+            "--config",
+            config.to_str().unwrap(),
+            "--name",
+            "b",
+        ],
+        EXIT_FTVMM_ERROR,
+    );
+    let socket = s.path("b.sock");
+    assert!(
+        err.contains(&format!("no node is listening at {}", socket.display())),
+        "{err}"
+    );
+    assert!(err.contains("is `ftvmm node --name b` running?"), "{err}");
+}

@@ -4,11 +4,17 @@
 //! resynchronises only what changed, and what status says; the VMM processes carry it out
 //! through the `checkpoint` crate.
 
+mod accept;
 pub mod config;
 pub mod control;
+pub mod daemon;
 pub mod generation;
 pub mod guest;
 pub mod metrics;
-pub mod status;
+pub mod peer;
 pub mod role;
+pub mod status;
 pub mod worker;
+
+#[cfg(test)]
+mod testutil;

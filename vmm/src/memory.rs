@@ -43,6 +43,31 @@ pub fn check_mem_size(mem_size: u64) -> Result<(), MemoryError> {
     Ok(())
 }
 
+/// Parses a size like `64M`, `2G`, `1048576`, `512k` (binary units): guest RAM in `--mem` and
+/// in a node's config.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (digits, unit) = t
+        .find(|c: char| !c.is_ascii_digit())
+        .map_or((t, ""), |i| t.split_at(i));
+    let shift = match unit
+        .to_ascii_uppercase()
+        .trim_end_matches("IB")
+        .trim_end_matches('B')
+    {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        _ => return Err(format!("bad size '{s}': use a number with K, M or G")),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("bad size '{s}': use a number with K, M or G"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("size '{s}' is too large"))
+}
+
 /// Allocates zeroed guest RAM whose writes through vm-memory are recorded in a page bitmap.
 pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemory, MemoryError> {
     check_mem_size(mem_size)?;
@@ -165,6 +190,18 @@ impl DirtyLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("512k"), Ok(512 << 10));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("12X").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("99999999999G").is_err());
+    }
 
     #[test]
     fn layout_splits_around_the_mmio_hole() {

@@ -36,6 +36,19 @@ use super::tap::{Tap, TapError};
 use super::{read_config_bytes, DeviceError, GuestMemory, Interrupt, VirtioDevice};
 use crate::devices::FrameSink;
 
+/// Parses a MAC address written `52:54:00:12:34:56`: `--net mac=` and a node's config.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let mut mac = [0u8; 6];
+    if parts.len() != 6 {
+        return Err(format!("bad MAC '{s}'"));
+    }
+    for (b, p) in mac.iter_mut().zip(parts) {
+        *b = u8::from_str_radix(p, 16).map_err(|_| format!("bad MAC '{s}'"))?;
+    }
+    Ok(mac)
+}
+
 /// Queue size offered for both queues.
 pub const NET_QUEUE_SIZE: u16 = 256;
 pub const RX_QUEUE: u16 = 0;
@@ -575,6 +588,13 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
     use std::time::{Duration, Instant};
     use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn macs() {
+        assert_eq!(parse_mac("02:00:00:00:00:0a"), Ok([2, 0, 0, 0, 0, 10]));
+        assert!(parse_mac("02:00:00:00:00").is_err());
+        assert!(parse_mac("02:00:00:00:00:zz").is_err());
+    }
 
     const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
     const RX_BUFS: u64 = 0x40_0000;
