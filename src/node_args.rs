@@ -80,7 +80,9 @@ pub fn vm_worker() -> Result<ExitCode, Error> {
         } => GuestImage::Linux(LinuxBoot {
             kernel: kernel.clone(),
             initrd: initrd.clone(),
-            cmdline: cmdline.clone().unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
+            cmdline: cmdline
+                .clone()
+                .unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
         }),
     };
     let commands = node::worker::commands(input);

@@ -164,7 +164,10 @@ pub fn run(config: Config, name: &str) -> Result<(), DaemonError> {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .send(Input::Control(request, reply_tx));
-            match sent.ok().and_then(|()| reply_rx.recv_timeout(Duration::from_secs(10)).ok()) {
+            match sent
+                .ok()
+                .and_then(|()| reply_rx.recv_timeout(Duration::from_secs(10)).ok())
+            {
                 Some(response) => response,
                 None => Response::Refused {
                     reason: "the node daemon did not answer".into(),
@@ -238,7 +241,10 @@ impl Daemon {
                 if let Some(i) = self.slots.iter().position(|s| s.config.name == vm) {
                     self.step(i, Event::Peer(view));
                 } else {
-                    warn!(vm, "the peer's daemon names a VM this node's config does not have");
+                    warn!(
+                        vm,
+                        "the peer's daemon names a VM this node's config does not have"
+                    );
                 }
             }
             PeerEvent::Down { why } => {
@@ -436,9 +442,10 @@ impl Daemon {
     fn worker_spec(&self, vm: usize, start: Start) -> WorkerSpec {
         let vm = &self.slots[vm].config;
         let on_node = vm.on_node.get(&self.me.name).cloned().unwrap_or_default();
-        let console = on_node.console.clone().unwrap_or_else(|| {
-            self.me.state_dir.join(format!("{}.console", vm.name))
-        });
+        let console = on_node
+            .console
+            .clone()
+            .unwrap_or_else(|| self.me.state_dir.join(format!("{}.console", vm.name)));
         let (guest, args) = match &vm.guest {
             GuestSpec::Payload { payload, args } => (
                 GuestSource::Payload {

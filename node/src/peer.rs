@@ -34,7 +34,10 @@ pub enum PeerMsg {
         to: String,
     },
     /// The sender's view of one VM.
-    View { vm: String, view: PeerView },
+    View {
+        vm: String,
+        view: PeerView,
+    },
     Beat,
 }
 

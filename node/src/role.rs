@@ -501,7 +501,11 @@ mod tests {
         // b hears that a runs it: it needs every block.
         assert_eq!(
             b.step(Event::Peer(a.view())),
-            vec![Action::Persist, Action::Listen { full: true }, Action::Publish]
+            vec![
+                Action::Persist,
+                Action::Listen { full: true },
+                Action::Publish
+            ]
         );
         assert!(!b.persisted.generation.consistent);
         b.step(Event::Worker(WorkerEvent::Listening { port: 4000 }));
@@ -553,7 +557,11 @@ mod tests {
         let mut a = Machine::new(persisted(gen(7, None), true), true);
         assert_eq!(
             a.step(Event::Peer(b.view())),
-            vec![Action::Persist, Action::Listen { full: false }, Action::Publish]
+            vec![
+                Action::Persist,
+                Action::Listen { full: false },
+                Action::Publish
+            ]
         );
         a.step(Event::Worker(WorkerEvent::Listening { port: 5000 }));
         assert_eq!(
@@ -593,7 +601,11 @@ mod tests {
         b.step(Event::Worker(WorkerEvent::Booted));
         assert_eq!(
             a.step(Event::Peer(b.view())),
-            vec![Action::Persist, Action::Listen { full: false }, Action::Publish]
+            vec![
+                Action::Persist,
+                Action::Listen { full: false },
+                Action::Publish
+            ]
         );
     }
 
@@ -602,7 +614,11 @@ mod tests {
         let mut a = Machine::new(persisted(gen(8, Some(7)), true), true);
         let b_gen = gen(9, Some(7));
         assert!(a
-            .step(view(Role::Primary { protected: false }, b_gen.clone(), None))
+            .step(view(
+                Role::Primary { protected: false },
+                b_gen.clone(),
+                None
+            ))
             .iter()
             .all(|a| *a == Action::Publish));
         assert!(matches!(
@@ -615,7 +631,12 @@ mod tests {
         // The operator keeps b's copy: a discards its own and takes every block.
         assert_eq!(
             a.step(Event::Discard),
-            vec![Action::Persist, Action::Persist, Action::Listen { full: true }, Action::Publish]
+            vec![
+                Action::Persist,
+                Action::Persist,
+                Action::Listen { full: true },
+                Action::Publish
+            ]
         );
     }
 
@@ -644,7 +665,11 @@ mod tests {
         // b, told goodbye, knows a runs the guest: it resyncs from both bitmaps at once.
         assert_eq!(
             b.step(Event::Worker(WorkerEvent::Goodbye)),
-            vec![Action::Persist, Action::Listen { full: false }, Action::Publish]
+            vec![
+                Action::Persist,
+                Action::Listen { full: false },
+                Action::Publish
+            ]
         );
         assert!(b.step(Event::Peer(a.view())).is_empty());
     }
@@ -659,10 +684,7 @@ mod tests {
             vec![Action::Persist, Action::Boot, Action::Publish]
         );
         let mut new_preferred = Machine::new(Persisted::default(), true);
-        assert_eq!(
-            new_preferred.step(Event::PeerWaitOver)[1],
-            Action::Boot
-        );
+        assert_eq!(new_preferred.step(Event::PeerWaitOver)[1], Action::Boot);
     }
 
     #[test]
@@ -713,7 +735,11 @@ mod tests {
         assert_eq!(actions[0], Action::Persist);
         assert_eq!(
             a.step(Event::Peer(b.view())),
-            vec![Action::Persist, Action::Listen { full: false }, Action::Publish]
+            vec![
+                Action::Persist,
+                Action::Listen { full: false },
+                Action::Publish
+            ]
         );
     }
 }
