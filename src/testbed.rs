@@ -216,3 +216,107 @@ impl Drop for Topology {
         }
     }
 }
+
+/// The hosts' addresses on a [`PairTopology`]'s LAN.
+pub const HOST_A_IP: &str = "192.0.2.11";
+pub const HOST_B_IP: &str = "192.0.2.12";
+
+/// Two hosts and a client on one LAN, each in a namespace of its own: hosts `a` and `b` each
+/// have a bridge [`BRIDGE`] (for the taps of the VMs they run) carrying their address, wired to
+/// a LAN bridge in the client's namespace, where the client is [`CLIENT_IP`]. Dropping it
+/// deletes the namespaces and everything in them.
+pub struct PairTopology {
+    pub a: String,
+    pub b: String,
+    pub client: String,
+}
+
+impl PairTopology {
+    pub fn new(tag: &str) -> Result<Self, String> {
+        let id = std::process::id();
+        let topo = Self {
+            a: format!("fta-{tag}-{id}"),
+            b: format!("ftb-{tag}-{id}"),
+            client: format!("ftc-{tag}-{id}"),
+        };
+        static MADE: AtomicU64 = AtomicU64::new(0);
+        let n = MADE.fetch_add(1, Ordering::Relaxed);
+        for ns in [&topo.a, &topo.b, &topo.client] {
+            ip(&["netns", "add", ns])?;
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        // From here on, dropping `topo` removes whatever was made.
+        let lan = "ftlan0";
+        ip(&["-n", &topo.client, "link", "add", lan, "type", "bridge"])?;
+        ip(&["-n", &topo.client, "link", "set", lan, "up"])?;
+        let cidr = format!("{CLIENT_IP}/24");
+        ip(&["-n", &topo.client, "addr", "add", &cidr, "dev", lan])?;
+        for (i, (ns, addr)) in [(&topo.a, HOST_A_IP), (&topo.b, HOST_B_IP)]
+            .into_iter()
+            .enumerate()
+        {
+            // Unique (a test binary builds several at once) and within 15 characters.
+            let (host_end, lan_end) = (format!("fh{id:x}.{n}.{i}"), format!("fl{id:x}.{n}.{i}"));
+            ip(&[
+                "link", "add", &host_end, "type", "veth", "peer", "name", &lan_end,
+            ])?;
+            ip(&["link", "set", &host_end, "netns", ns])?;
+            ip(&["link", "set", &lan_end, "netns", &topo.client])?;
+            ip(&["-n", &topo.client, "link", "set", &lan_end, "master", lan])?;
+            ip(&["-n", &topo.client, "link", "set", &lan_end, "up"])?;
+            ip(&["-n", ns, "link", "add", BRIDGE, "type", "bridge"])?;
+            ip(&["-n", ns, "link", "set", &host_end, "master", BRIDGE])?;
+            ip(&["-n", ns, "link", "set", &host_end, "up"])?;
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                BRIDGE,
+            ])?;
+            ip(&["-n", ns, "link", "set", BRIDGE, "up"])?;
+        }
+        Ok(topo)
+    }
+
+    /// Starts `f` on a thread that has entered the client namespace and returns at once.
+    pub fn spawn_in_client<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        spawn_in_namespace(&self.client, f)
+    }
+
+    /// Runs `f` on a thread that has entered the client namespace.
+    pub fn in_client<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        in_namespace(&self.client, f)
+    }
+}
+
+impl Drop for PairTopology {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b, &self.client] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Sends `quit` to kv on a connection of its own and waits for its `bye`.
+pub fn kv_quit() -> Result<(), String> {
+    let stream = kv_connect()?;
+    let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+    let mut writer = stream;
+    writer
+        .write_all(b"quit\n")
+        .map_err(|e| format!("quit: {e}"))?;
+    let mut reply = String::new();
+    reader
+        .read_line(&mut reply)
+        .map_err(|e| format!("reply to quit: {e}"))?;
+    match reply.as_str() {
+        "bye\n" => Ok(()),
+        other => Err(format!("kv answered quit with {other:?}")),
+    }
+}

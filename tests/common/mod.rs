@@ -4,6 +4,8 @@
 //! the two nodes' console files).
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod pair;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -282,8 +284,26 @@ impl Node {
     /// Starts `ftvmm ARGS` in network namespace `netns` (`ip netns exec` execs ftvmm, so the
     /// pid is ftvmm's).
     pub fn spawn_in<S: AsRef<std::ffi::OsStr>>(netns: &str, args: &[S]) -> Self {
+        Self::spawn_in_env(netns, args, &[])
+    }
+
+    /// [`Node::spawn`] with environment variables `env` set.
+    pub fn spawn_env<S: AsRef<std::ffi::OsStr>>(args: &[S], env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(FTVMM);
+        cmd.args(args).envs(env.iter().copied());
+        Self::start(cmd)
+    }
+
+    /// [`Node::spawn_in`] with environment variables `env` set.
+    pub fn spawn_in_env<S: AsRef<std::ffi::OsStr>>(
+        netns: &str,
+        args: &[S],
+        env: &[(&str, &str)],
+    ) -> Self {
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", netns, FTVMM]).args(args);
+        cmd.args(["netns", "exec", netns, FTVMM])
+            .args(args)
+            .envs(env.iter().copied());
         Self::start(cmd)
     }
 

@@ -1,16 +1,21 @@
 //! `kv`: a TCP service on smoltcp over virtio-net that keeps one running total for the guest.
 //!
-//! Arguments: `ip=ADDR/PREFIX port=P [gw=ADDR] [sockets=K]`
+//! Arguments: `ip=ADDR/PREFIX port=P [gw=ADDR] [sockets=K] [log=N]`
 //! - `ip`: the guest's IPv4 address and prefix length, e.g. `ip=10.0.0.2/24` (required)
 //! - `port`: the TCP port to listen on (required)
 //! - `gw`: default IPv4 gateway (optional)
 //! - `sockets`: listening sockets, i.e. concurrent connections (default 4, 1..=64), so a
 //!   reconnect is accepted while another connection is still open
+//! - `log`: a data-acquisition service's log on the virtio-blk disk: each request appends N
+//!   journal records (the `journal` payload's format, 512 bytes each, from sector 0) and
+//!   flushes them before its reply, so that `journal verify` on the image counts
+//!   N * requests records (1..=1024; default: no log)
 //!
 //! Protocol: the client sends lines `{k}\n` (k a decimal u64, a trailing `\r` is ignored);
 //! for each, the server adds k to the guest-wide total (wrapping) and replies `{k} {total}\n`.
-//! A malformed line gets `error\n`. Prints `kv listening on ADDR:P` when ready, runs until the
-//! VM is killed. ICMP echo (ping) is answered by the stack. Only vCPU 0 works.
+//! A malformed line gets `error\n`. The line `quit` gets `bye` and ends the guest with exit
+//! code 0 once the reply is sent. Prints `kv listening on ADDR:P` when ready. ICMP echo (ping)
+//! is answered by the stack. Only vCPU 0 works.
 #![no_std]
 #![no_main]
 
@@ -24,8 +29,10 @@ use core::net::Ipv4Addr;
 
 use guest_rt::abi::DeviceKind;
 use guest_rt::args::{key_value, parse_u64};
+use guest_rt::virtio::blk::VirtioBlk;
 use guest_rt::virtio::net::VirtioNet;
 use guest_rt::{println, Ctx};
+use journal::RECORD_SIZE;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
@@ -48,15 +55,17 @@ struct Params {
     port: u16,
     gw: Option<Ipv4Addr>,
     sockets: usize,
+    /// Journal records appended per request, if the service logs.
+    log: Option<u64>,
 }
 
 fn usage(msg: &str) -> ! {
-    println!("kv: {msg}; usage: kv ip=ADDR/PREFIX port=P [gw=ADDR] [sockets=K]");
+    println!("kv: {msg}; usage: kv ip=ADDR/PREFIX port=P [gw=ADDR] [sockets=K] [log=N]");
     guest_rt::exit(2)
 }
 
 fn parse(ctx: &Ctx) -> Params {
-    let (mut ip, mut port, mut gw, mut sockets) = (None, None, None, 4usize);
+    let (mut ip, mut port, mut gw, mut sockets, mut log) = (None, None, None, 4usize, None);
     for arg in ctx.args() {
         match key_value(arg) {
             ("ip", Some(v)) => {
@@ -84,6 +93,13 @@ fn parse(ctx: &Ctx) -> Params {
                     .filter(|k| (1..=64).contains(k))
                     .unwrap_or_else(|| usage("bad sockets")) as usize
             }
+            ("log", Some(v)) => {
+                log = Some(
+                    parse_u64(v)
+                        .filter(|n| (1..=1024).contains(n))
+                        .unwrap_or_else(|| usage("bad log")),
+                )
+            }
             _ => usage("unknown argument"),
         }
     }
@@ -95,6 +111,45 @@ fn parse(ctx: &Ctx) -> Params {
         port,
         gw,
         sockets,
+        log,
+    }
+}
+
+/// The service's state: the running total, and its log on the disk.
+struct Service {
+    total: u64,
+    log: Option<Log>,
+    /// A client asked to end the guest.
+    quitting: bool,
+}
+
+/// The log: `per_request` journal records per request, the next at sector `next`.
+struct Log {
+    blk: VirtioBlk,
+    per_request: u64,
+    next: u64,
+    buf: Vec<u8>,
+}
+
+impl Log {
+    /// Appends this request's records and makes them durable.
+    fn append(&mut self) {
+        if self.next + self.per_request > self.blk.capacity_sectors() {
+            println!("kv: the log is full at record {}", self.next);
+            guest_rt::exit(3)
+        }
+        for (i, record) in self.buf.chunks_exact_mut(RECORD_SIZE).enumerate() {
+            journal::encode(self.next + i as u64, record);
+        }
+        if let Err(e) = self
+            .blk
+            .write(self.next, &self.buf)
+            .and_then(|()| self.blk.flush())
+        {
+            println!("kv: log write failed at record {}: {e}", self.next);
+            guest_rt::exit(3)
+        }
+        self.next += self.per_request;
     }
 }
 
@@ -116,7 +171,7 @@ impl Conn {
     }
 
     /// Consumes received bytes, appending a reply per complete line.
-    fn input(&mut self, data: &[u8], total: &mut u64) {
+    fn input(&mut self, data: &[u8], service: &mut Service) {
         for &byte in data {
             if byte != b'\n' {
                 if self.line.len() < MAX_LINE {
@@ -128,9 +183,16 @@ impl Conn {
             }
             let line = self.line.strip_suffix(b"\r").unwrap_or(&self.line);
             match parse_line(line) {
+                _ if line == b"quit" => {
+                    self.out.push_str("bye\n");
+                    service.quitting = true;
+                }
                 Some(k) if !self.overlong => {
-                    *total = total.wrapping_add(k);
-                    let _ = writeln!(self.out, "{k} {total}");
+                    if let Some(log) = service.log.as_mut() {
+                        log.append();
+                    }
+                    service.total = service.total.wrapping_add(k);
+                    let _ = writeln!(self.out, "{k} {}", service.total);
                 }
                 _ => self.out.push_str("error\n"),
             }
@@ -193,7 +255,27 @@ fn main(ctx: &Ctx) {
         conns.push((sockets.add(tcp::Socket::new(rx, tx)), Conn::default()));
     }
 
-    let mut total: u64 = 0;
+    let log = p.log.map(|per_request| {
+        let Some(dev) = ctx.device(DeviceKind::VirtioBlk, 0) else {
+            usage("log= needs a disk (ftvmm --disk IMG)")
+        };
+        // SAFETY: the first virtio-blk window ftvmm listed; only vCPU 0 drives it.
+        let blk = unsafe { VirtioBlk::new(dev.mmio_base) }.unwrap_or_else(|e| {
+            println!("kv: virtio-blk: {e}");
+            guest_rt::exit(1)
+        });
+        Log {
+            blk,
+            per_request,
+            next: 0,
+            buf: vec![0; per_request as usize * RECORD_SIZE],
+        }
+    });
+    let mut service = Service {
+        total: 0,
+        log,
+        quitting: false,
+    };
     let mut announced = false;
     let mut buf = [0u8; 2048];
     loop {
@@ -208,7 +290,7 @@ fn main(ctx: &Ctx) {
             while conn.out.len() < MAX_PENDING_OUT && socket.can_recv() {
                 match socket.recv_slice(&mut buf) {
                     Ok(0) | Err(_) => break,
-                    Ok(n) => conn.input(&buf[..n], &mut total),
+                    Ok(n) => conn.input(&buf[..n], &mut service),
                 }
             }
             if !conn.out.is_empty() && socket.can_send() {
@@ -228,5 +310,13 @@ fn main(ctx: &Ctx) {
         // Send what this round produced, then one notification per queue.
         iface.poll(now(), &mut net, &mut sockets);
         net.flush();
+        if service.quitting
+            && conns
+                .iter()
+                .all(|(h, c)| c.out.is_empty() && sockets.get::<tcp::Socket>(*h).send_queue() == 0)
+        {
+            println!("kv: quit");
+            guest_rt::exit(0)
+        }
     }
 }
