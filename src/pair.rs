@@ -134,6 +134,7 @@ pub fn primary(args: &PrimaryArgs) -> Result<ExitCode, Error> {
         epoch_ms: args.epoch_ms,
         failover_timeout_ms: args.failover_timeout_ms,
         ack_timeout_ms: args.ack_timeout_ms,
+        resync_max_mib_s: 0,
     };
     // Boot (which checks the payload) before connecting, so bad input never reaches the peer.
     // Output is held from the first byte: nothing leaves before a standby can continue from it.

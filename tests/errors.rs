@@ -314,3 +314,61 @@ fn status_with_no_node_listening() {
     );
     assert!(err.contains("is `ftvmm node --name b` running?"), "{err}");
 }
+
+/// `ftvmm node` with `extra` appended to a valid pair config fails before it starts anything,
+/// with one line; returns it.
+fn node_fails(tag: &str, extra: &str, name: &str) -> String {
+    let s = Scratch::new(tag);
+    let config = pair_config(&s);
+    let text = std::fs::read_to_string(&config).unwrap() + extra;
+    write_file(&config, text.as_bytes());
+    let err = fails(
+        &["node", "--config", config.to_str().unwrap(), "--name", name],
+        EXIT_FTVMM_ERROR,
+    );
+    assert!(!s.path("a").exists(), "the node started: {err}");
+    err
+}
+
+#[test]
+fn node_config_errors_name_their_key() {
+    let err = node_fails("node-key", "[policy]\nfailback_dealy = \"5s\"\n", "a");
+    assert!(
+        err.trim_end()
+            .ends_with("unknown key policy.failback_dealy"),
+        "{err}"
+    );
+    let err = node_fails("node-value", "[policy]\nepoch_ms = 0\n", "a");
+    assert!(err.contains("policy.epoch_ms"), "{err}");
+    let err = node_fails("node-name", "", "c");
+    assert!(err.contains("no node \"c\" (nodes: a, b)"), "{err}");
+}
+
+#[test]
+fn a_node_whose_disk_is_missing_names_it() {
+    let vm = "[[vm]]\nname = \"s\"\npayload = \"builtin:stencil\"\n\
+              [vm.nodes.a]\ndisk = \"/nonexistent/a.img\"\n[vm.nodes.b]\ndisk = \"b.img\"\n";
+    let err = node_fails("node-disk", vm, "a");
+    assert!(
+        err.contains("vm \"s\": nodes.a.disk: /nonexistent/a.img: No such file or directory"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_node_whose_control_address_is_not_local_names_it() {
+    let s = Scratch::new("node-addr");
+    let config = s.path("pair.toml");
+    let text = "[nodes.a]\ncontrol = \"192.0.2.99:7701\"\nreplication = \"127.0.0.1\"\n\
+                socket = \"a.sock\"\nstate_dir = \"a\"\n\n[nodes.b]\ncontrol = \"127.0.0.1:7702\"\n\
+                replication = \"127.0.0.1\"\nsocket = \"b.sock\"\n";
+    write_file(&config, text.as_bytes());
+    let err = fails(
+        &["node", "--config", config.to_str().unwrap(), "--name", "a"],
+        EXIT_FTVMM_ERROR,
+    );
+    assert!(
+        err.contains("nodes.a.control = 192.0.2.99:7701: cannot listen"),
+        "{err}"
+    );
+}

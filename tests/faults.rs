@@ -354,6 +354,9 @@ enum Fault {
     Stall,
     /// Drops every frame of that epoch, its EpochEnd included, and forwards the rest.
     DropEpoch,
+    /// Replaces that epoch's VM state with bytes that do not decode, and its EpochEnd with one
+    /// that matches: every frame checks out, the state does not.
+    BadState,
 }
 
 const EPOCH_END: u8 = 6;
@@ -441,8 +444,40 @@ fn relay(
     }
     let mut ends = 0u64;
     let mut fired = false;
+    let mut digest = wire::EpochDigest::new();
     while let Some(mut frame) = read_frame(&mut from_primary)? {
         let kind = frame[4];
+        if fault == Fault::BadState && ends == after {
+            let msg = FrameReader::new(&frame[..])
+                .read_message()
+                .expect("a frame from the primary");
+            let msg = match msg {
+                Message::Pages { epoch, gpas, data } => {
+                    digest.add_pages(&gpas, &data);
+                    Message::Pages { epoch, gpas, data }
+                }
+                Message::Disk { epoch, bytes } => {
+                    digest.add_state(&bytes);
+                    Message::Disk { epoch, bytes }
+                }
+                Message::State { epoch, bytes } => {
+                    hit.lock().unwrap().get_or_insert(epoch);
+                    let garbage = vec![0xff; bytes.len()];
+                    digest.add_state(&garbage);
+                    Message::State {
+                        epoch,
+                        bytes: garbage,
+                    }
+                }
+                Message::EpochEnd { epoch, .. } => {
+                    ends += 1;
+                    digest.end(epoch)
+                }
+                other => other,
+            };
+            (&standby).write_all(&wire::encode(&msg))?;
+            continue;
+        }
         if ends == after && !(fired && fault == Fault::Corrupt) {
             // Pages, State and EpochEnd payloads all start with their epoch.
             let epoch = u64::from_le_bytes(frame[HEADER_LEN..HEADER_LEN + 8].try_into().unwrap());
@@ -469,6 +504,8 @@ fn relay(
                     }
                     continue;
                 }
+                // Handled whole above.
+                Fault::BadState => {}
             }
         }
         if kind == EPOCH_END {
@@ -529,6 +566,14 @@ fn out_of_order_epoch_is_rejected_and_the_primary_continues_alone() {
         epoch,
         &format!("out of order: got a frame of epoch {}", epoch + 1),
     );
+}
+
+/// An epoch whose every frame checks out but whose VM state does not decode is refused when it
+/// would commit, before it is acknowledged: the standby stays on the epoch before.
+#[test]
+fn a_state_the_standby_cannot_decode_is_refused() {
+    let (epoch, s_err) = link_fault(Fault::BadState, "it refused an epoch: epoch ");
+    assert_rejected(&s_err, epoch, "cannot decode the VM state");
 }
 
 #[test]

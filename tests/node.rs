@@ -205,3 +205,209 @@ fn two_vms_active_on_both_nodes_survive_a_node_kill_and_are_reprotected() {
         assert!(file_len(&pair.path(&format!("b-{vm}.console"))) > 0);
     }
 }
+
+/// A file of `size` bytes of seeded noise: an image that compresses not at all, so that a
+/// resync of it takes its time at the pair's rate limit.
+fn noise_image(path: &std::path::Path, size: u64, seed: u64) {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut x = seed | 1;
+    let mut chunk = vec![0u8; 1 << 20];
+    for _ in 0..size >> 20 {
+        for word in chunk.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            word.copy_from_slice(&x.to_le_bytes());
+        }
+        f.write_all(&chunk).unwrap();
+    }
+    f.flush().unwrap();
+}
+
+/// The bytes each resync the primary began was to send, in order, from its log.
+fn resync_plans(log: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains("resync of the disk begins") && l.contains("checkpoint::primary"))
+        .filter_map(|l| {
+            l.split("bytes=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// A new node a takes every block of b's 256 MiB image (rate-limited to 64 MiB/s). Killed
+/// part way, a resumes with only what it still needs; then b, the primary, is killed part way
+/// through the second attempt: a, inconsistent, does not start the guest. b returns, boots the
+/// guest again from its disk, a finishes the resync without starting over, and once the guest
+/// ends the images are equal.
+#[test]
+fn a_resync_interrupted_by_either_side_resumes_and_an_inconsistent_node_never_runs_the_guest() {
+    let _one = one_pair();
+    const SIZE: u64 = 256 << 20;
+    let steps = 1_500_000u64;
+    let vm = format!(
+        "[policy]\nfailover_timeout_ms = 1000\nack_timeout_ms = 20000\npreferred = \"b\"\n\
+         resync_max_mib_s = 64\n\n[[vm]]\nname = \"calc\"\npayload = \"builtin:stencil\"\n\
+         args = [\"n=128\", \"steps={steps}\", \"report=50000\", \"disk=on\"]\nmem = \"64M\"\n\
+         [vm.nodes.a]\ndisk = \"{{dir}}/a.img\"\n[vm.nodes.b]\ndisk = \"{{dir}}/b.img\"\n"
+    );
+    let mut pair = Pair::new("resume", Hosts::Loopback, &vm);
+    noise_image(&pair.path("a.img"), SIZE, 0xa);
+    noise_image(&pair.path("b.img"), SIZE, 0xb);
+    let syncing_past = |pair: &Pair, percent: f64| {
+        pair.wait_vm("a", "calc", LIMIT, "syncing", |s| {
+            s.role == Role::Syncing && s.resync.as_ref().is_some_and(|r| r.percent >= percent)
+        })
+    };
+    pair.start("b");
+    pair.start("a");
+    let first = syncing_past(&pair, 20.0);
+    let done = first.resync.map_or(0, |r| r.done_bytes);
+    pair.kill("a");
+
+    pair.start("a");
+    let second = syncing_past(&pair, 10.0);
+    let plans = resync_plans(&pair.log("b"));
+    assert_eq!(plans.first(), Some(&SIZE), "{plans:?}");
+    let resumed = plans.get(1).copied().unwrap_or(SIZE);
+    println!("first resync {SIZE} bytes, {done} done at the kill; the second {resumed}");
+    // What was written and not yet made durable (at most a flush's worth) is sent again.
+    assert!(
+        resumed <= SIZE - done + (9 << 20),
+        "the resumed resync sends {resumed} bytes after {done} of {SIZE} were done"
+    );
+    let done2 = second.resync.map_or(0, |r| r.done_bytes);
+    pair.kill("b");
+
+    // a holds no checkpoint and an image half old, half new: it must not run the guest.
+    let stopped = pair.wait_vm("a", "calc", LIMIT, "stopped", |s| s.role == Role::Stopped);
+    assert!(!stopped.generation.consistent, "{stopped:?}");
+    assert!(
+        stopped
+            .why
+            .as_deref()
+            .unwrap_or_default()
+            .contains("inconsistent"),
+        "{stopped:?}"
+    );
+    pair.start("b");
+    pair.wait_protected("calc", "b", LIMIT);
+    let plans = resync_plans(&pair.log("b"));
+    let third = plans.get(2).copied().unwrap_or(SIZE);
+    println!("the third resync {third} bytes, {done2} done before b was killed");
+    assert!(third < resumed, "{plans:?}");
+    let a_log = pair.log("a");
+    assert!(
+        a_log.contains("to=Syncing")
+            && !a_log.contains("to=Booting")
+            && !a_log.contains("to=Primary"),
+        "node a ran the guest:\n{a_log}"
+    );
+    pair.wait_vm("b", "calc", Duration::from_secs(600), "ended", |s| {
+        s.role == Role::Stopped
+    });
+    pair.wait_vm("a", "calc", LIMIT, "ended", |s| s.role == Role::Stopped);
+    assert!(
+        std::fs::read(pair.path("a.img")).unwrap() == std::fs::read(pair.path("b.img")).unwrap(),
+        "the images differ"
+    );
+}
+
+/// A long stencil VM on disks of `size` bytes, preferring a, with a short wait for the peer at
+/// start.
+fn calc_pair(tag: &str, size: u64) -> Pair {
+    let vm = "[policy]\nfailover_timeout_ms = 1000\nack_timeout_ms = 20000\npeer_wait = \"1s\"\n\n\
+              [[vm]]\nname = \"calc\"\npayload = \"builtin:stencil\"\n\
+              args = [\"n=128\", \"steps=100000000\", \"report=100000\"]\nmem = \"64M\"\n\
+              [vm.nodes.a]\ndisk = \"{dir}/a-calc.img\"\n[vm.nodes.b]\ndisk = \"{dir}/b-calc.img\"\n";
+    let pair = Pair::new(tag, Hosts::Loopback, vm);
+    images(&pair, "calc", size);
+    pair
+}
+
+/// Both nodes run the guest alone since their last common generation (a killed, b took over;
+/// b killed, a alone booted it again): when they meet neither resyncs over the other, status
+/// says why and names the command; `ftvmm discard` on b keeps a's copy and b resyncs from it.
+#[test]
+fn a_split_history_is_refused_until_an_operator_discards_one_copy() {
+    let _one = one_pair();
+    let mut pair = calc_pair("split", 16 << 20);
+    pair.start("a");
+    pair.start("b");
+    pair.wait_protected("calc", "a", LIMIT);
+    pair.kill("a");
+    pair.wait_vm("b", "calc", LIMIT, "running alone", |s| {
+        s.role == Role::Primary
+    });
+    pair.kill("b");
+    // a ran the guest last: with no peer after its wait it boots the guest alone.
+    pair.start("a");
+    pair.wait_vm("a", "calc", LIMIT, "running alone", |s| {
+        s.role == Role::Primary
+    });
+    pair.start("b");
+    let b = pair.wait_vm("b", "calc", LIMIT, "refusing", |s| {
+        s.why
+            .as_deref()
+            .is_some_and(|w| w.starts_with("split history"))
+    });
+    assert_eq!(b.role, Role::Stopped);
+    let hint = b.hint.unwrap_or_default();
+    assert!(hint.contains("ftvmm discard calc --config"), "{hint}");
+    let a = pair.wait_vm("a", "calc", LIMIT, "told", |s| {
+        s.why
+            .as_deref()
+            .is_some_and(|w| w.starts_with("peer refused: split history"))
+    });
+    assert!(a.role == Role::Primary && !a.protected, "{a:?}");
+
+    let config = pair.config_path.display().to_string();
+    let out = common::ftvmm(
+        &["discard", "calc", "--config", &config, "--name", "b"],
+        Duration::from_secs(30),
+    );
+    assert!(out.status.success(), "{}", common::stderr_of(&out));
+    assert!(
+        common::stdout_of(&out).contains("takes every block from a"),
+        "{}",
+        common::stdout_of(&out)
+    );
+    pair.wait_protected("calc", "a", LIMIT);
+}
+
+/// Copies of two different pairs' VM, of the same size, meet: they share no history, and
+/// neither node runs the guest over the other.
+#[test]
+fn unrelated_images_are_refused() {
+    let _one = one_pair();
+    let mut other = calc_pair("unrelated-other", 16 << 20);
+    other.start("a");
+    other.start("b");
+    other.wait_protected("calc", "a", LIMIT);
+    other.kill("a");
+    other.kill("b");
+    let mut pair = calc_pair("unrelated", 16 << 20);
+    pair.start("a");
+    pair.start("b");
+    pair.wait_protected("calc", "a", LIMIT);
+    pair.kill("a");
+    pair.kill("b");
+    // b's copy and state are the other pair's now.
+    std::fs::copy(other.path("b/calc.state"), pair.path("b/calc.state")).unwrap();
+    std::fs::copy(other.path("b-calc.img"), pair.path("b-calc.img")).unwrap();
+    pair.start("a");
+    pair.start("b");
+    for node in ["a", "b"] {
+        let s = pair.wait_vm(node, "calc", LIMIT, "refusing", |s| {
+            s.why
+                .as_deref()
+                .is_some_and(|w| w.starts_with("unrelated images"))
+        });
+        assert_eq!(s.role, Role::Stopped, "{node}: {s:?}");
+    }
+}

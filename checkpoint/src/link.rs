@@ -28,6 +28,9 @@ pub struct PeerConfig {
     /// How long a standby whose heartbeats arrive may leave a checkpoint unacknowledged
     /// before the primary drops protection (longer than the failover timeout: slow is not dead).
     pub ack_timeout_ms: u64,
+    /// The highest rate of a disk resync, in MiB/s; 0 leaves it unlimited.
+    #[serde(default)]
+    pub resync_max_mib_s: u64,
 }
 
 impl PeerConfig {

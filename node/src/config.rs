@@ -25,6 +25,8 @@ const EPOCH_MS: RangeInclusive<u64> = 1..=10_000;
 const FAILOVER_TIMEOUT_MS: RangeInclusive<u64> = 20..=600_000;
 /// As `ftvmm primary --ack-timeout-ms`; it must also be longer than the failover timeout.
 const ACK_TIMEOUT_MS: RangeInclusive<u64> = 20..=3_600_000;
+/// A resync's highest rate in MiB/s; 0 leaves it unlimited.
+const RESYNC_MAX_MIB_S: RangeInclusive<u64> = 0..=1_000_000;
 /// Node and VM names end up in file names, socket paths and metric labels: kept plain.
 const NAME_LEN: RangeInclusive<usize> = 1..=32;
 /// The longest Linux interface name (IFNAMSIZ less its NUL).
@@ -192,6 +194,12 @@ pub struct Policy {
     pub failback: Failback,
     /// How long the preferred node must be back and in sync before the VM moves back to it.
     pub failback_delay: Duration,
+    /// The highest rate a resync sends at, in MiB/s (0: as fast as it can), to leave the
+    /// link and the disks to the guest (DRBD's c-max-rate).
+    pub resync_max_mib_s: u64,
+    /// How long a daemon waits at its start for the peer before a node that ran the VM last
+    /// runs it alone (DRBD's wait-for-connection timeout).
+    pub peer_wait: Duration,
 }
 
 impl Policy {
@@ -203,6 +211,8 @@ impl Policy {
             preferred,
             failback: Failback::Auto,
             failback_delay: Duration::from_secs(10),
+            resync_max_mib_s: 0,
+            peer_wait: Duration::from_secs(10),
         }
     }
 }
@@ -651,6 +661,8 @@ fn read_policy(
     let preferred = r.string("preferred")?;
     let failback = r.parsed("failback", parse_failback)?;
     let failback_delay = r.duration("failback_delay")?;
+    let resync_max_mib_s = r.integer("resync_max_mib_s", RESYNC_MAX_MIB_S)?;
+    let peer_wait = r.duration("peer_wait")?;
     r.finish()?;
     if let Some(preferred) = &preferred {
         if !nodes.iter().any(|n| &n.name == preferred) {
@@ -668,6 +680,8 @@ fn read_policy(
         preferred: preferred.unwrap_or(base.preferred),
         failback: failback.unwrap_or(base.failback),
         failback_delay: failback_delay.unwrap_or(base.failback_delay),
+        resync_max_mib_s: resync_max_mib_s.unwrap_or(base.resync_max_mib_s),
+        peer_wait: peer_wait.unwrap_or(base.peer_wait),
     })
 }
 

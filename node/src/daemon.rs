@@ -45,9 +45,6 @@ pub enum DaemonError {
     Exe(std::io::Error),
 }
 
-/// How long a daemon waits at start for its peer before a node that ran a guest last boots it
-/// alone (DRBD's wait-for-connection).
-pub const PEER_WAIT: Duration = Duration::from_secs(10);
 /// How often the loop looks at timers and refreshes status.
 const TICK: Duration = Duration::from_millis(250);
 /// How long a failed VM process waits before its machine tries again.
@@ -82,6 +79,8 @@ struct Slot {
     figures: Figures,
     /// When a failed VM process is tried again.
     retry_at: Option<Instant>,
+    /// The wait for the peer at start is over (or the peer came).
+    waited: bool,
 }
 
 /// The daemon of node `name` of `config`.
@@ -96,7 +95,6 @@ pub struct Daemon {
     started: Instant,
     peer_up: bool,
     last_heard: Option<Instant>,
-    waited: bool,
     /// Status as last built, for the metrics endpoint.
     status: Arc<Mutex<NodeStatus>>,
 }
@@ -134,6 +132,7 @@ pub fn run(config: Config, name: &str) -> Result<(), DaemonError> {
                 runs: 0,
                 figures: Figures::default(),
                 retry_at: None,
+                waited: false,
             })
         })
         .collect::<Result<Vec<_>, DaemonError>>()?;
@@ -195,7 +194,6 @@ pub fn run(config: Config, name: &str) -> Result<(), DaemonError> {
         started: Instant::now(),
         peer_up: false,
         last_heard: None,
-        waited: false,
         status,
     };
     info!(node = %daemon.me.name, peer = %daemon.peer.name, vms = daemon.slots.len(), "node daemon up");
@@ -260,14 +258,16 @@ impl Daemon {
     }
 
     fn tick(&mut self) {
-        if !self.waited && self.started.elapsed() >= PEER_WAIT {
-            self.waited = true;
-            if !self.peer_up {
-                warn!(
-                    "no word from the peer's daemon after {} s",
-                    PEER_WAIT.as_secs()
-                );
-                for vm in 0..self.slots.len() {
+        for vm in 0..self.slots.len() {
+            let wait = self.slots[vm].config.policy.peer_wait;
+            if !self.slots[vm].waited && self.started.elapsed() >= wait {
+                self.slots[vm].waited = true;
+                if !self.peer_up {
+                    warn!(
+                        vm = %self.slots[vm].config.name,
+                        "no word from the peer's daemon after {} ms",
+                        wait.as_millis()
+                    );
                     self.step(vm, Event::PeerWaitOver);
                 }
             }
@@ -496,6 +496,7 @@ impl Daemon {
                 epoch_ms: vm.policy.epoch_ms,
                 failover_timeout_ms: vm.policy.failover_timeout_ms,
                 ack_timeout_ms: vm.policy.ack_timeout_ms,
+                resync_max_mib_s: vm.policy.resync_max_mib_s,
             },
             start,
         }

@@ -365,6 +365,12 @@ impl Machine {
             WorkerEvent::Failed { reason } => {
                 self.standby_port = None;
                 self.protecting = None;
+                if self.role == Role::Syncing {
+                    // The resync stopped half way (its primary died, most often): this copy
+                    // can run nothing; it resumes when the peer runs the guest again.
+                    tracing::warn!("resync interrupted: {reason}");
+                    return self.stop(Stopped::Inconsistent);
+                }
                 self.stop(Stopped::Failed(reason))
             }
         }
@@ -397,6 +403,9 @@ impl Machine {
     }
 
     fn listen(&mut self, full: bool) -> Vec<Action> {
+        // A copy already inconsistent is mid-resync: its bitmap names what it still needs,
+        // every block included if it started from nothing, so nothing done is sent again.
+        let full = full && self.persisted.generation.consistent;
         self.persisted.generation.begin_sync();
         self.persisted.was_primary = false;
         self.role = Role::Syncing;
@@ -408,31 +417,37 @@ impl Machine {
     pub fn why_unprotected(&self) -> Option<String> {
         Some(match &self.role {
             Role::Primary { protected: true } | Role::Standby => return None,
-            Role::Primary { protected: false } => match &self.peer {
+            Role::Primary { protected: false } => match self.peer.as_ref().map(|p| &p.role) {
                 None => "no peer".into(),
-                Some(p) if p.role == Role::Syncing => "peer syncing".into(),
+                Some(Role::Syncing) => "peer syncing".into(),
+                Some(Role::Stopped {
+                    why: why @ (Stopped::SplitHistory(_) | Stopped::Unrelated | Stopped::PeerBehind),
+                }) => format!("peer refused: {}", stopped_why(why)),
                 Some(_) => "the peer is not a standby yet".into(),
             },
             Role::Booting => "booting".into(),
             Role::Syncing => "syncing".into(),
-            Role::Stopped { why } => match why {
-                Stopped::WaitingForPeer => "waiting for the peer".into(),
-                Stopped::PeerHasNewer => "the peer holds the newer copy".into(),
-                Stopped::Inconsistent => {
-                    "this copy is inconsistent (a resync was interrupted)".into()
-                }
-                Stopped::SplitHistory(common) => format!(
-                    "split history: both nodes ran the guest alone since generation {common}"
-                ),
-                Stopped::Unrelated => "unrelated images: the copies share no history".into(),
-                Stopped::PeerBehind => {
-                    "the peer runs the guest from older data than this node holds".into()
-                }
-                Stopped::Exited(code) => format!("the guest exited with {code}"),
-                Stopped::Failed(reason) => format!("the VM process failed: {reason}"),
-                Stopped::Deposed => "deposed: the peer took over".into(),
-            },
+            Role::Stopped { why } => stopped_why(why),
         })
+    }
+}
+
+/// Why a stopped VM is stopped, as status says it.
+fn stopped_why(why: &Stopped) -> String {
+    match why {
+        Stopped::WaitingForPeer => "waiting for the peer".into(),
+        Stopped::PeerHasNewer => "the peer holds the newer copy".into(),
+        Stopped::Inconsistent => "this copy is inconsistent (a resync was interrupted)".into(),
+        Stopped::SplitHistory(common) => {
+            format!("split history: both nodes ran the guest alone since generation {common}")
+        }
+        Stopped::Unrelated => "unrelated images: the copies share no history".into(),
+        Stopped::PeerBehind => {
+            "the peer runs the guest from older data than this node holds".into()
+        }
+        Stopped::Exited(code) => format!("the guest exited with {code}"),
+        Stopped::Failed(reason) => format!("the VM process failed: {reason}"),
+        Stopped::Deposed => "deposed: the peer took over".into(),
     }
 }
 
@@ -580,6 +595,12 @@ mod tests {
         a.step(Event::Worker(WorkerEvent::Failed {
             reason: "the primary was lost before its first checkpoint".into(),
         }));
+        assert_eq!(
+            a.role,
+            Role::Stopped {
+                why: Stopped::Inconsistent
+            }
+        );
         // a's daemon restarts: its copy is inconsistent, b's daemon is gone for good.
         let mut a = Machine::new(a.persisted.clone(), true);
         assert!(!a.persisted.generation.consistent);
@@ -597,7 +618,7 @@ mod tests {
             b.step(Event::Peer(a.view())),
             vec![Action::Persist, Action::Boot, Action::Publish]
         );
-        // Once b runs it, a resumes its resync.
+        // Once b runs it, a resumes its resync: from its bitmap, without starting over.
         b.step(Event::Worker(WorkerEvent::Booted));
         assert_eq!(
             a.step(Event::Peer(b.view())),

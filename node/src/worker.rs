@@ -56,6 +56,7 @@ pub struct Timing {
     pub epoch_ms: u64,
     pub failover_timeout_ms: u64,
     pub ack_timeout_ms: u64,
+    pub resync_max_mib_s: u64,
 }
 
 /// Everything a VM process needs, the first line of its stdin.
@@ -251,6 +252,7 @@ fn peer_config(spec: &WorkerSpec) -> Result<PeerConfig, WorkerError> {
         epoch_ms: spec.timing.epoch_ms,
         failover_timeout_ms: spec.timing.failover_timeout_ms,
         ack_timeout_ms: spec.timing.ack_timeout_ms,
+        resync_max_mib_s: spec.timing.resync_max_mib_s,
     })
 }
 

@@ -163,6 +163,7 @@ fn replicated(
         // Generous: a 64 MiB epoch takes a while to compress and apply on two cores.
         failover_timeout_ms: 2000,
         ack_timeout_ms: 10_000,
+        resync_max_mib_s: 0,
     };
     let link = link::connect(&addr, &peer, Duration::from_secs(10))?;
     let outputs = Outputs::attach(gate, Mode::Held, &vmm, FRAME_HOLD_LIMIT, None);
