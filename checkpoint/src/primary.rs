@@ -11,7 +11,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver};
-use tracing::{error, info, info_span, warn};
+use tracing::{debug, error, info, info_span, warn};
 use vmm::cast::{saturating_u64, usize_to_u64};
 use vmm::memory::DirtyLog;
 use vmm::{VmOutcome, Vmm};
@@ -734,7 +734,7 @@ impl EpochLoop<'_> {
         }
         let pause = start.elapsed();
         let dirty = pages.gpas.len();
-        info!(
+        debug!(
             dirty,
             ?why,
             held_frames = state.output.frames.items.len(),

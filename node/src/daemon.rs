@@ -81,6 +81,51 @@ struct Slot {
     retry_at: Option<Instant>,
     /// The wait for the peer at start is over (or the peer came).
     waited: bool,
+    resync: ResyncMeter,
+}
+
+/// The rate of the resync a VM process reports, and when its progress was last logged.
+#[derive(Default)]
+struct ResyncMeter {
+    /// When this resync was first seen, with the bytes done then.
+    since: Option<(Instant, u64)>,
+    total: u64,
+    logged: Option<Instant>,
+    /// Bytes/s, as last measured.
+    rate: Option<f64>,
+}
+
+/// How often a resync's progress is logged.
+const RESYNC_LOG_EVERY: Duration = Duration::from_secs(2);
+
+impl ResyncMeter {
+    /// Takes the figures' resync counts; returns the rate in bytes/s once it is known.
+    fn update(&mut self, done: u64, total: u64) -> Option<f64> {
+        if total == 0 || done >= total {
+            *self = Self::default();
+            return None;
+        }
+        if total != self.total {
+            *self = Self {
+                since: Some((Instant::now(), done)),
+                total,
+                ..Self::default()
+            };
+        }
+        let (t, from) = self.since?;
+        let secs = t.elapsed().as_secs_f64();
+        self.rate = (secs > 0.2).then(|| done.saturating_sub(from) as f64 / secs);
+        self.rate
+    }
+
+    /// Whether the progress is due to be logged.
+    fn log_due(&mut self) -> bool {
+        let due = self.logged.is_none_or(|t| t.elapsed() >= RESYNC_LOG_EVERY);
+        if due {
+            self.logged = Some(Instant::now());
+        }
+        due
+    }
 }
 
 /// The daemon of node `name` of `config`.
@@ -133,6 +178,7 @@ pub fn run(config: Config, name: &str) -> Result<(), DaemonError> {
                 figures: Figures::default(),
                 retry_at: None,
                 waited: false,
+                resync: ResyncMeter::default(),
             })
         })
         .collect::<Result<Vec<_>, DaemonError>>()?;
@@ -290,7 +336,25 @@ impl Daemon {
             return;
         };
         match report {
-            Report::Figures(figures) => self.slots[vm].figures = figures,
+            Report::Figures(figures) => {
+                let slot = &mut self.slots[vm];
+                let rate = slot
+                    .resync
+                    .update(figures.resync_done, figures.resync_total);
+                slot.figures = figures;
+                if rate.is_some() && slot.resync.log_due() {
+                    let r = resync_status(&slot.figures, rate);
+                    info!(
+                        vm = %slot.config.name,
+                        "resync {:.1} % ({:.1} of {:.1} MiB) at {:.1} MiB/s, eta {}",
+                        r.percent,
+                        r.done_bytes as f64 / MIB,
+                        r.total_bytes as f64 / MIB,
+                        r.rate_mib_s,
+                        r.eta_s.map_or("-".into(), |s| format!("{s:.1} s"))
+                    );
+                }
+            }
             Report::Event(event) => {
                 if matches!(
                     event,
@@ -553,7 +617,7 @@ impl Daemon {
         let f = &slot.figures;
         let g = &m.persisted.generation;
         let resync = (m.role == Role::Syncing || f.resync_total > f.resync_done)
-            .then(|| resync_status(f))
+            .then(|| resync_status(f, slot.resync.rate))
             .filter(|r| r.total_bytes > 0);
         let mut why = m.why_unprotected();
         if let (Some(r), Role::Syncing) = (&resync, &m.role) {
@@ -585,17 +649,21 @@ impl Daemon {
     }
 }
 
-fn resync_status(f: &Figures) -> status::Resync {
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// A resync's progress from the figures, at `rate` bytes/s if known.
+fn resync_status(f: &Figures, rate: Option<f64>) -> status::Resync {
     let percent = if f.resync_total == 0 {
         100.0
     } else {
         f.resync_done as f64 * 100.0 / f.resync_total as f64
     };
+    let left = f.resync_total.saturating_sub(f.resync_done) as f64;
     status::Resync {
         done_bytes: f.resync_done,
         total_bytes: f.resync_total,
-        rate_mib_s: 0.0,
-        eta_s: None,
+        rate_mib_s: rate.unwrap_or(0.0) / MIB,
+        eta_s: rate.filter(|r| *r > 0.0).map(|r| left / r),
         percent,
     }
 }
