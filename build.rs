@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The payload binaries, by builtin name (each a binary of the guest workspace).
-const PAYLOADS: &[&str] = &["seq", "stencil", "kv", "journal"];
+const PAYLOADS: &[&str] = &["seq", "stencil", "kv", "journal", "idle"];
 
 /// Variables the nested cargo and rustup need; everything else is dropped.
 const KEEP_ENV: &[&str] = &[

@@ -2,12 +2,13 @@
 //! `--payload builtin:NAME` needs no file.
 
 /// Names of the builtin payloads.
-pub const NAMES: &[&str] = &["seq", "stencil", "kv", "journal"];
+pub const NAMES: &[&str] = &["seq", "stencil", "kv", "journal", "idle"];
 
 static SEQ: &[u8] = include_bytes!(concat!(env!("FTVMM_PAYLOAD_DIR"), "/seq"));
 static STENCIL: &[u8] = include_bytes!(concat!(env!("FTVMM_PAYLOAD_DIR"), "/stencil"));
 static KV: &[u8] = include_bytes!(concat!(env!("FTVMM_PAYLOAD_DIR"), "/kv"));
 static JOURNAL: &[u8] = include_bytes!(concat!(env!("FTVMM_PAYLOAD_DIR"), "/journal"));
+static IDLE: &[u8] = include_bytes!(concat!(env!("FTVMM_PAYLOAD_DIR"), "/idle"));
 
 /// The ELF image of the builtin payload `name`, if there is one.
 pub fn builtin(name: &str) -> Option<&'static [u8]> {
@@ -16,6 +17,7 @@ pub fn builtin(name: &str) -> Option<&'static [u8]> {
         "stencil" => Some(STENCIL),
         "kv" => Some(KV),
         "journal" => Some(JOURNAL),
+        "idle" => Some(IDLE),
         _ => None,
     }
 }

@@ -115,6 +115,8 @@ fn a_returning_node_resyncs_only_what_changed_and_protects_the_running_guest() {
     let back_at = progress.load(Ordering::SeqCst);
     pair.start("a");
     pair.wait_protected("kv", "b", LIMIT);
+    // The resync's plan was made on the way: writes until then count as made while a was away.
+    let protected_at = progress.load(Ordering::SeqCst);
     replies(50);
     stop.store(true, Ordering::SeqCst);
     let round_trips = match client.join() {
@@ -124,7 +126,8 @@ fn a_returning_node_resyncs_only_what_changed_and_protects_the_running_guest() {
     };
     let requests = round_trips.len() as u64;
     println!(
-        "{requests} replies; a killed at {killed_at}, back at {back_at}; longest reply {} ms",
+        "{requests} replies; a killed at {killed_at}, started again at {back_at}, \
+         protected again at {protected_at}; longest reply {} ms",
         round_trips
             .iter()
             .max()
@@ -135,7 +138,7 @@ fn a_returning_node_resyncs_only_what_changed_and_protects_the_running_guest() {
     // Written while a was away: the records of the requests in between (8 KiB each), and
     // those of requests a had not seen acknowledged; the resync sent about only their blocks.
     let sent = resync_bytes(&pair.log("b"));
-    let away = (back_at + 40 - killed_at.saturating_sub(40)) * 16 * 512;
+    let away = (protected_at + 40 - killed_at.saturating_sub(40)) * 16 * 512;
     let blocks = away.div_ceil(64 << 10) + 2;
     println!("resync sent {sent} bytes; written while a was away at most {away}");
     assert!(

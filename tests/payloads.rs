@@ -309,3 +309,32 @@ fn journal_refuses_bad_arguments() {
     let out = journal(&disk, &["verify"]);
     assert_eq!(stdout_of(&out), "ok 128\n");
 }
+
+/// A guest with nothing to do naps off the host CPU (port 0x504): a second of idling costs the
+/// host a small part of that second, on a machine however loaded (load only lowers it).
+#[test]
+fn an_idle_guest_naps_off_the_cpu() {
+    let start = std::time::Instant::now();
+    // SAFETY: getrusage fills the struct it is given; no other memory is touched.
+    let cpu = || unsafe {
+        let mut r: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_CHILDREN, &mut r);
+        let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 * 1e-6;
+        t(r.ru_utime) + t(r.ru_stime)
+    };
+    let before = cpu();
+    let out = run_ok(&["run", "--payload", "builtin:idle", "--", "1"]);
+    let (wall, used) = (start.elapsed().as_secs_f64(), cpu() - before);
+    let mut lines = out.lines();
+    assert_eq!(lines.next(), Some("idle"), "{out}");
+    let naps: u64 = lines
+        .next()
+        .and_then(|l| l.strip_prefix("done "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(naps > 10, "{out}");
+    assert!(
+        used < wall / 2.0,
+        "the idle guest used {used:.2} s of CPU in {wall:.2} s"
+    );
+}

@@ -4,7 +4,7 @@
 use std::cell::Cell;
 use std::sync::{Arc, Condvar, Mutex};
 
-use guest_abi::{PORT_EXIT, PORT_PARK};
+use guest_abi::{MAX_NAP_US, PORT_EXIT, PORT_NAP, PORT_PARK};
 use kvm_bindings::{
     kvm_debugregs, kvm_fpu, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_run,
     kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs, KVM_MAX_CPUID_ENTRIES,
@@ -331,6 +331,13 @@ impl Vcpu {
         let step = match self.fd.run() {
             Ok(VcpuExit::IoOut(PORT_EXIT, data)) => Step::Exit(exit_code(data)),
             Ok(VcpuExit::IoOut(PORT_PARK, _)) => Step::Park,
+            Ok(VcpuExit::IoOut(PORT_NAP, data)) => {
+                let us = data
+                    .first_chunk::<4>()
+                    .map_or(0, |b| u32::from_le_bytes(*b))
+                    .min(MAX_NAP_US);
+                Step::Nap(std::time::Duration::from_micros(u64::from(us)))
+            }
             Ok(VcpuExit::IoOut(port, data)) => match power_event(port, data) {
                 Some(event) => Step::Power(event),
                 None => {
@@ -453,6 +460,8 @@ enum Step {
     /// An I/O exit was served; KVM completes the instruction on the next KVM_RUN.
     Handled,
     Park,
+    /// The guest has nothing to do for this long.
+    Nap(std::time::Duration),
     Exit(i32),
     /// A Linux guest powered off or reset.
     Power(PowerEvent),
@@ -508,6 +517,8 @@ impl RunControl {
         let mut st = self.lock();
         st.pause = true;
         drop(st);
+        // Wakes vCPUs napping outside KVM_RUN; the kick stops those inside it.
+        self.changed.notify_all();
         kick();
         let mut st = self.lock();
         while st.idle < n && st.outcome.is_none() {
@@ -528,6 +539,24 @@ impl RunControl {
     pub fn resume(&self) {
         self.lock().pause = false;
         self.changed.notify_all();
+    }
+
+    /// Waits off the CPU for `nap`, or less if a pause is asked for or the VM ends meanwhile
+    /// (a pause must not wait for a napping guest).
+    fn nap(&self, nap: std::time::Duration) {
+        let deadline = std::time::Instant::now() + nap;
+        let mut st = self.lock();
+        while !st.pause && st.outcome.is_none() {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                break;
+            }
+            st = self
+                .changed
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// Whether a vCPU thread must not enter KVM_RUN now.
@@ -617,6 +646,12 @@ pub fn run_thread(vcpu: Arc<Mutex<Vcpu>>, control: Arc<RunControl>, bus: Arc<Bus
         match v.run_once(&bus) {
             Step::Continue => {}
             Step::Handled => pending_io = true,
+            Step::Nap(nap) => {
+                pending_io = true;
+                // Not holding the vCPU: a checkpoint saves its registers meanwhile.
+                drop(v);
+                control.nap(nap);
+            }
             Step::Park => {
                 v.parked = true;
                 parked = true;

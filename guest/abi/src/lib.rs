@@ -41,6 +41,12 @@ pub const PORT_EXIT: u16 = 0x0501;
 /// A write here parks the writing vCPU for good (CPL3 cannot `hlt`); the VM ends when every
 /// vCPU has parked or one has written [`PORT_EXIT`]. The value written is ignored.
 pub const PORT_PARK: u16 = 0x0502;
+/// A 32-bit write here naps the writing vCPU for that many microseconds (at most
+/// [`MAX_NAP_US`]; longer is cut to it), off the CPU, or less if ftvmm pauses the VM meanwhile:
+/// a guest with nothing to do waits without burning a host core (CPL3 cannot `hlt`).
+pub const PORT_NAP: u16 = 0x0504;
+/// The longest nap one write to [`PORT_NAP`] asks for.
+pub const MAX_NAP_US: u32 = 100_000;
 
 /// Batched console output: ONE VM exit per batch. (`rep outsb` to [`PORT_UART`] is emulated by
 /// KVM one byte per exit, 30-50 us each under PVM, so it cannot batch.)

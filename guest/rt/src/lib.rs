@@ -32,7 +32,7 @@ pub mod virtio;
 
 pub use ctx::Ctx;
 pub use guest_abi as abi;
-pub use start::{exit, park};
+pub use start::{exit, nap, park};
 
 /// Declares the payload's entry function, `fn main(ctx: &guest_rt::Ctx)`, run on every vCPU.
 #[macro_export]

@@ -1,7 +1,7 @@
 //! Start-up: `_start`, boot-block checks, one-time initialisation, and the end of a vCPU.
 use core::sync::atomic::{AtomicBool, Ordering};
 
-use guest_abi::{BootInfo, BOOT_INFO_MAGIC, PORT_EXIT, PORT_PARK};
+use guest_abi::{BootInfo, BOOT_INFO_MAGIC, PORT_EXIT, PORT_NAP, PORT_PARK};
 
 use crate::ctx::{Ctx, ALL_VCPUS};
 use crate::io::outl;
@@ -86,4 +86,10 @@ pub fn park() -> ! {
     loop {
         core::hint::spin_loop();
     }
+}
+
+/// Naps this vCPU off the host CPU for up to `us` microseconds (see [`PORT_NAP`]); it may
+/// return sooner. For guests that poll, when a round found nothing to do.
+pub fn nap(us: u32) {
+    outl(PORT_NAP, us);
 }
