@@ -32,6 +32,9 @@ enum Command {
     Node(node_args::NodeArgs),
     /// Ask a node daemon how it and its VMs are (text, or JSON with --json).
     Status(node_args::StatusArgs),
+    /// Swap a protected VM's roles: its primary hands it over to its standby at an epoch's
+    /// end, with no loss and no resync (the old primary is the standby at once).
+    Swap(node_args::VmArgs),
     /// Discard this node's copy of a VM whose history cannot be ordered with the peer's: it
     /// takes every block from the peer.
     Discard(node_args::VmArgs),
@@ -66,6 +69,7 @@ fn main() -> ExitCode {
         Command::Node(args) => node_args::node(&args),
         Command::Status(args) => node_args::status(&args),
         Command::Discard(args) => node_args::discard(&args),
+        Command::Swap(args) => node_args::swap(&args),
         Command::VmWorker => node_args::vm_worker(),
     };
     match result {

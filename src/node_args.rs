@@ -63,6 +63,67 @@ pub fn discard(args: &VmArgs) -> Result<ExitCode, Error> {
     }
 }
 
+/// How long `ftvmm swap` waits for the roles to turn round.
+const SWAP_LIMIT: Duration = Duration::from_secs(60);
+
+/// `ftvmm swap`: the VM's primary hands it over to its standby at an epoch's end, with no
+/// loss and no resync; waits until the roles have turned round.
+pub fn swap(args: &VmArgs) -> Result<ExitCode, Error> {
+    let config = config::load(&args.config)?;
+    config.vm(&args.vm)?;
+    let asked = config.node(&args.name)?;
+    let other = config.peer(&args.name)?;
+    // The primary's daemon carries a swap out; ask it, whichever node was named.
+    let role = |node: &config::NodeConfig| -> Option<status::Role> {
+        let s = control::query_status(node, STATUS_TIMEOUT).ok()?;
+        s.vms
+            .into_iter()
+            .find(|v| v.name == args.vm)
+            .map(|v| v.role)
+    };
+    let (from, to) = match role(asked) {
+        Some(status::Role::Primary) => (asked, other),
+        _ if role(other) == Some(status::Role::Primary) => (other, asked),
+        _ => (asked, other),
+    };
+    let request = Request::Swap {
+        vm: args.vm.clone(),
+    };
+    let start = std::time::Instant::now();
+    match control::request(&from.socket, &request, STATUS_TIMEOUT)? {
+        Response::Done { message } => println!("{message}"),
+        Response::Refused { reason } => return Err(reason.into()),
+        other => {
+            return Err(format!("unexpected answer from node {}: {other:?}", from.name).into())
+        }
+    }
+    loop {
+        let protected_there = control::query_status(to, STATUS_TIMEOUT)
+            .ok()
+            .and_then(|s| s.vms.into_iter().find(|v| v.name == args.vm))
+            .is_some_and(|v| v.role == status::Role::Primary && v.protected);
+        if protected_there && role(from) == Some(status::Role::Standby) {
+            println!(
+                "{}: {} runs it, protected by {} (swapped in {} ms)",
+                args.vm,
+                to.name,
+                from.name,
+                start.elapsed().as_millis()
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        if start.elapsed() > SWAP_LIMIT {
+            return Err(format!(
+                "{}: the roles did not turn round within {} s",
+                args.vm,
+                SWAP_LIMIT.as_secs()
+            )
+            .into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The VM process: its spec is the first line of stdin, commands follow; reports go to stdout.
 pub fn vm_worker() -> Result<ExitCode, Error> {
     let mut input = std::io::BufReader::new(std::io::stdin());

@@ -182,6 +182,8 @@ pub fn primary(args: &PrimaryArgs) -> Result<ExitCode, Error> {
         }
         // Unprotected from now on, as the log said: the guest runs to its end here.
         PrimaryEnd::Alone { mut guest, .. } => guest.vmm.wait(),
+        // Only node daemons ask for swaps.
+        PrimaryEnd::HandedOver(_) => return Err("the guest was handed over".into()),
     };
     write_json(
         stats_path,
@@ -273,6 +275,9 @@ pub fn standby(args: &StandbyArgs) -> Result<ExitCode, Error> {
                     guest.vmm.wait()
                 }
                 Resumed::Ended(outcome) => outcome,
+                Resumed::Swapped { .. } => {
+                    return Err("the primary handed over; only node daemons swap".into())
+                }
             };
             stats.outcome = format!("{outcome:?}");
             Ok(exit_status(outcome))

@@ -29,7 +29,8 @@ const LIMIT: Duration = Duration::from_secs(90);
 
 /// Timing of the tests' pairs: a SIGKILLed node's links close at once, so the failover timeout
 /// hardly delays a takeover; generous timeouts keep a loaded machine from failing over early.
-const POLICY: &str = "[policy]\nfailover_timeout_ms = 1000\nack_timeout_ms = 20000\n";
+const POLICY: &str =
+    "[policy]\nfailover_timeout_ms = 1000\nack_timeout_ms = 20000\nfailback = \"manual\"\n";
 
 /// Sparse zero images for both nodes.
 fn images(pair: &Pair, vm: &str, size: u64) {

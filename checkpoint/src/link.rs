@@ -112,8 +112,32 @@ impl Sender {
 /// blocks the standby said its image needs.
 pub struct PrimaryLink {
     pub data: TcpStream,
-    pub control: TcpStream,
+    /// The control connection, with what has been read of it already.
+    pub control: FrameReader<TcpStream>,
     pub need: Vec<(u64, u64)>,
+    /// After a swap: the checkpoint both nodes hold already, which the first epoch follows
+    /// (no resync, no pre-copy).
+    pub continuing: Option<u64>,
+}
+
+/// Both connections of a link with what has been read of each, as a node hands them on when
+/// a swap turns the link around.
+pub struct Link {
+    pub data: FrameReader<TcpStream>,
+    pub control: FrameReader<TcpStream>,
+}
+
+impl Link {
+    /// This link as the new primary uses it after a swap from checkpoint `epoch`.
+    pub fn into_primary(self, epoch: u64) -> PrimaryLink {
+        PrimaryLink {
+            // The old primary, now standing by, sends nothing on the data connection.
+            data: self.data.into_inner(),
+            control: self.control,
+            need: Vec::new(),
+            continuing: Some(epoch),
+        }
+    }
 }
 
 fn configure(stream: &TcpStream) -> io::Result<()> {
@@ -184,9 +208,8 @@ pub fn connect(
         }
     };
     let data = open(Channel::Data)?;
-    let control = open(Channel::Control)?;
-    let mut reader = FrameReader::new(control.try_clone()?);
-    let need = match read_within(&mut reader, timeout.max(Duration::from_secs(2)))? {
+    let mut control = FrameReader::new(open(Channel::Control)?);
+    let need = match read_within(&mut control, timeout.max(Duration::from_secs(2)))? {
         Message::Need { runs } => runs,
         other => {
             return Err(LinkError::Unexpected {
@@ -199,6 +222,7 @@ pub fn connect(
         data,
         control,
         need,
+        continuing: None,
     })
 }
 

@@ -74,6 +74,8 @@ pub enum EpochEnd {
     Period,
     /// It held as much output and disk writing as one epoch may.
     Bytes,
+    /// A swap: the guest stops here and the standby resumes it.
+    Swap,
 }
 
 /// Why the guest waits.
@@ -85,6 +87,8 @@ pub enum Hold {
     HeldFull,
     /// The standby lags by more than the lag bound.
     StandbyBehind,
+    /// A swap stopped it at an epoch's end: the standby resumes it.
+    Swap,
 }
 
 /// What the epoch loop does next.

@@ -13,11 +13,12 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{bounded, Receiver};
 use tracing::{debug, error, info, info_span, warn};
 use vmm::cast::{saturating_u64, usize_to_u64};
+use vmm::devices::GuestMemory;
 use vmm::memory::DirtyLog;
 use vmm::{VmOutcome, Vmm};
 
 use crate::hot::HotPages;
-use crate::link::{self, PeerConfig, PrimaryLink, Sender, SilenceClock, TICK};
+use crate::link::{self, Link, PeerConfig, PrimaryLink, Sender, SilenceClock, TICK};
 use crate::outputs::Outputs;
 use crate::policy::{self, EpochEnd, Hold, Limits, Next, Observation};
 use crate::staging::{self, CheckpointState, StagedPages, StagingError};
@@ -53,6 +54,8 @@ pub enum PrimaryEnd {
         guest: Box<PrimaryGuest>,
         reason: String,
     },
+    /// A swap: the standby runs the guest now; this node holds the checkpoint it resumed from.
+    HandedOver(Box<HandedOver>),
 }
 
 impl std::fmt::Debug for PrimaryEnd {
@@ -61,6 +64,7 @@ impl std::fmt::Debug for PrimaryEnd {
             PrimaryEnd::Guest(outcome) => write!(f, "Guest({outcome:?})"),
             PrimaryEnd::Deposed => write!(f, "Deposed"),
             PrimaryEnd::Alone { reason, .. } => write!(f, "Alone({reason})"),
+            PrimaryEnd::HandedOver(h) => write!(f, "HandedOver({})", h.epoch),
         }
     }
 }
@@ -154,11 +158,25 @@ impl PrimaryReport {
     }
 }
 
-/// A live view of a protected run's report, for status while it runs; clones share it.
+/// A live view of a protected run's report, for status while it runs, and the way to ask it
+/// for a swap; clones share it.
 #[derive(Clone, Default)]
-pub struct Watch(Arc<Mutex<PrimaryReport>>);
+pub struct Watch(
+    Arc<Mutex<PrimaryReport>>,
+    Arc<std::sync::atomic::AtomicBool>,
+);
 
 impl Watch {
+    /// Asks the run to hand its guest over to the standby at the end of the running epoch.
+    pub fn ask_swap(&self) {
+        self.1.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether a swap was asked for (once: a swap that fails is not tried again by itself).
+    fn swap_asked(&self) -> bool {
+        self.1.swap(false, std::sync::atomic::Ordering::SeqCst)
+    }
+
     fn lock(&self) -> MutexGuard<'_, PrimaryReport> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -263,19 +281,25 @@ pub fn protect(
         outputs,
         image,
     } = guest;
+    let PrimaryLink {
+        data: data_stream,
+        control: control_reader,
+        need,
+        continuing,
+    } = link;
     let shared = Arc::new(Shared {
         state: Mutex::new(Role {
             protected: true,
             deposed: false,
-            acked: 0,
+            acked: continuing.unwrap_or(0),
             unacked: VecDeque::new(),
-            precopy: true,
+            precopy: continuing.is_none(),
             finished: false,
         }),
         changed: Condvar::new(),
     });
-    let data = Sender::new(&link.data)?;
-    let control = Sender::new(&link.control)?;
+    let data = Sender::new(&data_stream)?;
+    let control = Sender::new(control_reader.get_ref())?;
 
     vmm.set_dirty_logging(true)?;
     vmm.harvest_dirty()?;
@@ -301,11 +325,21 @@ pub fn protect(
     let controller = {
         let (shared, outputs, vmm) = (shared.clone(), outputs.clone(), vmm.clone());
         let (control, data, watch) = (control.clone(), data.clone(), watch.clone());
-        let stream = link.control.try_clone()?;
         let config = config.clone();
         std::thread::Builder::new()
             .name("ckpt-control".into())
-            .spawn(move || control_loop(stream, control, data, shared, outputs, vmm, config, watch))
+            .spawn(move || {
+                control_loop(
+                    control_reader,
+                    control,
+                    data,
+                    shared,
+                    outputs,
+                    vmm,
+                    config,
+                    watch,
+                )
+            })
             .map_err(PrimaryError::Thread)?
     };
 
@@ -323,8 +357,14 @@ pub fn protect(
             config.failover_timeout(),
         ),
     };
-    let need = resync::blocks_of(&link.need);
-    let result = epochs.run(image.as_ref(), need);
+    let start = match continuing {
+        Some(epoch) => Start::After(epoch),
+        None => Start::Fresh {
+            image: image.as_ref(),
+            need: resync::blocks_of(&need),
+        },
+    };
+    let result = epochs.run(start);
     drop(out_tx);
     let end = match result {
         Ok(end) => end,
@@ -367,10 +407,14 @@ pub fn protect(
         }
         _ => {}
     }
-    // The sender may be blocked on a dead standby's full socket: cut it loose.
-    data.shutdown();
+    if !matches!(end, Ended::HandedOver { .. }) {
+        // The sender may be blocked on a dead standby's full socket: cut it loose.
+        data.shutdown();
+    }
     let _ = sender.join();
-    let _ = controller.join();
+    let control_reader = controller
+        .join()
+        .map_err(|_| PrimaryError::Thread(std::io::Error::other("control thread panicked")))?;
     let mut report = watch.snapshot();
     if !protected {
         report.unprotected_at = Some(report.epochs);
@@ -393,8 +437,41 @@ pub fn protect(
                 reason,
             }
         }
+        Ended::HandedOver { epoch, state } => {
+            // Everything up to `epoch` is released and the guest stopped there: nothing more
+            // leaves this node.
+            outputs.close();
+            control.send(&Message::Handover { epoch })?;
+            info!(epoch, "handed the guest over to the standby");
+            let vmm = Arc::try_unwrap(vmm).map_err(|_| PrimaryError::StillShared)?;
+            let memory = vmm.memory().clone();
+            vmm.stop(VmOutcome::Fault("handed over".into()));
+            // The VM goes (its vCPUs, devices and KVM descriptors); its memory stays, the
+            // checkpoint this node now stands by with.
+            drop(vmm);
+            drop(outputs);
+            drop(image);
+            PrimaryEnd::HandedOver(Box::new(HandedOver {
+                epoch,
+                state: *state,
+                memory,
+                link: Link {
+                    data: FrameReader::new(data_stream),
+                    control: control_reader,
+                },
+            }))
+        }
     };
     Ok((end, report))
+}
+
+/// What a primary that handed its guest over keeps: checkpoint `epoch` (its memory and
+/// state), from which it stands by for the new primary over `link`.
+pub struct HandedOver {
+    pub epoch: u64,
+    pub state: CheckpointState,
+    pub memory: GuestMemory,
+    pub link: Link,
 }
 
 /// How the epoch loop ended.
@@ -403,6 +480,23 @@ enum Ended {
     Deposed,
     /// The standby was lost; the guest runs on.
     Alone,
+    /// A swap: the guest stopped at checkpoint `epoch`, acknowledged.
+    HandedOver {
+        epoch: u64,
+        state: Box<CheckpointState>,
+    },
+}
+
+/// Where the epoch loop begins.
+enum Start<'a> {
+    /// A standby that holds nothing of this run yet: resync the disk blocks that may differ
+    /// (`need` and this node's bitmap) from `image`, pre-copy memory, then checkpoint.
+    Fresh {
+        image: Option<&'a ResyncSource>,
+        need: BTreeSet<u64>,
+    },
+    /// A standby that holds checkpoint `epoch` already (a swap made it): checkpoint on.
+    After(u64),
 }
 
 /// The primary's epoch loop: pre-copy, then checkpoints where the epoch policy says.
@@ -443,32 +537,33 @@ impl EpochLoop<'_> {
         None
     }
 
-    fn run(
-        &self,
-        image: Option<&ResyncSource>,
-        need: BTreeSet<u64>,
-    ) -> Result<Ended, PrimaryError> {
+    fn run(&self, start: Start<'_>) -> Result<Ended, PrimaryError> {
         let vmm = self.vmm;
-        if let (Some(recorder), Some(image)) = (&self.outputs.disk, image) {
-            self.resync(recorder, image, need)?;
-        }
-        if let Some(ended) = self.role_change() {
-            return Ok(ended);
-        }
-        let log = self.precopy()?;
-        if let Some(ended) = self.role_change() {
-            return Ok(ended);
-        }
-        // From here on the standby can take over: output waits for its checkpoint (a guest
-        // that ran alone released it as it came; one just booted held it from the start).
-        self.outputs.hold();
-        // The pages dirtied since the last round was copied (or that round itself): the
-        // harvest that measured them already cleared them from the dirty log, so the first
-        // checkpoint must add them.
-        let mut carried = Some(log);
+        let (mut epoch, mut carried) = match start {
+            Start::Fresh { image, need } => {
+                if let (Some(recorder), Some(image)) = (&self.outputs.disk, image) {
+                    self.resync(recorder, image, need)?;
+                }
+                if let Some(ended) = self.role_change() {
+                    return Ok(ended);
+                }
+                let log = self.precopy()?;
+                if let Some(ended) = self.role_change() {
+                    return Ok(ended);
+                }
+                // From here on the standby can take over: output waits for its checkpoint (a
+                // guest that ran alone released it as it came; one just booted held it from
+                // the start).
+                self.outputs.hold();
+                // The pages dirtied since the last round was copied (or that round itself):
+                // the harvest that measured them already cleared them from the dirty log, so
+                // the first checkpoint must add them.
+                (0, Some(log))
+            }
+            Start::After(epoch) => (epoch, None),
+        };
 
         let limits = &self.limits;
-        let mut epoch = 0u64;
         let mut hot = HotPages::default();
         let mut began = Instant::now();
         let mut guest = GuestRun::Running;
@@ -481,6 +576,17 @@ impl EpochLoop<'_> {
                 if vmm.outcome().is_some() {
                     // The guest ended: its final checkpoint carries how.
                     break EpochEnd::Period;
+                }
+                if self.watch.swap_asked() {
+                    // A swap: the guest stops at the end of this epoch, for good here.
+                    if let GuestRun::Running = guest {
+                        vmm.pause();
+                        guest = GuestRun::Held {
+                            since: Instant::now(),
+                            why: Hold::Swap,
+                        };
+                    }
+                    break EpochEnd::Swap;
                 }
                 match policy::next(&self.observe(began.elapsed()), limits) {
                     Next::Checkpoint(why) => break why,
@@ -507,6 +613,10 @@ impl EpochLoop<'_> {
             let span = info_span!("epoch", epoch).entered();
             let (unit, ended) = self.checkpoint(epoch, why, &mut guest, &mut hot, &mut carried)?;
             drop(span);
+            let handing_over = match (why, &unit.state) {
+                (EpochEnd::Swap, Some(bytes)) => Some(CheckpointState::decode(bytes)?),
+                _ => None,
+            };
             if self.out.send(unit).is_err() {
                 // The sender quit (link lost): the control thread decides what that means.
                 self.release(&mut guest);
@@ -515,7 +625,31 @@ impl EpochLoop<'_> {
             if let Some(outcome) = ended {
                 return Ok(self.finish(epoch, outcome));
             }
+            if let Some(state) = handing_over {
+                if self.wait_ack(epoch) {
+                    return Ok(Ended::HandedOver {
+                        epoch,
+                        state: Box::new(state),
+                    });
+                }
+                // The standby was lost or took over meanwhile: the swap is off.
+                warn!(epoch, "the swap's final checkpoint was not acknowledged");
+                self.release(&mut guest);
+            }
         }
+    }
+
+    /// Waits for checkpoint `epoch`'s acknowledgement; false if the standby was lost or took
+    /// over first.
+    fn wait_ack(&self, epoch: u64) -> bool {
+        let limit = Instant::now()
+            + self.config.ack_timeout()
+            + self.config.failover_timeout()
+            + Duration::from_secs(1);
+        let role = self.shared.wait_while(limit, |role| {
+            role.protected && !role.deposed && role.acked < epoch
+        });
+        role.protected && !role.deposed && role.acked >= epoch
     }
 
     /// Resyncs the disk blocks that may differ between the nodes (those `recorder`'s bitmap
@@ -717,6 +851,7 @@ impl EpochLoop<'_> {
             // Held output at its bound keeps the guest paused at once, rather than letting it
             // run between the checkpoint and the hold.
             let hold = match policy::next(&self.observe(Duration::ZERO), &self.limits) {
+                _ if why == EpochEnd::Swap => Some(Hold::Swap),
                 Next::Hold(why) => Some(why),
                 _ => None,
             };
@@ -992,7 +1127,34 @@ impl Lag {
 /// within the acknowledgement timeout.
 #[allow(clippy::too_many_arguments)]
 fn control_loop(
-    stream: TcpStream,
+    mut reader: FrameReader<TcpStream>,
+    control: Sender,
+    data: Sender,
+    shared: Arc<Shared>,
+    outputs: Outputs,
+    vmm: Arc<Vmm>,
+    config: PeerConfig,
+    watch: Watch,
+) -> FrameReader<TcpStream> {
+    control_turns(
+        &mut reader,
+        control,
+        data,
+        shared,
+        outputs,
+        vmm,
+        config,
+        watch,
+    );
+    // Handed back: after a swap the connection serves the other way round, and what this
+    // reader already holds is the new primary's.
+    reader
+}
+
+/// The turns of [`control_loop`], until the standby is lost or has taken over, or the run ends.
+#[allow(clippy::too_many_arguments)]
+fn control_turns(
+    reader: &mut FrameReader<TcpStream>,
     control: Sender,
     data: Sender,
     shared: Arc<Shared>,
@@ -1001,7 +1163,6 @@ fn control_loop(
     config: PeerConfig,
     watch: Watch,
 ) {
-    let mut reader = FrameReader::new(stream);
     let mut silence = SilenceClock::new(config.failover_timeout());
     let beat = config.heartbeat_interval();
     let mut last_beat = Instant::now();
@@ -1043,7 +1204,7 @@ fn control_loop(
                     // have taken over meanwhile, and the acks of the epochs it committed first
                     // sit ahead of its TakenOver. Read all that has arrived before acting on
                     // any of it, so that a deposed node releases nothing more.
-                    backlog = read_arrived(&mut reader, got);
+                    backlog = read_arrived(reader, got);
                     if backlog.iter().any(|m| matches!(m, Ok(Message::TakenOver))) {
                         backlog = VecDeque::from([Ok(Message::TakenOver)]);
                     }

@@ -16,7 +16,7 @@ use vmm::devices::GuestMemory;
 use vmm::memory::{self, MemoryError};
 use vmm::{VmShell, Vmm};
 
-use crate::link::{LinkError, Listener, PeerConfig, Sender, SilenceClock};
+use crate::link::{Link, LinkError, Listener, PeerConfig, Sender, SilenceClock};
 use crate::staging::{self, CheckpointState, StagedPages, StagingError};
 use crate::wire::{EpochDigest, FrameReader, Message, WireError};
 
@@ -36,6 +36,8 @@ pub enum StandbyError {
     Thread(std::io::Error),
     #[error("cannot take over: this node's disk no longer matches any checkpoint ({0})")]
     DiskFailed(String),
+    #[error("the primary handed over checkpoint {asked}, this node holds {held}")]
+    Handover { asked: u64, held: u64 },
 }
 
 /// The local resources a standby provides, checked against the primary's configuration.
@@ -96,6 +98,9 @@ pub struct Takeover {
     pub drained: Instant,
     /// This node's write-intent bitmap, to mark what the guest writes from now on.
     pub bitmap: Option<WriteIntentBitmap>,
+    /// A swap, not a failure: the link to the old primary, which now stands by with this
+    /// checkpoint; the resumed guest is protected by it at once.
+    pub link: Option<Link>,
 }
 
 /// How a standby's watch ended.
@@ -109,7 +114,7 @@ pub enum StandbyEnd {
 }
 
 /// What the receiver thread hands back: its last committed epoch and state, decoded (its
-/// image is the memory of the prepared VM).
+/// image is the memory of the prepared VM), and the data connection.
 struct Committed {
     memory: GuestMemory,
     epoch: u64,
@@ -118,6 +123,17 @@ struct Committed {
     disk_failed: Option<String>,
     /// The resync target, if the disk was brought up to date (its bitmap marks after takeover).
     resync: Option<ResyncTarget>,
+    data: Option<FrameReader<TcpStream>>,
+}
+
+/// What a standby begins with: the primary's configuration, the link, its guest memory and
+/// the VM prepared on it, and the checkpoint it already holds, if any (after a swap).
+pub struct Begin {
+    pub config: PeerConfig,
+    pub link: Link,
+    pub memory: GuestMemory,
+    pub shell: VmShell,
+    pub committed: Option<(u64, CheckpointState)>,
 }
 
 /// A standby's progress as it happens, for status: clones share it.
@@ -166,7 +182,7 @@ pub fn serve(
         .as_ref()
         .map(|d| resync::runs(&d.resync.needed(), u64::MAX))
         .unwrap_or_default();
-    let (config, data, control_stream) = listener.accept(|c| local.check(c), &need)?;
+    let (config, data, control) = listener.accept(|c| local.check(c), &need)?;
     info!(
         mem = config.vm.mem_size,
         vcpus = config.vm.vcpus,
@@ -175,11 +191,47 @@ pub fn serve(
     let memory = memory::create_guest_memory(config.vm.mem_size)?;
     // Built now, so that a takeover only loads the checkpoint into it.
     let shell = Vmm::prepare(&config.vm, memory.clone(), &local.kvm_path)?;
-    let control = Sender::new(&control_stream).map_err(LinkError::Io)?;
-    let data_sender = Sender::new(&data).map_err(LinkError::Io)?;
-    let data_handle = data.try_clone().map_err(LinkError::Io)?;
+    let begin = Begin {
+        config,
+        link: Link {
+            data: FrameReader::new(data),
+            control: FrameReader::new(control),
+        },
+        memory,
+        shell,
+        committed: None,
+    };
+    stand_by(begin, disk, watch)
+}
+
+/// Stands by for the primary at the other end of `begin.link` until it exits, says goodbye,
+/// dies, or hands the guest over.
+pub fn stand_by(
+    begin: Begin,
+    disk: Option<StandbyDisk>,
+    watch: &StandbyWatch,
+) -> Result<StandbyEnd, StandbyError> {
+    let Begin {
+        config,
+        link,
+        memory,
+        shell,
+        committed,
+    } = begin;
+    let Link {
+        data,
+        control: mut reader,
+    } = link;
+    let control = Sender::new(reader.get_ref()).map_err(LinkError::Io)?;
+    let data_sender = Sender::new(data.get_ref()).map_err(LinkError::Io)?;
+    let data_handle = data.get_ref().try_clone().map_err(LinkError::Io)?;
     let draining = Arc::new(AtomicBool::new(false));
     let received = Arc::new(AtomicU64::new(0));
+    if let Some((epoch, _)) = &committed {
+        let mut w = watch.lock();
+        w.committed = *epoch;
+        w.committed_at = Some(Instant::now());
+    }
     let receiver = {
         let (control, draining, received) = (control.clone(), draining.clone(), received.clone());
         let watch = watch.clone();
@@ -191,15 +243,15 @@ pub fn serve(
         };
         std::thread::Builder::new()
             .name("ckpt-recv".into())
-            .spawn(move || receiver.run(data, memory, disk))
+            .spawn(move || receiver.run(data, memory, disk, committed))
             .map_err(StandbyError::Thread)?
     };
 
-    let mut reader = FrameReader::new(control_stream);
     let mut silence = SilenceClock::new(config.failover_timeout());
     let beat = config.heartbeat_interval();
     let mut last_beat = Instant::now();
     let mut last_heard = Instant::now();
+    let mut handover = None;
     let reason = loop {
         match reader.read_message() {
             Ok(Message::Heartbeat { .. }) => {}
@@ -212,6 +264,10 @@ pub fn serve(
                 info!(code, "the guest exited on the primary");
                 data_sender.shutdown();
                 return Ok(StandbyEnd::Exit(code));
+            }
+            Ok(Message::Handover { epoch }) => {
+                handover = Some(epoch);
+                break format!("the primary handed the guest over at checkpoint {epoch}");
             }
             Ok(other) => warn!("ignoring unexpected control message {other:?}"),
             Err(WireError::Idle) => {
@@ -236,11 +292,17 @@ pub fn serve(
         last_heard = Instant::now();
     };
     let decided = Instant::now();
-    warn!("taking over: {reason}");
-    // Drain: commit every complete epoch that arrived before deciding. Shutting the data
-    // connection's read side wakes the receiver at once; it still reads what is buffered.
+    // Drain: commit every complete epoch that arrived before deciding. For a takeover,
+    // shutting the data connection's read side wakes the receiver at once (it still reads
+    // what is buffered); a handover keeps the connection, and the primary sent nothing after
+    // the checkpoint it handed over.
     draining.store(true, Ordering::SeqCst);
-    let _ = data_handle.shutdown(Shutdown::Read);
+    if handover.is_none() {
+        warn!("taking over: {reason}");
+        let _ = data_handle.shutdown(Shutdown::Read);
+    } else {
+        info!("{reason}");
+    }
     let committed = receiver
         .join()
         .map_err(|_| StandbyError::Thread(std::io::Error::other("receiver panicked")))?;
@@ -249,8 +311,24 @@ pub fn serve(
         control.shutdown();
         return Err(StandbyError::DiskFailed(reason));
     }
-    let _ = control.send(&Message::TakenOver);
-    control.shutdown();
+    let link = match (handover, committed.data) {
+        (Some(epoch), Some(data)) if epoch == committed.epoch => Some(Link {
+            data,
+            control: reader,
+        }),
+        (Some(epoch), _) => {
+            control.shutdown();
+            return Err(StandbyError::Handover {
+                asked: epoch,
+                held: committed.epoch,
+            });
+        }
+        (None, _) => {
+            let _ = control.send(&Message::TakenOver);
+            control.shutdown();
+            None
+        }
+    };
     let state = committed.state.ok_or(StandbyError::NoCheckpoint)?;
     info!(
         epoch = committed.epoch,
@@ -266,6 +344,7 @@ pub fn serve(
         decided,
         drained: Instant::now(),
         bitmap: committed.resync.map(ResyncTarget::into_bitmap),
+        link,
     })))
 }
 
@@ -329,22 +408,32 @@ impl Receiver {
     /// Receives the resync and epochs on the data connection and commits each verified epoch.
     /// Stops at the end of the connection, at the first bad frame or epoch (refusing it to the
     /// primary), or, once `draining` is set, when no more bytes are waiting.
-    fn run(self, stream: TcpStream, memory: GuestMemory, disk: Option<StandbyDisk>) -> Committed {
+    fn run(
+        self,
+        mut reader: FrameReader<TcpStream>,
+        memory: GuestMemory,
+        disk: Option<StandbyDisk>,
+        held: Option<(u64, CheckpointState)>,
+    ) -> Committed {
         // On a host it shares with running guests, the standby's work must not slow them.
         crate::link::yield_to_guest();
-        let mut reader = FrameReader::new(stream);
         let (mut replica, resync) = match disk {
             Some(d) => (Some(d.replica), Some(d.resync)),
             None => (None, None),
         };
+        let (epoch, state) = match held {
+            Some((epoch, state)) => (epoch, Some(state)),
+            None => (0, None),
+        };
         let mut committed = Committed {
             memory,
-            epoch: 0,
-            state: None,
+            epoch,
+            state,
             disk_failed: None,
             resync,
+            data: None,
         };
-        let mut pending = Pending::new(1);
+        let mut pending = Pending::new(epoch + 1);
         loop {
             let msg = match reader.read_message() {
                 Ok(msg) => {
@@ -482,6 +571,7 @@ impl Receiver {
                 }
             }
         }
+        committed.data = Some(reader);
         committed
     }
 

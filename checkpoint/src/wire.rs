@@ -145,6 +145,12 @@ pub enum Message {
     Synced {
         runs: Vec<(u64, u64)>,
     },
+    /// A planned swap: the primary stopped its guest at checkpoint `epoch`, which the
+    /// standby acknowledged; the standby resumes the guest from it and the two connections
+    /// serve the other way round, the old primary standing by with the same checkpoint.
+    Handover {
+        epoch: u64,
+    },
 }
 
 const HELLO: u8 = 1;
@@ -164,8 +170,9 @@ const RESYNC_PLAN: u8 = 14;
 const RESYNC: u8 = 15;
 const RESYNC_END: u8 = 16;
 const SYNCED: u8 = 17;
+const HANDOVER: u8 = 18;
 /// Names of the kinds above, for error messages.
-const KIND_NAMES: [&str; 18] = [
+const KIND_NAMES: [&str; 19] = [
     "",
     "Hello",
     "Welcome",
@@ -184,6 +191,7 @@ const KIND_NAMES: [&str; 18] = [
     "Resync",
     "ResyncEnd",
     "Synced",
+    "Handover",
 ];
 
 /// `len` as a `u32` LE length field. Lengths inside a frame stay within [`MAX_PAYLOAD`]; one
@@ -314,6 +322,10 @@ pub fn encode(msg: &Message) -> Vec<u8> {
         Message::Synced { runs } => {
             put_runs(&mut f, runs);
             SYNCED
+        }
+        Message::Handover { epoch } => {
+            f.extend_from_slice(&epoch.to_le_bytes());
+            HANDOVER
         }
     };
     seal(kind, f)
@@ -513,6 +525,7 @@ fn decode(kind: u8, payload: &[u8]) -> Result<Message, WireError> {
         RESYNC => decode_resync(&mut f)?,
         RESYNC_END => Message::ResyncEnd,
         SYNCED => Message::Synced { runs: f.runs()? },
+        HANDOVER => Message::Handover { epoch: f.u64()? },
         _ => return Err(WireError::UnknownKind(kind)),
     };
     f.finish(msg)
@@ -548,6 +561,11 @@ impl<R: Read> FrameReader<R> {
 
     pub fn get_mut(&mut self) -> &mut R {
         &mut self.inner
+    }
+
+    /// The stream; a frame partly read is dropped.
+    pub fn into_inner(self) -> R {
+        self.inner
     }
 
     /// Reads until the current frame holds `need` bytes; never reads past the frame.
@@ -777,6 +795,7 @@ mod tests {
             },
             Message::ResyncEnd,
             Message::Synced { runs: vec![(5, 1)] },
+            Message::Handover { epoch: 77 },
         ]
     }
 
@@ -988,7 +1007,7 @@ mod tests {
         );
         let huge = [&0u64.to_le_bytes()[..], &u32::MAX.to_le_bytes()].concat();
         assert_malformed(RESYNC, &huge, "declares 4294967295 bytes");
-        for kind in [0, 18, 200] {
+        for kind in [0, 19, 200] {
             let got = read_one(&frame(kind, &[]));
             assert!(
                 matches!(got, Err(WireError::UnknownKind(k)) if k == kind),

@@ -324,6 +324,7 @@ mod tests {
     fn status() -> NodeStatus {
         NodeStatus {
             node: "a".into(),
+            pid: None,
             peer: PeerStatus {
                 name: "b".into(),
                 connected: false,

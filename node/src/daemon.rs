@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{error, info, info_span, warn};
 
-use crate::config::{Config, GuestSpec, NodeConfig, VmConfig};
+use crate::config::{Config, Failback, GuestSpec, NodeConfig, VmConfig};
 use crate::control::{ControlServer, Request, Response};
 use crate::generation::{show, Persisted};
 use crate::guest::{ConsoleSpec, HostSpec, NetSpec};
@@ -82,6 +82,11 @@ struct Slot {
     /// The wait for the peer at start is over (or the peer came).
     waited: bool,
     resync: ResyncMeter,
+    /// Since when the guest could go back to its preferred node, and whether that was asked.
+    failback_since: Option<Instant>,
+    failback_asked: bool,
+    /// The last takeover on this node.
+    takeover: Option<status::TakeoverFigures>,
 }
 
 /// The rate of the resync a VM process reports, and when its progress was last logged.
@@ -179,12 +184,16 @@ pub fn run(config: Config, name: &str) -> Result<(), DaemonError> {
                 retry_at: None,
                 waited: false,
                 resync: ResyncMeter::default(),
+                failback_since: None,
+                failback_asked: false,
+                takeover: None,
             })
         })
         .collect::<Result<Vec<_>, DaemonError>>()?;
     let outbox = Outbox::start(&me.name, &peer.name, peer.control);
     let status = Arc::new(Mutex::new(NodeStatus {
         node: me.name.clone(),
+        pid: Some(std::process::id()),
         peer: PeerStatus {
             name: peer.name.clone(),
             connected: false,
@@ -327,8 +336,46 @@ impl Daemon {
                 }
             }
         }
+        for vm in 0..self.slots.len() {
+            self.failback(vm);
+        }
         let status = self.status();
         *self.status.lock().unwrap_or_else(|e| e.into_inner()) = status;
+    }
+
+    /// Whether VM `vm` runs protected here while its preferred node is its standby (a
+    /// failback would take it home).
+    fn failback_possible(&self, vm: usize) -> bool {
+        let m = &self.slots[vm].machine;
+        !m.preferred
+            && m.role == (Role::Primary { protected: true })
+            && m.peer.as_ref().is_some_and(|p| p.role == Role::Standby)
+    }
+
+    /// With `failback = "auto"`, hands VM `vm` back to its preferred node once that node has
+    /// been its synced standby for `failback_delay`.
+    fn failback(&mut self, vm: usize) {
+        if !self.failback_possible(vm) {
+            let slot = &mut self.slots[vm];
+            slot.failback_since = None;
+            slot.failback_asked = false;
+            return;
+        }
+        let slot = &mut self.slots[vm];
+        let since = *slot.failback_since.get_or_insert_with(Instant::now);
+        let policy = &slot.config.policy;
+        if policy.failback == Failback::Auto
+            && !slot.failback_asked
+            && since.elapsed() >= policy.failback_delay
+        {
+            slot.failback_asked = true;
+            info!(
+                vm = %slot.config.name,
+                to = %self.peer.name,
+                "failing back: the preferred node is a synced standby"
+            );
+            self.command(vm, &Command::Swap);
+        }
     }
 
     fn worker_report(&mut self, vm: usize, run: u64, report: Report) {
@@ -364,6 +411,9 @@ impl Daemon {
                         | WorkerEvent::Failed { .. }
                 ) {
                     worker.ended = true;
+                }
+                if let WorkerEvent::TookOver { figures } = &event {
+                    self.slots[vm].takeover = Some(figures.clone());
                 }
                 self.step(vm, Event::Worker(event));
             }
@@ -591,8 +641,36 @@ impl Daemon {
                     ),
                 }
             }
-            Request::Swap { .. } | Request::Drill { .. } => Response::Refused {
-                reason: "not supported by this node yet".into(),
+            Request::Swap { vm } => {
+                let Some(i) = self.slots.iter().position(|s| s.config.name == vm) else {
+                    return Response::Refused {
+                        reason: format!("no VM named {vm} on this node"),
+                    };
+                };
+                let m = &self.slots[i].machine;
+                let peer_standby = m.peer.as_ref().is_some_and(|p| p.role == Role::Standby);
+                if m.role != (Role::Primary { protected: true }) || !peer_standby {
+                    let why = m
+                        .why_unprotected()
+                        .unwrap_or_else(|| "this node is not its primary".into());
+                    return Response::Refused {
+                        reason: format!(
+                            "{vm} cannot swap now: a swap needs it to run protected here with \
+                             {} its synced standby ({why})",
+                            self.peer.name
+                        ),
+                    };
+                }
+                self.command(i, &Command::Swap);
+                Response::Done {
+                    message: format!(
+                        "{vm}: {} hands the guest over to {} at the end of this epoch",
+                        self.me.name, self.peer.name
+                    ),
+                }
+            }
+            Request::Drill { .. } => Response::Refused {
+                reason: "drills are run by `ftvmm drill`, not by a node".into(),
             },
         }
     }
@@ -601,6 +679,7 @@ impl Daemon {
     fn status(&self) -> NodeStatus {
         NodeStatus {
             node: self.me.name.clone(),
+            pid: Some(std::process::id()),
             peer: PeerStatus {
                 name: self.peer.name.clone(),
                 connected: self.peer_up,
@@ -630,7 +709,20 @@ impl Daemon {
             name: slot.config.name.clone(),
             role: status_role(&m.role),
             protected: why.is_none(),
-            hint: hint(&m.role, &slot.config.name, &self.config.path, &self.me.name),
+            hint: hint(&m.role, &slot.config.name, &self.config.path, &self.me.name).or_else(
+                || {
+                    (slot.failback_since.is_some()
+                        && slot.config.policy.failback == Failback::Manual)
+                        .then(|| {
+                            format!(
+                                "failback possible: ftvmm swap {} --config {} --name {}",
+                                slot.config.name,
+                                self.config.path.display(),
+                                self.me.name
+                            )
+                        })
+                },
+            ),
             why,
             epoch: f.epoch,
             epochs_per_s: f.epochs_per_s,
@@ -645,6 +737,9 @@ impl Daemon {
                 consistent: g.consistent,
             },
             peer_role: m.peer.as_ref().map(|p: &PeerView| status_role(&p.role)),
+            acked: f.acked,
+            pid: slot.worker.as_ref().map(|w| w.child.id()),
+            last_takeover: slot.takeover.clone(),
         }
     }
 }

@@ -193,6 +193,12 @@ pub struct StandbyHost {
 pub enum Resumed {
     /// The guest runs here, alone: output flows, disk writes are marked.
     Running(PrimaryGuest),
+    /// A swap: the guest is built (not started) with its output held and its writes
+    /// recorded, to be protected over `link` by the old primary at once.
+    Swapped {
+        guest: PrimaryGuest,
+        link: checkpoint::link::PrimaryLink,
+    },
     /// The checkpoint was the final one of a guest that had ended this way.
     Ended(VmOutcome),
 }
@@ -241,17 +247,27 @@ impl StandbyHost {
     /// on the network, then builds the VM on the checkpoint and starts it. From then on the
     /// guest runs alone: its output flows through open gates and its writes are marked, so
     /// that it can be protected again.
-    pub fn resume(self, t: Takeover) -> Result<Resumed, GuestError> {
+    pub fn resume(self, mut t: Takeover) -> Result<Resumed, GuestError> {
         let detection = checkpoint::standby::detection_time(&t);
+        let swap = t.link.take();
         let held = &t.state.output;
-        let mut console = console_sink(&self.host.console, held.console.first)?;
-        for chunk in &held.console.items {
-            console.write_console(&chunk.0);
-        }
+        // In a swap the old primary released everything up to the checkpoint already.
+        let (position, repeat) = match swap {
+            Some(_) => (held.console.end(), false),
+            None => (held.console.first, true),
+        };
+        let mut console = console_sink(&self.host.console, position)?;
         let mut net = self.net;
+        if repeat {
+            for chunk in &held.console.items {
+                console.write_console(&chunk.0);
+            }
+        }
         if let Some((tap, mac)) = &mut net {
-            for frame in &held.frames.items {
-                tap.send_frame(&frame.0);
+            if repeat {
+                for frame in &held.frames.items {
+                    tap.send_frame(&frame.0);
+                }
             }
             announce(tap, *mac, &held.addresses)?;
         }
@@ -263,7 +279,13 @@ impl StandbyHost {
             );
             return Ok(Resumed::Ended(outcome));
         }
-        let console = Gate::<ConsoleChunk>::new(Box::new(console), held.console.end(), Mode::Open);
+        // A swap's guest is protected from its first instruction here; a takeover's runs alone.
+        let mode = if swap.is_some() {
+            Mode::Held
+        } else {
+            Mode::Open
+        };
+        let console = Gate::<ConsoleChunk>::new(Box::new(console), held.console.end(), mode);
         let (disk, recorder, source) = match (&self.host.disk, t.bitmap) {
             (Some(path), Some(bitmap)) => {
                 let inner: Box<dyn BlockBackend> = Box::new(RawFileBackend::open(path).map_err(
@@ -273,8 +295,10 @@ impl StandbyHost {
                     },
                 )?);
                 let (backend, recorder) = RecordingBackend::new(inner, Some(bitmap));
-                // Alone: every write is a block a returning peer must get.
-                recorder.stop();
+                if swap.is_none() {
+                    // Alone: every write is a block a returning peer must get.
+                    recorder.stop();
+                }
                 let backend: Box<dyn BlockBackend> = Box::new(backend);
                 (
                     Some(backend),
@@ -291,7 +315,20 @@ impl StandbyHost {
             net,
         };
         let mut vmm = t.shell.restore(&t.state.vmm, io)?;
-        let outputs = Outputs::attach(console, Mode::Open, &vmm, FRAME_HOLD_LIMIT, recorder);
+        let outputs = Outputs::attach(console, mode, &vmm, FRAME_HOLD_LIMIT, recorder);
+        let guest = |vmm| PrimaryGuest {
+            vmm,
+            outputs,
+            image: source,
+        };
+        if let Some(link) = swap {
+            // Started by the protection, with dirty logging on from its first instruction.
+            info!(epoch = t.epoch, "swapped in: the guest runs on this node");
+            return Ok(Resumed::Swapped {
+                guest: guest(vmm),
+                link: link.into_primary(t.epoch),
+            });
+        }
         vmm.start()?;
         info!(
             epoch = t.epoch,
@@ -300,11 +337,7 @@ impl StandbyHost {
             restore_ms = t.drained.elapsed().as_secs_f64() * 1e3,
             "took over: the guest runs on this node"
         );
-        Ok(Resumed::Running(PrimaryGuest {
-            vmm,
-            outputs,
-            image: source,
-        }))
+        Ok(Resumed::Running(guest(vmm)))
     }
 
     /// Whether this node's guest has a NIC (takeovers then send frames and announce).

@@ -67,7 +67,7 @@ pub struct PeerView {
 }
 
 /// What this node's VM process reports.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum WorkerEvent {
     /// The guest booted and runs alone.
@@ -81,9 +81,15 @@ pub enum WorkerEvent {
     /// This primary lost its standby; the guest runs on alone.
     Unprotected { reason: String },
     /// This standby took over: the guest runs here, alone.
-    TookOver,
+    TookOver {
+        figures: crate::status::TakeoverFigures,
+    },
     /// The peer took over from this primary; it stopped and released nothing more.
     Deposed,
+    /// A swap: this primary handed the guest over at a checkpoint it holds, and stands by.
+    SwappedOut,
+    /// A swap: this standby resumed the guest, protected at once by the old primary.
+    SwappedIn,
     /// The guest ended with this code (on the primary, which told the standby).
     Exited { code: i32 },
     /// The primary continues without this standby.
@@ -93,7 +99,7 @@ pub enum WorkerEvent {
 }
 
 /// What the machine sees.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Event {
     /// The peer's daemon said this (on connecting, and whenever its view changes).
     Peer(PeerView),
@@ -330,7 +336,7 @@ impl Machine {
                 actions.extend(self.decide());
                 actions
             }
-            WorkerEvent::TookOver => {
+            WorkerEvent::TookOver { .. } => {
                 self.persisted.generation.go_alone();
                 self.persisted.was_primary = true;
                 self.standby_port = None;
@@ -339,6 +345,18 @@ impl Machine {
                 let mut actions = vec![Action::Persist];
                 actions.extend(self.decide());
                 actions
+            }
+            WorkerEvent::SwappedOut => {
+                self.persisted.was_primary = false;
+                self.protecting = None;
+                self.role = Role::Standby;
+                vec![Action::Persist]
+            }
+            WorkerEvent::SwappedIn => {
+                self.persisted.was_primary = true;
+                self.standby_port = None;
+                self.role = Role::Primary { protected: true };
+                vec![Action::Persist]
             }
             WorkerEvent::Deposed => {
                 self.persisted.was_primary = false;
@@ -489,6 +507,19 @@ mod tests {
         })
     }
 
+    fn took_over() -> WorkerEvent {
+        WorkerEvent::TookOver {
+            figures: crate::status::TakeoverFigures {
+                epoch: 7,
+                detection_ms: 1.0,
+                restore_ms: 1.0,
+                held_frames: 0,
+                held_console_bytes: 0,
+                reason: "test".into(),
+            },
+        }
+    }
+
     const STOPPED: Role = Role::Stopped {
         why: Stopped::WaitingForPeer,
     };
@@ -563,7 +594,7 @@ mod tests {
         let (_a, mut b) = protected_pair();
         b.step(Event::PeerGone);
         assert_eq!(
-            b.step(Event::Worker(WorkerEvent::TookOver)),
+            b.step(Event::Worker(took_over())),
             vec![Action::Persist, Action::Publish]
         );
         assert_eq!(b.persisted.generation.bitmap, Some(7));
@@ -751,7 +782,7 @@ mod tests {
     #[test]
     fn a_deposed_primary_resyncs_from_the_node_that_took_over() {
         let (mut a, mut b) = protected_pair();
-        b.step(Event::Worker(WorkerEvent::TookOver));
+        b.step(Event::Worker(took_over()));
         let actions = a.step(Event::Worker(WorkerEvent::Deposed));
         assert_eq!(actions[0], Action::Persist);
         assert_eq!(

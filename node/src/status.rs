@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct NodeStatus {
     pub node: String,
+    /// The daemon's process id (drills stop or kill it by pid).
+    #[serde(default)]
+    pub pid: Option<u32>,
     pub peer: PeerStatus,
     pub vms: Vec<VmStatus>,
 }
@@ -46,6 +49,32 @@ pub struct VmStatus {
     pub peer_role: Option<Role>,
     /// A command the operator may run, e.g. `ftvmm swap stencil --config ... --name a`.
     pub hint: Option<String>,
+    /// The highest checkpoint the standby acknowledged (on a primary) or committed (on a
+    /// standby).
+    #[serde(default)]
+    pub acked: u64,
+    /// The VM process's id, while one runs.
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// The last takeover on this node, if any.
+    #[serde(default)]
+    pub last_takeover: Option<TakeoverFigures>,
+}
+
+/// What a takeover cost, as the node that took over measured it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct TakeoverFigures {
+    /// The checkpoint it resumed from.
+    pub epoch: u64,
+    /// From the primary's last word to the decision that it was dead.
+    pub detection_ms: f64,
+    /// From the decision to the guest running here (drain, decode, build, start).
+    pub restore_ms: f64,
+    /// Output of the last checkpoint this node released itself (the primary may have too).
+    pub held_frames: u64,
+    pub held_console_bytes: u64,
+    /// Why the primary was judged dead.
+    pub reason: String,
 }
 
 /// A node's role for one VM.
@@ -392,6 +421,9 @@ mod tests {
             },
             peer_role: Some(Role::Standby),
             hint: None,
+            acked: 0,
+            pid: None,
+            last_takeover: None,
         }
     }
 
@@ -421,6 +453,9 @@ mod tests {
             },
             peer_role: Some(Role::Primary),
             hint: None,
+            acked: 0,
+            pid: None,
+            last_takeover: None,
         }
     }
 
@@ -444,12 +479,16 @@ mod tests {
             },
             peer_role: Some(Role::Stopped),
             hint: Some("ftvmm discard db --config /etc/ftvmm/pair.toml --name b".into()),
+            acked: 0,
+            pid: None,
+            last_takeover: None,
         }
     }
 
     fn node(vms: Vec<VmStatus>) -> NodeStatus {
         NodeStatus {
             node: "a".into(),
+            pid: None,
             peer: PeerStatus {
                 name: "b".into(),
                 connected: true,
@@ -491,6 +530,9 @@ mod tests {
             "generation",
             "peer_role",
             "hint",
+            "acked",
+            "pid",
+            "last_takeover",
         ]
         .into();
         assert_eq!(keys, expected);

@@ -5,16 +5,16 @@
 //! primary; a primary protects the guest whenever told where a standby listens, and goes on
 //! alone when the standby is lost; a standby that takes over becomes such a primary.
 
+use crossbeam_channel::{Receiver, RecvTimeoutError};
 use std::io::{BufRead, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use checkpoint::link::{self, Listener, PeerConfig};
+use checkpoint::link::{self, Listener, PeerConfig, PrimaryLink};
 use checkpoint::primary::{self, PrimaryEnd, PrimaryGuest, PrimaryReport, Watch};
-use checkpoint::standby::{self, StandbyEnd, StandbyProgress, StandbyWatch};
+use checkpoint::standby::{self, Begin, StandbyEnd, StandbyProgress, StandbyWatch, Takeover};
 use disk_sync::resync::all_blocks;
 use serde::{Deserialize, Serialize};
 use tracing::{info, info_span, warn};
@@ -23,6 +23,7 @@ use vmm::{VmConfig, VmOutcome};
 
 use crate::guest::{boot_primary, GuestError, GuestImage, HostSpec, Resumed, StandbyHost};
 use crate::role::WorkerEvent;
+use crate::status::TakeoverFigures;
 
 /// How the VM process starts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +77,8 @@ pub struct WorkerSpec {
 pub enum Command {
     /// Protect the guest with the standby listening at `addr`.
     Protect { addr: SocketAddr },
+    /// Hand the protected guest over to its standby at the end of the running epoch.
+    Swap,
 }
 
 /// Figures of a VM process, several times a second.
@@ -83,6 +86,8 @@ pub enum Command {
 pub struct Figures {
     /// Checkpoints taken (primary) or committed (standby).
     pub epoch: u64,
+    /// The highest acknowledged (primary) or committed (standby) checkpoint.
+    pub acked: u64,
     pub epochs_per_s: f64,
     pub last_ack_age_ms: Option<u64>,
     pub dirty_mib_s: f64,
@@ -156,7 +161,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Reads commands from `input` (after the spec line) onto a channel. The end of input means
 /// the daemon is gone: so is this VM process.
 pub fn commands(input: impl BufRead + Send + 'static) -> Receiver<Command> {
-    let (tx, rx) = mpsc::channel();
+    let (tx, rx) = crossbeam_channel::unbounded();
     std::thread::spawn(move || {
         for line in input.lines() {
             let Ok(line) = line else { break };
@@ -175,6 +180,25 @@ pub fn commands(input: impl BufRead + Send + 'static) -> Receiver<Command> {
     rx
 }
 
+/// What the VM process does next.
+enum Phase {
+    /// Run the guest alone until told where a standby listens.
+    Alone(PrimaryGuest),
+    /// Protect the guest over this link.
+    Protect(PrimaryGuest, PrimaryLink),
+    /// Stand by on this node's resources: for a primary that connects to the listener, or
+    /// with the checkpoint a swap left here.
+    Standby(Box<StandbyHost>, StandbyStart),
+    /// The guest ended, or this node's part in it did.
+    Done,
+}
+
+/// How a standby begins.
+enum StandbyStart {
+    Listen(Listener),
+    Continue(Box<Begin>),
+}
+
 /// Runs the VM process: `image` is what `spec.guest` names.
 pub fn run(
     spec: &WorkerSpec,
@@ -184,59 +208,101 @@ pub fn run(
 ) -> Result<(), WorkerError> {
     let _span = info_span!("vm", name = %spec.vm).entered();
     let peer = peer_config(spec)?;
-    match &spec.start {
+    let mut phase = match &spec.start {
         Start::Boot => {
             let mut guest = boot_primary(&spec.config, &image, &spec.host, false)?;
             guest.vmm.start()?;
             reporter.event(WorkerEvent::Booted);
-            alone(guest, &peer, commands, reporter)
+            Phase::Alone(guest)
         }
         Start::Listen { ip, full } => {
             let also = match (&spec.host.disk, full) {
                 (Some(path), true) => all_blocks(disk_size(path)?),
                 _ => Default::default(),
             };
-            let mut host = StandbyHost::open(&spec.host, &also, Duration::ZERO)?;
+            let host = StandbyHost::open(&spec.host, &also, Duration::ZERO)?;
             let listener = Listener::bind(&SocketAddr::new(*ip, 0).to_string())?;
             let port = listener.local_addr().map_err(link::LinkError::Io)?.port();
             reporter.event(WorkerEvent::Listening { port });
-            let watch = StandbyWatch::default();
-            let disk = host.take_disk();
-            let synced = AtomicBool::new(false);
-            let rates = Mutex::new(Rates::default());
-            let figures = || {
-                let progress = watch.snapshot();
-                // Not a standby until it holds a complete checkpoint: the first commit.
-                if progress.committed > 0 && !synced.swap(true, Ordering::SeqCst) {
-                    reporter.event(WorkerEvent::Synced);
+            Phase::Standby(Box::new(host), StandbyStart::Listen(listener))
+        }
+    };
+    loop {
+        phase = match phase {
+            Phase::Alone(guest) => alone(guest, &peer, commands, reporter),
+            Phase::Protect(guest, link) => protect(guest, link, spec, &peer, commands, reporter)?,
+            Phase::Standby(host, start) => standby(*host, start, reporter)?,
+            Phase::Done => return Ok(()),
+        };
+    }
+}
+
+/// Stands by until the primary exits, says goodbye, dies (this node takes over) or hands
+/// the guest over (this node resumes it, protected at once).
+fn standby(
+    mut host: StandbyHost,
+    start: StandbyStart,
+    reporter: &Reporter,
+) -> Result<Phase, WorkerError> {
+    let watch = StandbyWatch::default();
+    let disk = host.take_disk();
+    let synced = AtomicBool::new(matches!(start, StandbyStart::Continue(_)));
+    let rates = Mutex::new(Rates::default());
+    let figures = || {
+        let progress = watch.snapshot();
+        // Not a standby until it holds a complete checkpoint: the first commit.
+        if progress.committed > 0 && !synced.swap(true, Ordering::SeqCst) {
+            reporter.event(WorkerEvent::Synced);
+        }
+        standby_figures(&progress, &mut lock(&rates))
+    };
+    let end = figures_while(reporter, figures, || match start {
+        StandbyStart::Listen(listener) => standby::serve(&listener, &host.local, disk, &watch),
+        StandbyStart::Continue(begin) => standby::stand_by(*begin, disk, &watch),
+    })?;
+    Ok(match end {
+        StandbyEnd::Exit(code) => {
+            reporter.event(WorkerEvent::Exited { code });
+            Phase::Done
+        }
+        StandbyEnd::Goodbye => {
+            reporter.event(WorkerEvent::Goodbye);
+            Phase::Done
+        }
+        StandbyEnd::Takeover(t) => {
+            let mut figures = takeover_figures(&t);
+            let decided = t.decided;
+            let resumed = host.resume(*t)?;
+            figures.restore_ms = decided.elapsed().as_secs_f64() * 1e3;
+            match resumed {
+                Resumed::Running(guest) => {
+                    reporter.event(WorkerEvent::TookOver { figures });
+                    Phase::Alone(guest)
                 }
-                standby_figures(&progress, &mut lock(&rates))
-            };
-            let end = figures_while(reporter, figures, || {
-                standby::serve(&listener, &host.local, disk, &watch)
-            })?;
-            match end {
-                StandbyEnd::Exit(code) => {
-                    reporter.event(WorkerEvent::Exited { code });
-                    Ok(())
+                Resumed::Swapped { guest, link } => {
+                    reporter.event(WorkerEvent::SwappedIn);
+                    Phase::Protect(guest, link)
                 }
-                StandbyEnd::Goodbye => {
-                    reporter.event(WorkerEvent::Goodbye);
-                    Ok(())
-                }
-                StandbyEnd::Takeover(t) => {
-                    let resumed = host.resume(*t)?;
-                    reporter.event(WorkerEvent::TookOver);
-                    match resumed {
-                        Resumed::Running(guest) => alone(guest, &peer, commands, reporter),
-                        Resumed::Ended(outcome) => {
-                            ended(reporter, outcome);
-                            Ok(())
-                        }
-                    }
+                Resumed::Ended(outcome) => {
+                    reporter.event(WorkerEvent::TookOver { figures });
+                    ended(reporter, outcome);
+                    Phase::Done
                 }
             }
         }
+    })
+}
+
+/// What a takeover cost so far (its restore is measured once the guest runs).
+fn takeover_figures(t: &Takeover) -> TakeoverFigures {
+    let held = &t.state.output;
+    TakeoverFigures {
+        epoch: t.epoch,
+        detection_ms: standby::detection_time(t).as_secs_f64() * 1e3,
+        restore_ms: 0.0,
+        held_frames: usize_to_u64(held.frames.items.len()),
+        held_console_bytes: held.console.end().saturating_sub(held.console.first),
+        reason: t.reason.clone(),
     }
 }
 
@@ -274,20 +340,24 @@ fn ended(reporter: &Reporter, outcome: VmOutcome) {
     });
 }
 
-/// Runs the guest alone until it ends, protecting it whenever the daemon names a standby.
+/// Runs the guest alone until it ends, or until the daemon names a standby and it connects.
 fn alone(
-    mut guest: PrimaryGuest,
+    guest: PrimaryGuest,
     peer: &PeerConfig,
     commands: &Receiver<Command>,
     reporter: &Reporter,
-) -> Result<(), WorkerError> {
+) -> Phase {
     loop {
         if let Some(outcome) = guest.vmm.outcome() {
             ended(reporter, outcome);
-            return Ok(());
+            return Phase::Done;
         }
         let addr = match commands.recv_timeout(Duration::from_millis(50)) {
             Ok(Command::Protect { addr }) => addr,
+            Ok(Command::Swap) => {
+                warn!("a swap needs a standby; this guest runs alone");
+                continue;
+            }
             Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => {
                 // The command reader ends this process when the daemon goes.
@@ -295,45 +365,74 @@ fn alone(
                 continue;
             }
         };
-        let link = match link::connect(&addr.to_string(), peer, CONNECT_TIMEOUT) {
-            Ok(link) => link,
-            Err(e) => {
-                reporter.event(WorkerEvent::Unprotected {
-                    reason: e.to_string(),
-                });
-                continue;
+        match link::connect(&addr.to_string(), peer, CONNECT_TIMEOUT) {
+            Ok(link) => {
+                info!(%addr, "standby connected; protecting the guest");
+                return Phase::Protect(guest, link);
             }
-        };
-        info!(%addr, "standby connected; protecting the guest");
-        let watch = Watch::default();
-        let protected = AtomicBool::new(false);
-        let rates = Mutex::new(Rates::default());
-        let figures = || {
-            watch.peek(|report| {
-                if report.acked > 0 && !protected.swap(true, Ordering::SeqCst) {
-                    reporter.event(WorkerEvent::Protected);
-                }
-                primary_figures(report, &mut lock(&rates))
-            })
-        };
-        let (end, _report) = figures_while(reporter, figures, || {
-            primary::protect(guest, link, peer, &watch)
-        })?;
-        match end {
-            PrimaryEnd::Guest(outcome) => {
-                ended(reporter, outcome);
-                return Ok(());
-            }
-            PrimaryEnd::Deposed => {
-                reporter.event(WorkerEvent::Deposed);
-                return Ok(());
-            }
-            PrimaryEnd::Alone { guest: g, reason } => {
-                reporter.event(WorkerEvent::Unprotected { reason });
-                guest = *g;
-            }
+            Err(e) => reporter.event(WorkerEvent::Unprotected {
+                reason: e.to_string(),
+            }),
         }
     }
+}
+
+/// Protects the guest over `link` until it ends, the standby is lost or takes over, or a swap
+/// hands the guest over (this node then stands by with the checkpoint it stopped at).
+fn protect(
+    guest: PrimaryGuest,
+    link: PrimaryLink,
+    spec: &WorkerSpec,
+    peer: &PeerConfig,
+    commands: &Receiver<Command>,
+    reporter: &Reporter,
+) -> Result<Phase, WorkerError> {
+    let watch = Watch::default();
+    // Protected at once after a swap: the standby holds the checkpoint already.
+    let protected = AtomicBool::new(link.continuing.is_some());
+    let rates = Mutex::new(Rates::default());
+    let figures = || {
+        if let Ok(Command::Swap) = commands.try_recv() {
+            info!("swap asked for: handing the guest over at the end of this epoch");
+            watch.ask_swap();
+        }
+        watch.peek(|report| {
+            if report.acked > 0 && !protected.swap(true, Ordering::SeqCst) {
+                reporter.event(WorkerEvent::Protected);
+            }
+            primary_figures(report, &mut lock(&rates))
+        })
+    };
+    let (end, _report) = figures_while(reporter, figures, || {
+        primary::protect(guest, link, peer, &watch)
+    })?;
+    Ok(match end {
+        PrimaryEnd::Guest(outcome) => {
+            ended(reporter, outcome);
+            Phase::Done
+        }
+        PrimaryEnd::Deposed => {
+            reporter.event(WorkerEvent::Deposed);
+            Phase::Done
+        }
+        PrimaryEnd::Alone { guest, reason } => {
+            reporter.event(WorkerEvent::Unprotected { reason });
+            Phase::Alone(*guest)
+        }
+        PrimaryEnd::HandedOver(h) => {
+            let host = StandbyHost::open(&spec.host, &Default::default(), Duration::ZERO)?;
+            let shell = vmm::Vmm::prepare(&peer.vm, h.memory.clone(), &spec.host.kvm)?;
+            reporter.event(WorkerEvent::SwappedOut);
+            let begin = Begin {
+                config: peer.clone(),
+                link: h.link,
+                memory: h.memory,
+                shell,
+                committed: Some((h.epoch, h.state)),
+            };
+            Phase::Standby(Box::new(host), StandbyStart::Continue(Box::new(begin)))
+        }
+    })
 }
 
 /// Runs `work`, reporting `figures()` every [`FIGURES_EVERY`] meanwhile.
@@ -394,6 +493,7 @@ fn primary_figures(r: &PrimaryReport, rates: &mut Rates) -> Figures {
     );
     Figures {
         epoch: r.epochs,
+        acked: r.acked,
         epochs_per_s,
         last_ack_age_ms: r.oldest_unacked.map(|d| saturating_u64(d.as_millis())),
         dirty_mib_s: dirty / MIB,
@@ -410,6 +510,7 @@ fn standby_figures(p: &StandbyProgress, rates: &mut Rates) -> Figures {
     let (epochs_per_s, _, _) = rates.per_second(p.committed, 0, 0);
     Figures {
         epoch: p.committed,
+        acked: p.committed,
         epochs_per_s,
         last_ack_age_ms: p
             .committed_at

@@ -379,24 +379,32 @@ impl Node {
     }
 }
 
-/// Merges two console files written at stream offsets: the standby's bytes win where it wrote
-/// (unwritten bytes of a file are zero); where both wrote, they must be equal.
-pub fn merge(primary: &[u8], standby: &[u8]) -> Vec<u8> {
-    let Some(first) = standby.iter().position(|&b| b != 0) else {
-        // The standby wrote nothing (it never took over): the stream is the primary's.
-        return primary.to_vec();
-    };
-    let overlap = primary.len().min(standby.len());
-    if first < overlap {
-        assert_eq!(
-            primary[first..overlap],
-            standby[first..overlap],
-            "nodes diverge"
-        );
+/// Merges console files written at stream offsets by the nodes that ran a guest in turn
+/// (unwritten bytes of a file are zero: console output here is text). Where two wrote, they
+/// must be equal; the merged stream must have no hole.
+pub fn merge(first: &[u8], second: &[u8]) -> Vec<u8> {
+    merge_all(&[first, second])
+}
+
+/// [`merge`] of any number of files.
+pub fn merge_all(files: &[&[u8]]) -> Vec<u8> {
+    let len = files.iter().map(|f| f.len()).max().unwrap_or(0);
+    let mut merged = vec![0u8; len];
+    for file in files {
+        for (at, (&byte, out)) in file.iter().zip(merged.iter_mut()).enumerate() {
+            if byte == 0 {
+                continue;
+            }
+            assert!(
+                *out == 0 || *out == byte,
+                "nodes diverge at stream offset {at}"
+            );
+            *out = byte;
+        }
     }
-    assert!(first <= primary.len(), "gap between the nodes' output");
-    let mut merged = primary[..first].to_vec();
-    merged.extend_from_slice(&standby[first..]);
+    if let Some(hole) = merged.iter().position(|&b| b == 0) {
+        panic!("gap between the nodes' output at stream offset {hole} of {len}");
+    }
     merged
 }
 

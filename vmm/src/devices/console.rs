@@ -27,12 +27,14 @@ pub struct FileConsole {
 }
 
 impl FileConsole {
-    /// Creates (or truncates) `path`; the stream starts at offset `offset`.
+    /// Opens `path` for the stream from offset `offset`: a stream that starts (offset 0)
+    /// truncates the file; one that goes on (a takeover, a swap) keeps what the file holds of
+    /// its earlier part, which this node may have written itself.
     pub fn create(path: &Path, offset: u64) -> io::Result<Self> {
         let file = File::options()
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(offset == 0)
             .open(path)?;
         Ok(Self { file, offset })
     }
