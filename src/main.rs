@@ -35,6 +35,9 @@ enum Command {
     /// Swap a protected VM's roles: its primary hands it over to its standby at an epoch's
     /// end, with no loss and no resync (the old primary is the standby at once).
     Swap(node_args::VmArgs),
+    /// Rehearse a failure on a protected pair and report what it cost (detection, restore,
+    /// epochs lost, time to protection, the service's stall).
+    Drill(node_args::DrillArgs),
     /// Discard this node's copy of a VM whose history cannot be ordered with the peer's: it
     /// takes every block from the peer.
     Discard(node_args::VmArgs),
@@ -70,6 +73,7 @@ fn main() -> ExitCode {
         Command::Status(args) => node_args::status(&args),
         Command::Discard(args) => node_args::discard(&args),
         Command::Swap(args) => node_args::swap(&args),
+        Command::Drill(args) => node_args::drill(&args),
         Command::VmWorker => node_args::vm_worker(),
     };
     match result {

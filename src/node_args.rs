@@ -63,6 +63,36 @@ pub fn discard(args: &VmArgs) -> Result<ExitCode, Error> {
     }
 }
 
+/// `ftvmm drill`: rehearse a failure on a protected pair.
+#[derive(Args, Debug, Clone)]
+pub struct DrillArgs {
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// The fault: kill-primary, hang-primary, kill-standby, kill-node or swap.
+    #[arg(long, value_parser = parse_fault)]
+    pub fault: node::drill::Fault,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_fault(s: &str) -> Result<node::drill::Fault, String> {
+    node::drill::Fault::parse(s).ok_or_else(|| {
+        format!("bad fault '{s}': use kill-primary, hang-primary, kill-standby, kill-node or swap")
+    })
+}
+
+pub fn drill(args: &DrillArgs) -> Result<ExitCode, Error> {
+    let config = config::load(&args.vm.config)?;
+    let report = node::drill::drill(&config, &args.vm.name, &args.vm.vm, args.fault)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.render());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// How long `ftvmm swap` waits for the roles to turn round.
 const SWAP_LIMIT: Duration = Duration::from_secs(60);
 

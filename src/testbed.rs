@@ -19,60 +19,26 @@ pub const GUEST_IP: &str = "192.0.2.2";
 /// The port builtin:kv listens on in tests and benchmarks.
 pub const KV_PORT: u16 = 7000;
 
-fn kv_connect() -> Result<TcpStream, String> {
-    let addr = format!("{GUEST_IP}:{KV_PORT}")
-        .parse()
-        .map_err(|_| "bad address")?;
-    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
-        .map_err(|e| format!("connect: {e}"))?;
-    stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
-    Ok(stream)
+fn kv_addr() -> std::net::SocketAddr {
+    std::net::SocketAddr::from((
+        GUEST_IP
+            .parse::<std::net::Ipv4Addr>()
+            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+        KV_PORT,
+    ))
 }
 
-/// A kv client on one connection: sends k = 1, 2, 3, ... one at a time (each request in one
-/// segment), checks each reply `{k} {total}`, publishes the last k answered in `progress`,
-/// until `stop` is set. Between a reply and the next request it waits a pseudo-random time
-/// below `think` (zero: back to back). Returns each request's round trip; any error (reset,
-/// wrong or missing reply, none within 10 s) ends it with the request it happened on.
+fn kv_connect() -> Result<TcpStream, String> {
+    node::probe::kv_connect(kv_addr())
+}
+
+/// [`node::probe::kv_sequential`] to the test bed's guest.
 pub fn kv_sequential(
     progress: &AtomicU64,
     stop: &AtomicBool,
     think: Duration,
 ) -> Result<Vec<Duration>, String> {
-    let stream = kv_connect()?;
-    let mut reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
-    let mut writer = stream;
-    let (mut total, mut k) = (0u64, 0u64);
-    let mut round_trips = Vec::new();
-    let mut reply = String::new();
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    while !stop.load(Ordering::SeqCst) {
-        k += 1;
-        if !think.is_zero() {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            std::thread::sleep(think.mul_f64((seed % 1000) as f64 / 1000.0));
-        }
-        let asked = Instant::now();
-        writer
-            .write_all(format!("{k}\n").as_bytes())
-            .map_err(|e| format!("request {k}: {e}"))?;
-        reply.clear();
-        reader
-            .read_line(&mut reply)
-            .map_err(|e| format!("reply to {k}: {e}"))?;
-        total += k;
-        if reply != format!("{k} {total}\n") {
-            return Err(format!("reply to {k}: got {reply:?}, want \"{k} {total}\""));
-        }
-        round_trips.push(asked.elapsed());
-        progress.store(k, Ordering::SeqCst);
-    }
-    Ok(round_trips)
+    node::probe::kv_sequential(kv_addr(), progress, stop, think)
 }
 
 /// A kv client that writes `lines` requests at once on one connection while reading the

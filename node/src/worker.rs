@@ -153,6 +153,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// How often the VM process looks at its commands and progress while it protects or stands by.
+const POLL_EVERY: Duration = Duration::from_millis(5);
 /// How often figures are reported.
 const FIGURES_EVERY: Duration = Duration::from_millis(250);
 /// How long a primary waits for the standby it was told of to answer.
@@ -248,15 +250,14 @@ fn standby(
     let disk = host.take_disk();
     let synced = AtomicBool::new(matches!(start, StandbyStart::Continue(_)));
     let rates = Mutex::new(Rates::default());
-    let figures = || {
-        let progress = watch.snapshot();
+    let poll = || {
         // Not a standby until it holds a complete checkpoint: the first commit.
-        if progress.committed > 0 && !synced.swap(true, Ordering::SeqCst) {
+        if watch.snapshot().committed > 0 && !synced.swap(true, Ordering::SeqCst) {
             reporter.event(WorkerEvent::Synced);
         }
-        standby_figures(&progress, &mut lock(&rates))
     };
-    let end = figures_while(reporter, figures, || match start {
+    let figures = || standby_figures(&watch.snapshot(), &mut lock(&rates));
+    let end = figures_while(reporter, poll, figures, || match start {
         StandbyStart::Listen(listener) => standby::serve(&listener, &host.local, disk, &watch),
         StandbyStart::Continue(begin) => standby::stand_by(*begin, disk, &watch),
     })?;
@@ -391,19 +392,17 @@ fn protect(
     // Protected at once after a swap: the standby holds the checkpoint already.
     let protected = AtomicBool::new(link.continuing.is_some());
     let rates = Mutex::new(Rates::default());
-    let figures = || {
+    let poll = || {
         if let Ok(Command::Swap) = commands.try_recv() {
             info!("swap asked for: handing the guest over at the end of this epoch");
             watch.ask_swap();
         }
-        watch.peek(|report| {
-            if report.acked > 0 && !protected.swap(true, Ordering::SeqCst) {
-                reporter.event(WorkerEvent::Protected);
-            }
-            primary_figures(report, &mut lock(&rates))
-        })
+        if watch.peek(|report| report.acked > 0) && !protected.swap(true, Ordering::SeqCst) {
+            reporter.event(WorkerEvent::Protected);
+        }
     };
-    let (end, _report) = figures_while(reporter, figures, || {
+    let figures = || watch.peek(|report| primary_figures(report, &mut lock(&rates)));
+    let (end, _report) = figures_while(reporter, poll, figures, || {
         primary::protect(guest, link, peer, &watch)
     })?;
     Ok(match end {
@@ -438,15 +437,21 @@ fn protect(
 /// Runs `work`, reporting `figures()` every [`FIGURES_EVERY`] meanwhile.
 fn figures_while<T>(
     reporter: &Reporter,
+    poll: impl Fn() + Sync,
     figures: impl Fn() -> Figures + Sync,
     work: impl FnOnce() -> T,
 ) -> T {
     let running = AtomicBool::new(true);
     std::thread::scope(|s| {
         s.spawn(|| {
+            let mut sent = Instant::now() - FIGURES_EVERY;
             while running.load(Ordering::Relaxed) {
-                reporter.send(&Report::Figures(figures()));
-                std::thread::sleep(FIGURES_EVERY);
+                poll();
+                if sent.elapsed() >= FIGURES_EVERY {
+                    sent = Instant::now();
+                    reporter.send(&Report::Figures(figures()));
+                }
+                std::thread::sleep(POLL_EVERY);
             }
             // The last figures, so that the daemon sees the final state (and the first
             // commit of a standby that took over at once).
