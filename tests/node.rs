@@ -415,3 +415,270 @@ fn unrelated_images_are_refused() {
         assert_eq!(s.role, Role::Stopped, "{node}: {s:?}");
     }
 }
+
+/// The kv pair of the network tests: node a preferred, `policy` on top of the tests' timing.
+fn kv_pair(tag: &str, topo: &PairTopology, policy: &str) -> Pair {
+    let vm = format!(
+        "[policy]\nfailover_timeout_ms = 1000\nack_timeout_ms = 20000\n{policy}\n\n\
+         [[vm]]\nname = \"kv\"\npayload = \"builtin:kv\"\n\
+         args = [\"ip={GUEST_IP}/24\", \"port={KV_PORT}\", \"log=16\"]\n\
+         mem = \"64M\"\nmac = \"02:00:00:00:00:02\"\n\
+         [vm.nodes.a]\ndisk = \"{{dir}}/a-kv.img\"\ntap = \"ftkv0\"\nbridge = \"{BRIDGE}\"\n\
+         [vm.nodes.b]\ndisk = \"{{dir}}/b-kv.img\"\ntap = \"ftkv0\"\nbridge = \"{BRIDGE}\"\n"
+    );
+    let hosts = Hosts::Namespaces {
+        a: topo.a.clone(),
+        b: topo.b.clone(),
+        a_ip: HOST_A_IP.into(),
+        b_ip: HOST_B_IP.into(),
+    };
+    let pair = Pair::new(tag, hosts, &vm);
+    images(&pair, "kv", 64 << 20);
+    pair
+}
+
+/// A kv client on one connection, running in the topology's client namespace until stopped.
+struct Client {
+    progress: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Result<Vec<Duration>, String>>,
+}
+
+impl Client {
+    fn start(topo: &PairTopology) -> Self {
+        let progress = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (progress, stop) = (progress.clone(), stop.clone());
+            topo.spawn_in_client(move || kv_sequential(&progress, &stop, Duration::ZERO))
+        };
+        Self {
+            progress,
+            stop,
+            thread,
+        }
+    }
+
+    /// Waits for `n` more replies.
+    fn replies(&self, n: u64) {
+        let at = self.progress.load(Ordering::SeqCst);
+        assert!(
+            wait_for(LIMIT, || self.progress.load(Ordering::SeqCst) >= at + n
+                || self.thread.is_finished()),
+            "the client's stream stalled at {at}"
+        );
+        assert!(
+            !self.thread.is_finished(),
+            "the client's stream ended at {at}"
+        );
+    }
+
+    /// Stops the client; every reply was right; returns the round trips.
+    fn finish(self, pair: &Pair) -> Vec<Duration> {
+        self.stop.store(true, Ordering::SeqCst);
+        match self.thread.join() {
+            Ok(Ok(rt)) => rt,
+            Ok(Err(e)) => panic!(
+                "the stream broke: {e}\nlog a:\n{}\nlog b:\n{}",
+                pair.log("a"),
+                pair.log("b")
+            ),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+}
+
+/// The whole cycle with one client connection open throughout: a runs kv protected, node a is
+/// killed, b takes over, a returns and resyncs, and the guest goes back to a by itself
+/// (failback = auto); no reply was wrong or missing, and the images are equal at the end.
+#[test]
+fn the_guest_goes_home_by_itself_once_its_node_returns() {
+    let _one = one_pair();
+    let topo = PairTopology::new("home").expect("test topology");
+    let mut pair = kv_pair(
+        "home",
+        &topo,
+        "failback = \"auto\"\nfailback_delay = \"1s\"",
+    );
+    pair.start("a");
+    pair.start("b");
+    pair.wait_protected("kv", "a", LIMIT);
+    let client = Client::start(&topo);
+    client.replies(50);
+    pair.kill("a");
+    pair.wait_vm("b", "kv", LIMIT, "running alone", |s| {
+        s.role == Role::Primary && !s.protected
+    });
+    client.replies(50);
+    pair.start("a");
+    pair.wait_protected("kv", "b", LIMIT);
+    // Home again by itself, failback_delay after a is b's synced standby.
+    pair.wait_protected("kv", "a", LIMIT);
+    assert!(
+        pair.log("b").contains("failing back"),
+        "no automatic failback in b's log"
+    );
+    client.replies(50);
+    let round_trips = client.finish(&pair);
+    println!(
+        "{} replies; longest {} ms",
+        round_trips.len(),
+        round_trips
+            .iter()
+            .max()
+            .unwrap_or(&Duration::ZERO)
+            .as_millis()
+    );
+    topo.in_client(kv_quit).expect("kv quits");
+    for node in ["a", "b"] {
+        pair.wait_vm(node, "kv", LIMIT, "ended", |s| s.role == Role::Stopped);
+    }
+    assert!(
+        std::fs::read(pair.path("a-kv.img")).unwrap()
+            == std::fs::read(pair.path("b-kv.img")).unwrap(),
+        "the images differ"
+    );
+}
+
+/// Swaps under load: the client's connection goes on through a swap to b and one back, with
+/// no wrong or missing reply; each swap leaves the old primary the standby at once.
+#[test]
+fn a_swap_under_load_loses_no_reply() {
+    let _one = one_pair();
+    let topo = PairTopology::new("swap").expect("test topology");
+    let mut pair = kv_pair("swap", &topo, "failback = \"manual\"");
+    pair.start("a");
+    pair.start("b");
+    pair.wait_protected("kv", "a", LIMIT);
+    let client = Client::start(&topo);
+    client.replies(50);
+    let config = pair.config_path.display().to_string();
+    for (to, from) in [("b", "a"), ("a", "b")] {
+        let out = common::ftvmm(&["swap", "kv", "--config", &config, "--name", from], LIMIT);
+        assert!(out.status.success(), "{}", common::stderr_of(&out));
+        let said = common::stdout_of(&out);
+        assert!(
+            said.contains(&format!("{to} runs it, protected by {from}")),
+            "{said}"
+        );
+        println!("{}", said.trim_end());
+        pair.wait_protected("kv", to, LIMIT);
+        client.replies(50);
+    }
+    let round_trips = client.finish(&pair);
+    println!(
+        "{} replies; longest {} ms",
+        round_trips.len(),
+        round_trips
+            .iter()
+            .max()
+            .unwrap_or(&Duration::ZERO)
+            .as_millis()
+    );
+    assert!(!pair.log("a").contains("resync of the disk begins bytes"));
+}
+
+/// A swap asked for while the standby is still syncing is refused with the reason, and
+/// changes nothing.
+#[test]
+fn a_swap_while_the_standby_syncs_is_refused() {
+    let _one = one_pair();
+    let vm = "[policy]\nfailover_timeout_ms = 1000\nack_timeout_ms = 20000\nresync_max_mib_s = 16\n\n\
+              [[vm]]\nname = \"calc\"\npayload = \"builtin:stencil\"\n\
+              args = [\"n=128\", \"steps=100000000\", \"report=100000\"]\nmem = \"64M\"\n\
+              [vm.nodes.a]\ndisk = \"{dir}/a-calc.img\"\n[vm.nodes.b]\ndisk = \"{dir}/b-calc.img\"\n";
+    let mut pair = Pair::new("swapsync", Hosts::Loopback, vm);
+    images(&pair, "calc", 256 << 20);
+    pair.start("a");
+    pair.start("b");
+    pair.wait_vm("b", "calc", LIMIT, "syncing", |s| s.role == Role::Syncing);
+    let config = pair.config_path.display().to_string();
+    let out = common::ftvmm(&["swap", "calc", "--config", &config, "--name", "a"], LIMIT);
+    let err = common::one_error_line(&out);
+    assert!(err.contains("calc cannot swap now"), "{err}");
+    assert!(err.contains("syncing"), "{err}");
+    let a = pair.vm("a", "calc").expect("a answers");
+    assert_eq!(a.role, Role::Primary, "{a:?}");
+    assert_eq!(pair.vm("b", "calc").map(|s| s.role), Some(Role::Syncing));
+}
+
+/// Runs `ftvmm drill` with `fault` on the stencil pair; returns its JSON report.
+fn drill(pair: &Pair, fault: &str) -> serde_json::Value {
+    let config = pair.config_path.display().to_string();
+    let out = common::ftvmm(
+        &[
+            "drill", "calc", "--config", &config, "--name", "a", "--fault", fault, "--json",
+        ],
+        Duration::from_secs(300),
+    );
+    assert!(
+        out.status.success(),
+        "drill {fault}: {}\nlog a:\n{}\nlog b:\n{}",
+        common::stderr_of(&out),
+        pair.log("a"),
+        pair.log("b")
+    );
+    let report: serde_json::Value = serde_json::from_str(&common::stdout_of(&out))
+        .unwrap_or_else(|e| panic!("drill {fault}: {e}: {}", common::stdout_of(&out)));
+    println!("{report}");
+    report
+}
+
+/// Every drill on a protected pair: each reports no committed epoch lost and ends with the
+/// pair protected again, in the roles it started in (a swap's report, swapped). A drill on a
+/// pair that is not protected is refused and changes nothing.
+#[test]
+fn every_drill_ends_with_the_pair_protected_and_reports_its_cost() {
+    let _one = one_pair();
+    let vm = "[policy]\nfailover_timeout_ms = 1000\nack_timeout_ms = 20000\nfailback_delay = \"1s\"\n\n\
+              [[vm]]\nname = \"calc\"\npayload = \"builtin:stencil\"\n\
+              args = [\"n=128\", \"steps=100000000\", \"report=20000\"]\nmem = \"64M\"\n\
+              [vm.nodes.a]\ndisk = \"{dir}/a-calc.img\"\n[vm.nodes.b]\ndisk = \"{dir}/b-calc.img\"\n";
+    let mut pair = Pair::new("drills", Hosts::Loopback, vm);
+    images(&pair, "calc", 16 << 20);
+    pair.start("a");
+    let config = pair.config_path.display().to_string();
+    // a alone (its peer not started): not protected, refused.
+    pair.wait_vm("a", "calc", LIMIT, "running alone", |s| {
+        s.role == Role::Primary
+    });
+    let out = common::ftvmm(
+        &[
+            "drill",
+            "calc",
+            "--config",
+            &config,
+            "--name",
+            "a",
+            "--fault",
+            "kill-primary",
+        ],
+        LIMIT,
+    );
+    let err = common::one_error_line(&out);
+    assert!(err.contains("calc is not protected"), "{err}");
+    assert_eq!(pair.vm("a", "calc").map(|s| s.role), Some(Role::Primary));
+
+    pair.start("b");
+    pair.wait_protected("calc", "a", LIMIT);
+    for fault in [
+        "kill-primary",
+        "hang-primary",
+        "kill-standby",
+        "kill-node",
+        "swap",
+    ] {
+        let report = drill(&pair, fault);
+        assert_eq!(report["fault"], fault);
+        assert_eq!(report["epochs_lost"], 0, "{report}");
+        for key in ["detection_ms", "restore_ms", "reprotected_s", "stall_ms"] {
+            assert!(report[key].as_f64().is_some(), "{key}: {report}");
+        }
+        let home = if fault == "swap" { "b" } else { "a" };
+        pair.wait_protected("calc", home, Duration::from_secs(5));
+        if fault == "swap" {
+            // The drill leaves a swap swapped; the preferred node takes it back by itself.
+            pair.wait_protected("calc", "a", LIMIT);
+        }
+    }
+}

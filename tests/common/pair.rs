@@ -186,5 +186,15 @@ impl Drop for Pair {
             let _ = daemon.child.0.kill();
             let _ = daemon.child.0.wait();
         }
+        // A daemon started by someone else (a kill-node drill starts the node again) says
+        // its pid in its status.
+        for node in NODES {
+            if let Some(pid) = self.status(node).and_then(|s| s.pid) {
+                if let Ok(pid) = libc::pid_t::try_from(pid) {
+                    // SAFETY: kill(2) has no memory effects; the pid is a daemon of this pair.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
     }
 }
