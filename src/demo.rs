@@ -1,115 +1,35 @@
-//! `ftvmm demo`: the main job with no configuration. Runs the stencil workload (2-D heat
-//! diffusion over two vCPUs) once unreplicated for its fault-free checksum, then as a protected
-//! primary with a standby on loopback (two child processes of this binary), kills the primary
-//! with SIGKILL mid-run, and shows the guest finishing on the standby with the same checksum.
+//! `ftvmm demo`: the main job with no configuration. Runs the pair of
+//! `examples/local-pair.toml` (two node daemons on this host over loopback, its paths and ports
+//! moved into a scratch directory) through the whole protected cycle: the stencil VM runs
+//! protected on node a; node a is killed; b takes over; a returns, resyncs and stands by; the
+//! guest goes back to a by itself; the final checksum equals the one of a fault-free run of the
+//! same guest. Ends with what each step cost.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+use node::config::{self, Config, GuestSpec, NodeConfig};
+use node::status::{Role, VmStatus};
 use vmm::builder::HostIo;
 use vmm::{GuestKind, VmConfig, VmOutcome, Vmm};
 
 use crate::run::{Capture, Error, Node};
 
-const N: usize = 512;
-const STEPS: u64 = 60_000;
-const REPORT: u64 = 5_000;
-const VCPUS: u32 = 2;
-/// The primary is killed once the guest has reported this step (its output was released, so
-/// the standby holds a checkpoint at least that far on).
-const KILL_AT_STEP: u64 = 20_000;
-const LIMIT: Duration = Duration::from_secs(300);
-
-fn guest_args() -> Vec<String> {
-    vec![
-        format!("n={N}"),
-        format!("steps={STEPS}"),
-        format!("report={REPORT}"),
-    ]
-}
+/// The pair the demo runs, as the README shows it.
+const EXAMPLE: &str = include_str!("../examples/local-pair.toml");
+const VM: &str = "stencil";
+const LIMIT: Duration = Duration::from_secs(180);
+const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+/// Node a is killed once the guest reported this share of its steps.
+const KILL_AT: f64 = 0.15;
 
 fn checksum_of(text: &str) -> Option<u64> {
     text.lines()
         .find_map(|l| l.strip_prefix("checksum "))
         .and_then(|h| u64::from_str_radix(h, 16).ok())
-}
-
-/// The fault-free run: the same guest, unreplicated, in this process.
-fn fault_free() -> Result<u64, Error> {
-    let capture = Capture::default();
-    let io = HostIo {
-        kvm_path: "/dev/kvm".into(),
-        console: Box::new(capture.clone()),
-        disk: None,
-        net: None,
-    };
-    let config = VmConfig {
-        mem_size: 128 << 20,
-        vcpus: VCPUS,
-        args: guest_args(),
-        kind: GuestKind::Payload,
-    };
-    let payload = crate::payloads::builtin("stencil").ok_or("stencil payload missing")?;
-    let mut vmm = Vmm::boot_payload(&config, payload, io)?;
-    vmm.start()?;
-    match vmm.wait() {
-        VmOutcome::Exited(0) => {}
-        other => return Err(format!("the fault-free run ended with {other:?}").into()),
-    }
-    Ok(checksum_of(&capture.text()).ok_or("the fault-free run printed no checksum")?)
-}
-
-/// Shows a node's console file as it grows. Both nodes write the guest's console stream at
-/// absolute offsets, so the standby's tail starts where the primary's released output ended,
-/// reading the stream through `under` (the primary's file) up to the standby's first byte.
-struct Tail {
-    path: PathBuf,
-    under: Option<PathBuf>,
-    tag: &'static str,
-    /// Stream offset up to which lines were shown.
-    offset: usize,
-    /// The lines shown so far.
-    text: String,
-}
-
-impl Tail {
-    fn new(path: PathBuf, under: Option<PathBuf>, tag: &'static str, offset: usize) -> Self {
-        Self {
-            path,
-            under,
-            tag,
-            offset,
-            text: String::new(),
-        }
-    }
-
-    /// Prints the complete lines written past `offset`.
-    fn show(&mut self) {
-        let mut bytes = std::fs::read(&self.path).unwrap_or_default();
-        if let Some(under) = &self.under {
-            // Unwritten bytes of a console file read as zero.
-            let first = bytes.iter().position(|&b| b != 0).unwrap_or(bytes.len());
-            let mut merged = std::fs::read(under).unwrap_or_default();
-            merged.truncate(first);
-            merged.extend_from_slice(&bytes[first..]);
-            bytes = merged;
-        }
-        let Some(new) = bytes.get(self.offset..) else {
-            return;
-        };
-        let Some(end) = new.iter().rposition(|&b| b == b'\n') else {
-            return;
-        };
-        let lines = String::from_utf8_lossy(&new[..=end]).into_owned();
-        for line in lines.lines() {
-            println!("  [{}] {line}", self.tag);
-        }
-        self.offset += end + 1;
-        self.text.push_str(&lines);
-    }
 }
 
 fn step_of(text: &str) -> u64 {
@@ -119,116 +39,388 @@ fn step_of(text: &str) -> u64 {
         .unwrap_or(0)
 }
 
-pub fn demo() -> Result<ExitCode, Error> {
-    println!(
-        "ftvmm demo: stencil payload, {N}x{N} grid, {STEPS} Jacobi steps on {VCPUS} vCPUs, \
-         replicated every 40 ms to a standby on loopback; the primary is killed mid-run"
-    );
-    let start = Instant::now();
-    let reference = fault_free()?;
-    println!(
-        "1. fault-free run (unreplicated): checksum {reference:016x} in {:.1} s",
-        start.elapsed().as_secs_f64()
-    );
+/// The fault-free run: the same guest, unreplicated, in this process.
+fn fault_free(vm: &config::VmConfig) -> Result<u64, Error> {
+    let GuestSpec::Payload { payload, args } = &vm.guest else {
+        return Err("the demo's VM is not a payload".into());
+    };
+    let capture = Capture::default();
+    let io = HostIo {
+        kvm_path: "/dev/kvm".into(),
+        console: Box::new(capture.clone()),
+        disk: None,
+        net: None,
+    };
+    let config = VmConfig {
+        mem_size: vm.mem,
+        vcpus: vm.vcpus,
+        // The disk written at the end is the pair's business, not the checksum's.
+        args: args
+            .iter()
+            .filter(|a| !a.starts_with("disk="))
+            .cloned()
+            .collect(),
+        kind: GuestKind::Payload,
+    };
+    let elf = crate::run::load_payload(payload)?;
+    let mut vmm = Vmm::boot_payload(&config, &elf, io)?;
+    vmm.start()?;
+    match vmm.wait() {
+        VmOutcome::Exited(0) => {}
+        other => return Err(format!("the fault-free run ended with {other:?}").into()),
+    }
+    Ok(checksum_of(&capture.text()).ok_or("the fault-free run printed no checksum")?)
+}
 
+/// The steps the guest runs, from its `steps=` argument.
+fn steps(vm: &config::VmConfig) -> u64 {
+    match &vm.guest {
+        GuestSpec::Payload { args, .. } => args
+            .iter()
+            .find_map(|a| a.strip_prefix("steps=")?.parse().ok())
+            .unwrap_or(0),
+        GuestSpec::Kernel { .. } => 0,
+    }
+}
+
+fn free_port() -> Result<u16, Error> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The example's config with its state, sockets and ports in `dir`; the disk images made.
+fn scratch_config(dir: &Path) -> Result<Config, Error> {
+    let d = dir.display().to_string();
+    let text = EXAMPLE
+        .replace("/var/lib/ftvmm", &format!("{d}/state"))
+        .replace("/run/ftvmm", &format!("{d}/run"))
+        .replace("127.0.0.1:7701", &format!("127.0.0.1:{}", free_port()?))
+        .replace("127.0.0.1:7702", &format!("127.0.0.1:{}", free_port()?));
+    let path = dir.join("local-pair.toml");
+    std::fs::write(&path, text)?;
+    for node in ["a", "b"] {
+        std::fs::create_dir_all(dir.join("state").join(node))?;
+    }
+    let config = config::load(&path)?;
+    for vm in &config.vms {
+        for on_node in vm.on_node.values() {
+            if let Some(disk) = &on_node.disk {
+                std::fs::File::create(disk)?.set_len(4 << 20)?;
+            }
+        }
+    }
+    Ok(config)
+}
+
+/// The demo's two daemons and its view of them.
+struct Pair {
+    config: Config,
+    dir: PathBuf,
+    daemons: [Option<Node>; 2],
+    exe: PathBuf,
+}
+
+impl Pair {
+    fn node(&self, i: usize) -> &NodeConfig {
+        &self.config.nodes[i]
+    }
+
+    /// Starts node `i`'s daemon, its log in the scratch directory.
+    fn start(&mut self, i: usize) -> Result<(), Error> {
+        use std::os::unix::process::CommandExt;
+        let name = self.node(i).name.clone();
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{name}.log")))?;
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(["node", "--config"])
+            .arg(&self.config.path)
+            .args(["--name", &name])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        // SAFETY: prctl(PR_SET_PDEATHSIG) only sets a flag of the child process; the demo's
+        // nodes die with it, even if it is interrupted.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        self.daemons[i] = Some(Node(cmd.spawn()?));
+        Ok(())
+    }
+
+    /// Kills node `i`'s daemon with SIGKILL (its VM process dies with it).
+    fn kill(&mut self, i: usize) -> Result<(), Error> {
+        if let Some(mut node) = self.daemons[i].take() {
+            node.0.kill()?;
+            node.0.wait()?;
+        }
+        Ok(())
+    }
+
+    fn vm(&self, i: usize) -> Option<VmStatus> {
+        let status = node::control::query_status(self.node(i), STATUS_TIMEOUT).ok()?;
+        status.vms.into_iter().find(|v| v.name == VM)
+    }
+
+    /// Waits until `cond` holds of the VM on node `i`, calling `meanwhile` as it waits.
+    fn wait(
+        &self,
+        i: usize,
+        what: &str,
+        cond: impl Fn(&VmStatus) -> bool,
+        mut meanwhile: impl FnMut(&Self),
+    ) -> Result<VmStatus, Error> {
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.vm(i).filter(|s| cond(s)) {
+                return Ok(s);
+            }
+            if start.elapsed() > LIMIT {
+                return Err(format!(
+                    "node {} did not {what} within {} s (logs in {})",
+                    self.node(i).name,
+                    LIMIT.as_secs(),
+                    self.dir.display()
+                )
+                .into());
+            }
+            meanwhile(self);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The guest's console stream so far, merged from both nodes' files.
+    fn console(&self) -> String {
+        let files: Vec<Vec<u8>> = (0..2)
+            .map(|i| {
+                let node = self.node(i);
+                std::fs::read(node.state_dir.join(format!("{VM}.console"))).unwrap_or_default()
+            })
+            .collect();
+        let len = files.iter().map(Vec::len).max().unwrap_or(0);
+        let mut merged = vec![0u8; len];
+        for file in &files {
+            for (out, &b) in merged.iter_mut().zip(file) {
+                if b != 0 {
+                    *out = b;
+                }
+            }
+        }
+        let end = merged.iter().position(|&b| b == 0).unwrap_or(len);
+        String::from_utf8_lossy(&merged[..end]).into_owned()
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        for node in self.daemons.iter_mut().flatten() {
+            let _ = node.0.kill();
+            let _ = node.0.wait();
+        }
+    }
+}
+
+/// One line of the summary table.
+struct Cost {
+    step: &'static str,
+    took: String,
+}
+
+pub fn demo() -> Result<ExitCode, Error> {
     let dir = std::env::temp_dir().join(format!("ftvmm-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let result = replicated(&dir, reference);
+    let result = cycle(&dir);
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
-fn replicated(dir: &Path, reference: u64) -> Result<ExitCode, Error> {
-    let exe = std::env::current_exe()?;
-    let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string();
-    let (p_out, s_out, stats) = (
-        dir.join("primary.console"),
-        dir.join("standby.console"),
-        dir.join("standby.json"),
-    );
-    let mut standby = Node(
-        Command::new(&exe)
-            .args(["standby", "--listen", &addr, "--console"])
-            .arg(format!("file:{}", s_out.display()))
-            .arg("--stats-json")
-            .arg(&stats)
-            .stdout(Stdio::null())
-            .spawn()?,
-    );
-    let mut primary = Node(
-        Command::new(&exe)
-            .args(["primary", "--peer", &addr, "--vcpus", &VCPUS.to_string()])
-            .args(["--mem", "128M", "--payload", "builtin:stencil", "--console"])
-            .arg(format!("file:{}", p_out.display()))
-            .arg("--")
-            .args(guest_args())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?,
-    );
+fn cycle(dir: &Path) -> Result<ExitCode, Error> {
+    let config = scratch_config(dir)?;
+    let vm = config.vm(VM)?.clone();
+    let steps = steps(&vm);
     println!(
-        "2. primary (pid {}) protected by a standby (pid {}) at {addr}; the guest's output, \
-         released as each checkpoint is acknowledged:",
-        primary.0.id(),
-        standby.0.id()
+        "ftvmm demo: the pair of examples/local-pair.toml (nodes a and b on this host, over \
+         loopback; files in a scratch directory), protecting the {VM} VM ({steps} steps)"
     );
-    let started = Instant::now();
-    let mut p_tail = Tail::new(p_out.clone(), None, "primary", 0);
-    loop {
-        p_tail.show();
-        if step_of(&p_tail.text) >= KILL_AT_STEP {
-            break;
-        }
-        if let Some(status) = primary.0.try_wait()? {
-            return Err(
-                format!("the primary ended before the fault was injected: {status}").into(),
-            );
-        }
-        if started.elapsed() > LIMIT {
-            return Err("the primary made no progress".into());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    primary.0.kill()?;
-    primary.0.wait()?;
-    p_tail.show();
+    let start = Instant::now();
+    let reference = fault_free(&vm)?;
     println!(
-        "3. killed the primary with SIGKILL after step {}; the standby takes over:",
-        step_of(&p_tail.text)
+        "1. fault-free run (unreplicated): checksum {reference:016x} in {:.1} s",
+        start.elapsed().as_secs_f64()
     );
-    std::io::stdout().flush()?;
-    let mut s_tail = Tail::new(s_out, Some(p_out), "standby", p_tail.offset);
-    let status = loop {
-        s_tail.show();
-        if let Some(status) = standby.0.try_wait()? {
-            break status;
-        }
-        if started.elapsed() > LIMIT {
-            return Err("the standby did not finish the guest".into());
-        }
-        std::thread::sleep(Duration::from_millis(10));
+    let mut costs = vec![Cost {
+        step: "fault-free run",
+        took: format!("{:.1} s", start.elapsed().as_secs_f64()),
+    }];
+    let mut pair = Pair {
+        config,
+        dir: dir.to_path_buf(),
+        daemons: [None, None],
+        exe: std::env::current_exe()?,
     };
-    s_tail.show();
-    if !status.success() {
-        return Err(format!("the standby failed: {status}").into());
-    }
-    let json: serde_json::Value = serde_json::from_slice(&std::fs::read(&stats)?)?;
+    let (a, b) = (0, 1);
+    let t = Instant::now();
+    pair.start(a)?;
+    pair.start(b)?;
+    pair.wait(
+        a,
+        "protect the guest",
+        |s| s.role == Role::Primary && s.protected,
+        |_| {},
+    )?;
     println!(
-        "4. the standby resumed from checkpoint {} (detection {:.1} ms, restore {:.1} ms: {})",
-        json["epoch"],
-        json["detection_ms"].as_f64().unwrap_or(f64::NAN),
-        json["restore_ms"].as_f64().unwrap_or(f64::NAN),
-        json["reason"].as_str().unwrap_or("?"),
+        "2. nodes a and b up: a runs the guest, b resynced its disk and holds its checkpoints \
+         (protected after {:.1} s)",
+        t.elapsed().as_secs_f64()
     );
-    match checksum_of(&s_tail.text) {
+    costs.push(Cost {
+        step: "start to protected",
+        took: format!("{:.1} s", t.elapsed().as_secs_f64()),
+    });
+    let kill_step = (steps as f64 * KILL_AT) as u64;
+    let reached = Instant::now();
+    while step_of(&pair.console()) < kill_step {
+        if reached.elapsed() > LIMIT {
+            return Err("the guest made no progress".into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let before = pair.vm(a).map_or(0, |s| s.acked);
+    pair.kill(a)?;
+    let killed = Instant::now();
+    let step = step_of(&pair.console());
+    let took_over = pair.wait(b, "take over", |s| s.role == Role::Primary, |_| {})?;
+    let t = took_over
+        .last_takeover
+        .unwrap_or(node::status::TakeoverFigures {
+            epoch: 0,
+            detection_ms: 0.0,
+            restore_ms: 0.0,
+            held_frames: 0,
+            held_console_bytes: 0,
+            reason: String::new(),
+        });
+    println!(
+        "3. killed node a (SIGKILL of its daemon; its VM process died with it) after step \
+         {step}; b took over from checkpoint {} ({} acknowledged checkpoints lost): \
+         detection {:.1} ms, restore {:.1} ms",
+        t.epoch,
+        before.saturating_sub(t.epoch),
+        t.detection_ms,
+        t.restore_ms
+    );
+    costs.push(Cost {
+        step: "failover (detection + restore)",
+        took: format!("{:.1} + {:.1} ms", t.detection_ms, t.restore_ms),
+    });
+    let t = Instant::now();
+    pair.start(a)?;
+    let progress = Progress::new();
+    pair.wait(
+        a,
+        "stand by again",
+        |s| s.role == Role::Standby,
+        |p| {
+            if let Some(r) = p.vm(a).and_then(|s| s.resync) {
+                progress.show(&format!(
+                    "   node a syncs from b (the disk blocks that changed, then memory): {:.0} % \
+                 of {:.1} MiB",
+                    r.percent,
+                    r.total_bytes as f64 / f64::from(1 << 20)
+                ));
+            }
+        },
+    )?;
+    progress.done();
+    println!(
+        "4. node a back: resynced what changed while it was away and holds b's checkpoints \
+         ({:.1} s after its start)",
+        t.elapsed().as_secs_f64()
+    );
+    costs.push(Cost {
+        step: "return to protected",
+        took: format!("{:.1} s", t.elapsed().as_secs_f64()),
+    });
+    let t = Instant::now();
+    pair.wait(
+        a,
+        "take the guest back",
+        |s| s.role == Role::Primary && s.protected,
+        |_| {},
+    )?;
+    println!(
+        "5. automatic failback: a is the preferred node; after failback_delay it runs the \
+         guest again, protected by b ({:.1} s after it stood by)",
+        t.elapsed().as_secs_f64()
+    );
+    costs.push(Cost {
+        step: "failback (delay + swap)",
+        took: format!("{:.1} s", t.elapsed().as_secs_f64()),
+    });
+    pair.wait(a, "finish the guest", |s| s.role == Role::Stopped, |_| {})?;
+    let console = pair.console();
+    let total = killed.elapsed();
+    costs.push(Cost {
+        step: "kill to the end of the run",
+        took: format!("{:.1} s", total.as_secs_f64()),
+    });
+    let outcome = match checksum_of(&console) {
         Some(sum) if sum == reference => {
-            println!("checksum {sum:016x} equals the fault-free run's: OK");
-            Ok(ExitCode::SUCCESS)
+            println!(
+                "6. the guest ended on a: checksum {sum:016x} equals the fault-free run's: OK"
+            );
+            ExitCode::SUCCESS
         }
         Some(sum) => {
-            println!("checksum MISMATCH: failover {sum:016x}, fault-free {reference:016x}");
-            Ok(ExitCode::FAILURE)
+            println!("6. checksum MISMATCH: {sum:016x}, fault-free {reference:016x}");
+            ExitCode::FAILURE
         }
-        None => Err("the standby's guest printed no checksum".into()),
+        None => return Err("the guest printed no checksum".into()),
+    };
+    println!("\nwhat each step cost:");
+    for cost in &costs {
+        println!("  {:<32} {}", cost.step, cost.took);
+    }
+    Ok(outcome)
+}
+
+/// One progress line: rewritten in place on a terminal, else printed when it changes.
+struct Progress {
+    terminal: bool,
+    last: std::cell::RefCell<String>,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Self {
+            terminal: std::io::stdout().is_terminal(),
+            last: std::cell::RefCell::new(String::new()),
+        }
+    }
+
+    fn show(&self, line: &str) {
+        let mut last = self.last.borrow_mut();
+        if *last == line {
+            return;
+        }
+        *last = line.to_string();
+        let mut out = std::io::stdout();
+        if self.terminal {
+            let _ = write!(out, "\r{line}\x1b[K");
+        } else {
+            let _ = writeln!(out, "{line}");
+        }
+        let _ = out.flush();
+    }
+
+    fn done(&self) {
+        if self.terminal && !self.last.borrow().is_empty() {
+            println!();
+        }
     }
 }

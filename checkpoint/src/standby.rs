@@ -146,6 +146,10 @@ pub struct StandbyProgress {
     /// Bytes of disk blocks the primary said it would resync, and those written here.
     pub resync_total: u64,
     pub resync_done: u64,
+    /// Bytes of guest memory, and of pre-copied pages received (rounds after the first send
+    /// some pages again).
+    pub precopy_total: u64,
+    pub precopy_done: u64,
     /// The last committed epoch (0: none yet; the node is not a standby until it has one).
     pub committed: u64,
     /// When the last epoch committed.
@@ -227,10 +231,15 @@ pub fn stand_by(
     let data_handle = data.get_ref().try_clone().map_err(LinkError::Io)?;
     let draining = Arc::new(AtomicBool::new(false));
     let received = Arc::new(AtomicU64::new(0));
-    if let Some((epoch, _)) = &committed {
+    {
         let mut w = watch.lock();
-        w.committed = *epoch;
-        w.committed_at = Some(Instant::now());
+        w.precopy_total = config.vm.mem_size;
+        if let Some((epoch, _)) = &committed {
+            // A swap left this node the memory of its checkpoint: nothing to pre-copy.
+            w.precopy_done = w.precopy_total;
+            w.committed = *epoch;
+            w.committed_at = Some(Instant::now());
+        }
     }
     let receiver = {
         let (control, draining, received) = (control.clone(), draining.clone(), received.clone());
@@ -503,6 +512,7 @@ impl Receiver {
                         self.reject(&committed, &pending, e.to_string());
                         break;
                     }
+                    self.watch.lock().precopy_done += usize_to_u64(data.len());
                 }
                 Message::Pages { epoch, gpas, data } if epoch == pending.epoch => {
                     pending.digest.add_pages(&gpas, &data);

@@ -520,8 +520,9 @@ fn standby_figures(p: &StandbyProgress, rates: &mut Rates) -> Figures {
         last_ack_age_ms: p
             .committed_at
             .map(|t| saturating_u64(t.elapsed().as_millis())),
-        resync_done: p.resync_done,
-        resync_total: p.resync_total,
+        // A node syncing gets the disk blocks that may differ, then all of memory.
+        resync_done: p.resync_done + p.precopy_done.min(p.precopy_total),
+        resync_total: p.resync_total + p.precopy_total,
         ..Figures::default()
     }
 }
