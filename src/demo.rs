@@ -23,8 +23,8 @@ const EXAMPLE: &str = include_str!("../examples/local-pair.toml");
 const VM: &str = "stencil";
 const LIMIT: Duration = Duration::from_secs(180);
 const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
-/// Node a is killed once the guest reported this share of its steps.
-const KILL_AT: f64 = 0.15;
+/// Node a is killed once the guest has reported this share of its steps (in percent).
+const KILL_AT_PERCENT: u64 = 15;
 
 fn checksum_of(text: &str) -> Option<u64> {
     text.lines()
@@ -282,7 +282,7 @@ fn cycle(dir: &Path) -> Result<ExitCode, Error> {
         step: "start to protected",
         took: format!("{:.1} s", t.elapsed().as_secs_f64()),
     });
-    let kill_step = (steps as f64 * KILL_AT) as u64;
+    let kill_step = steps * KILL_AT_PERCENT / 100;
     let reached = Instant::now();
     while step_of(&pair.console()) < kill_step {
         if reached.elapsed() > LIMIT {
