@@ -1080,10 +1080,10 @@ replication = "127.0.0.1"
         assert_eq!(a.socket, Path::new("/run/ftvmm/a.sock"));
         assert_eq!(config.peer("a").unwrap().name, "b");
         let vm = config.vm("stencil").unwrap();
-        assert_eq!(vm.mem, 128 << 20);
+        assert_eq!(vm.mem, 64 << 20);
         assert_eq!(vm.policy.preferred, "a");
         assert_eq!(vm.policy.failback, Failback::Auto);
-        assert_eq!(vm.policy.failback_delay, Duration::from_secs(5));
+        assert_eq!(vm.policy.failback_delay, Duration::from_secs(2));
         assert!(vm.on_node.values().all(|n| n.disk.is_some()));
         assert!(
             matches!(&vm.guest, GuestSpec::Payload { payload, .. } if payload == "builtin:stencil")
