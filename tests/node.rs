@@ -73,58 +73,26 @@ fn resync_bytes(log: &str) -> u64 {
 fn a_returning_node_resyncs_only_what_changed_and_protects_the_running_guest() {
     let _one = one_pair();
     let topo = PairTopology::new("reprotect").expect("test topology");
-    let vm = format!(
-        "{POLICY}\n[[vm]]\nname = \"kv\"\npayload = \"builtin:kv\"\n\
-         args = [\"ip={GUEST_IP}/24\", \"port={KV_PORT}\", \"log=16\"]\n\
-         mem = \"64M\"\nmac = \"02:00:00:00:00:02\"\n\
-         [vm.nodes.a]\ndisk = \"{{dir}}/a-kv.img\"\ntap = \"ftkv0\"\nbridge = \"{BRIDGE}\"\n\
-         [vm.nodes.b]\ndisk = \"{{dir}}/b-kv.img\"\ntap = \"ftkv0\"\nbridge = \"{BRIDGE}\"\n"
-    );
-    let hosts = Hosts::Namespaces {
-        a: topo.a.clone(),
-        b: topo.b.clone(),
-        a_ip: HOST_A_IP.into(),
-        b_ip: HOST_B_IP.into(),
-    };
-    let mut pair = Pair::new("reprotect", hosts, &vm);
-    images(&pair, "kv", 64 << 20);
+    let mut pair = kv_pair("reprotect", &topo, "failback = \"manual\"");
     pair.start("a");
     pair.start("b");
     pair.wait_protected("kv", "a", LIMIT);
-
-    let progress = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let client = {
-        let (progress, stop) = (progress.clone(), stop.clone());
-        topo.spawn_in_client(move || kv_sequential(&progress, &stop, Duration::ZERO))
-    };
-    let replies = |n: u64| {
-        let at = progress.load(Ordering::SeqCst);
-        assert!(
-            wait_for(LIMIT, || progress.load(Ordering::SeqCst) >= at + n
-                || client.is_finished()),
-            "the client's stream stalled at {at}"
-        );
-    };
-    replies(50);
+    let client = Client::start(&topo);
+    let progress = client.progress.clone();
+    client.replies(50);
     pair.kill("a");
     let killed_at = progress.load(Ordering::SeqCst);
     pair.wait_vm("b", "kv", LIMIT, "running alone", |s| {
         s.role == Role::Primary && !s.protected
     });
-    replies(200);
+    client.replies(200);
     let back_at = progress.load(Ordering::SeqCst);
     pair.start("a");
     pair.wait_protected("kv", "b", LIMIT);
     // The resync's plan was made on the way: writes until then count as made while a was away.
     let protected_at = progress.load(Ordering::SeqCst);
-    replies(50);
-    stop.store(true, Ordering::SeqCst);
-    let round_trips = match client.join() {
-        Ok(Ok(rt)) => rt,
-        Ok(Err(e)) => panic!("the stream broke: {e}\nlog b:\n{}", pair.log("b")),
-        Err(panic) => std::panic::resume_unwind(panic),
-    };
+    client.replies(50);
+    let round_trips = client.finish(&pair);
     let requests = round_trips.len() as u64;
     println!(
         "{requests} replies; a killed at {killed_at}, started again at {back_at}, \
