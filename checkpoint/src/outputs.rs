@@ -3,6 +3,9 @@
 //! standby that takes over can release it itself; and the epoch's disk writes, which the
 //! standby applies when the epoch commits.
 
+use std::sync::Arc;
+use std::time::Instant;
+
 use disk_sync::{EpochRecorder, EpochWrites};
 use netbuf::{ConsoleChunk, Frame, FrameGateSink, Gate, GuestAddresses, Held, Ipv4, Mode};
 use serde::{Deserialize, Serialize};
@@ -62,6 +65,24 @@ impl Outputs {
     /// NIC whose frames are at their bound stalls its queue).
     pub fn running_bytes(&self) -> usize {
         self.console.running_bytes() + self.disk.as_ref().map_or(0, EpochRecorder::running_bytes)
+    }
+
+    /// When the running epoch's first console bytes or frames came, if any wait for it to end.
+    pub fn waiting_since(&self) -> Option<Instant> {
+        let frames = self.net.as_ref().and_then(|n| n.gate.waiting_since());
+        match (self.console.waiting_since(), frames) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Calls `hook` when the running epoch gets its first console bytes or frames; None
+    /// removes it.
+    pub fn set_on_output(&self, hook: Option<Arc<dyn Fn() + Send + Sync>>) {
+        if let Some(net) = &self.net {
+            net.gate.set_on_first(hook.clone());
+        }
+        self.console.set_on_first(hook);
     }
 
     /// Checkpoint `epoch` is acknowledged: its output and all before it leave.

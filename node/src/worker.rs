@@ -248,7 +248,7 @@ fn peer_config(spec: &WorkerSpec) -> Result<PeerConfig, WorkerError> {
             None => None,
         },
         net_mac: spec.host.net.as_ref().map(|n| n.mac),
-        epoch_ms: spec.timing.epoch_ms,
+        epochs: checkpoint::policy::EpochBounds::fixed(spec.timing.epoch_ms),
         failover_timeout_ms: spec.timing.failover_timeout_ms,
         ack_timeout_ms: spec.timing.ack_timeout_ms,
     })
