@@ -50,6 +50,8 @@ struct PrimaryStats {
     /// at their bound), amortized (a silent epoch long enough), max (the maximum or fixed
     /// period), exit (the guest's final checkpoint).
     epoch_ends: BTreeMap<&'static str, u64>,
+    /// How long the running epoch has run.
+    epoch_running_ms: Option<u64>,
     precopy_pages: usize,
     pause_us_p50: u64,
     pause_us_p99: u64,
@@ -222,6 +224,7 @@ fn primary_stats(outcome: String, r: &PrimaryReport) -> PrimaryStats {
             .iter()
             .map(|&e| (e.as_str(), r.ends.get(&e).copied().unwrap_or(0)))
             .collect(),
+        epoch_running_ms: r.epoch_began.map(|t| ms(t.elapsed())),
         precopy_pages: r.precopy_pages,
         pause_us_p50: quantile_us(&r.pauses, 0.5),
         pause_us_p99: quantile_us(&r.pauses, 0.99),

@@ -21,13 +21,18 @@
 //! with the last two) and few enough epochs are unacknowledged; meanwhile the epoch stretches
 //! and the guest runs on, until the output and disk writes it holds reach their bound (which
 //! also ends an epoch before its minimum interval): then the guest waits, paused, until the
-//! standby catches up. A guest under output pressure (it talks, and dirties memory about as
-//! fast as the pair ships it, so its output waits for large checkpoints) has its epochs bounded
-//! by the reply budget, what ships within the reply bound, instead of the dirty budget, keeps
-//! few pages writable, and waits, paused, once its epoch reaches the reply budget before the
-//! sender can take it: its replies wait for small checkpoints, and it dirties at the pace the
-//! pair ships. Fixed epochs (minimum = maximum) never come under pressure. A standby whose oldest unacknowledged checkpoint is older than the lag
-//! bound also makes the guest wait: the guest runs at the pace its standby can follow (which,
+//! standby catches up.
+//!
+//! A guest under output pressure (it talks, and dirties memory about as fast as the pair ships
+//! it, so its output waits for large checkpoints) has its epochs bounded by the reply budget,
+//! what ships within the reply bound, instead of the dirty budget, keeps few pages writable,
+//! has one checkpoint in flight at a time, and waits, paused, once its epoch reaches the reply
+//! budget before the last checkpoint is acknowledged: its replies wait for one small
+//! checkpoint, and it dirties at the pace the pair ships. Fixed epochs (minimum = maximum)
+//! never come under pressure.
+//!
+//! A standby whose oldest unacknowledged checkpoint is older than the lag bound also makes
+//! the guest wait: the guest runs at the pace its standby can follow (which,
 //! when both share a host, also gives the standby the CPU the guest took). Together these
 //! bound every buffer of the primary and the lag of the standby, however slow it is.
 
@@ -144,8 +149,9 @@ pub const UNACKED_EPOCHS: usize = 32;
 /// transfer of the pages dirtied before it (here some 50 MiB, more than a 16 MiB working set
 /// rewritten every epoch, which long epochs cost nothing to ship more than short ones).
 pub const SHIP: Duration = Duration::from_millis(200);
-/// The reply bound: a checkpoint of a guest that talks under pressure ships in some 5 ms.
-pub const REPLY: Duration = Duration::from_millis(5);
+/// The reply bound: a checkpoint of a guest that talks under pressure ships in some 2 ms
+/// (plus its fixed costs: the pause, the round trip, the standby's commit).
+pub const REPLY: Duration = Duration::from_millis(2);
 /// The reply budget is never smaller: 1 MiB, as measured from small checkpoints the rate is
 /// mostly their fixed round trip and would shrink the budget further.
 pub const MIN_REPLY_BUDGET: usize = 256;
@@ -163,6 +169,9 @@ pub const MIN_DIRTY_BUDGET: usize = 1024;
 /// How often the epoch loop counts the running epoch's dirty pages (about 10 us each time
 /// for a 1 GiB guest, 80 us for 8 GiB).
 pub const DIRTY_POLL: Duration = Duration::from_millis(5);
+/// How often under output pressure: a vCPU can dirty some 200 pages a millisecond here even
+/// when every page faults, and the reply budget is a few hundred.
+pub const PRESSED_POLL: Duration = Duration::from_micros(250);
 /// The shortest wait between looks, so that a deadline that is due never spins the loop.
 const MIN_LOOK: Duration = Duration::from_micros(100);
 
@@ -322,6 +331,18 @@ pub enum Hold {
     StandbyBehind,
 }
 
+impl Hold {
+    /// How long the loop waits before it looks again (sooner when the standby answers or the
+    /// sender takes a checkpoint): a throttled guest is held for about a checkpoint's
+    /// transfer, and the minimum interval may end meanwhile, which nothing signals.
+    pub fn look_in(self) -> Duration {
+        match self {
+            Hold::Throttle => PRESSED_POLL,
+            Hold::EpochFull | Hold::HeldFull | Hold::StandbyBehind => DIRTY_POLL,
+        }
+    }
+}
+
 /// What the epoch loop does next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Next {
@@ -411,22 +432,27 @@ impl Done {
     }
 }
 
-/// Whether the guest is under output pressure after the epoch `done`: it dirtied at least
-/// three quarters of the rate at which the pair ships (when the sender is the bottleneck, a
-/// guest's epochs last as long as shipping their predecessor, and it dirties at about that
-/// rate), and output ended this epoch, or the guest was under pressure and output ended an
-/// epoch within the last maximum length. A guest that dirties that fast has its output wait
-/// for large checkpoints unless its epochs are bounded by the reply budget; one that dirties
-/// more slowly (a computation printing its progress now and then) keeps long epochs.
+/// Whether the guest is under output pressure after the epoch `done`: output ended it and
+/// the guest dirtied at least half the rate at which the pair ships (when the pair is the
+/// bottleneck a guest's epochs last about as long as shipping their predecessor, so it
+/// dirties at about that rate); or it was under pressure, output ended an epoch within the
+/// last maximum length, and it still dirties at a quarter of that rate (held at the reply
+/// budget it dirties at the rate the pair ships, give or take an epoch). A guest that dirties
+/// that fast has its output wait for large checkpoints unless its epochs are bounded by the
+/// reply budget; one that dirties more slowly (a computation printing its progress now and
+/// then) keeps long epochs.
 pub fn pressed(limits: &Limits, recent: &Recent, done: &Done) -> bool {
     if limits.min >= limits.max {
         return false;
     }
     let rate = u128::from(recent.ship_rate.unwrap_or(DEFAULT_SHIP_RATE));
     let dirtied = usize_to_u128(done.pages) * usize_to_u128(PAGE_SIZE) * 1_000_000;
-    let fast = 4 * dirtied >= 3 * rate * done.length.as_micros();
-    let talks = done.why == EpochEnd::Output || (recent.pressed && done.since_output < limits.max);
-    fast && talks
+    let shippable = rate * done.length.as_micros();
+    if recent.pressed && done.since_output < limits.max {
+        4 * dirtied >= shippable
+    } else {
+        done.why == EpochEnd::Output && 2 * dirtied >= shippable
+    }
 }
 
 /// Decides what the epoch loop does, given what it observes.
@@ -435,7 +461,14 @@ pub fn next(obs: &Observation, limits: &Limits) -> Next {
         return Next::Hold(Hold::StandbyBehind);
     }
     let epoch_full = obs.epoch_bytes >= limits.epoch_bytes;
-    let can_seal = obs.sender_ready && obs.unacked < limits.unacked_epochs;
+    // Under output pressure the checkpoint that output waits for must not queue behind
+    // others on the link and in the standby: one at a time.
+    let in_flight = if obs.recent.pressed {
+        1
+    } else {
+        limits.unacked_epochs
+    };
+    let can_seal = obs.sender_ready && obs.unacked < in_flight;
     if can_seal {
         if let Some(why) = due(obs, limits, epoch_full) {
             return Next::Checkpoint(why);
@@ -449,7 +482,8 @@ pub fn next(obs: &Observation, limits: &Limits) -> Next {
             .dirty_pages
             .is_some_and(|d| d >= reply_budget(limits, &obs.recent))
     {
-        // Not sealed above: the sender is busy or the epoch is younger than the minimum.
+        // Not sealed above: the last checkpoint is not acknowledged yet, or the epoch is
+        // younger than the minimum.
         return Next::Hold(Hold::Throttle);
     }
     if obs.held_bytes >= limits.held_bytes {
@@ -486,13 +520,22 @@ fn due(obs: &Observation, limits: &Limits, epoch_full: bool) -> Option<EpochEnd>
     None
 }
 
+/// How often the running epoch's dirty pages are counted.
+fn poll(recent: &Recent) -> Duration {
+    if recent.pressed {
+        PRESSED_POLL
+    } else {
+        DIRTY_POLL
+    }
+}
+
 /// How long the guest may run before the policy must look again: until the next deadline
 /// (the minimum interval with output waiting, else the silent length), at most the dirty
 /// poll interval while dirty pages are counted; while the epoch cannot be sealed, until the
 /// sender or the standby has moved on (both wake the loop) or a poll interval.
 fn look_in(obs: &Observation, limits: &Limits, can_seal: bool) -> Duration {
     if !can_seal {
-        return DIRTY_POLL;
+        return poll(&obs.recent);
     }
     let deadline = match obs.output_waiting {
         Some(_) => limits.min,
@@ -500,7 +543,7 @@ fn look_in(obs: &Observation, limits: &Limits, can_seal: bool) -> Duration {
     };
     let mut wait = deadline.saturating_sub(obs.elapsed);
     if obs.dirty_pages.is_some() {
-        wait = wait.min(DIRTY_POLL);
+        wait = wait.min(poll(&obs.recent));
     }
     wait.max(MIN_LOOK)
 }
@@ -766,11 +809,11 @@ mod tests {
     #[test]
     fn a_guest_that_talks_and_dirties_about_as_fast_as_the_pair_ships_is_under_pressure() {
         let (l, r) = (limits(), recent());
-        // 40 MiB/s: 1024 pages in 100 ms is the rate, 768 three quarters of it.
+        // 40 MiB/s: 1024 pages in 100 ms is the rate, 512 half of it.
         let done = |why, pages, since_ms| Done::new(why, 100 * MS, pages, since_ms * MS);
-        assert!(pressed(&l, &r, &done(EpochEnd::Output, 768, 0)));
+        assert!(pressed(&l, &r, &done(EpochEnd::Output, 512, 0)));
         assert!(
-            !pressed(&l, &r, &done(EpochEnd::Output, 767, 0)),
+            !pressed(&l, &r, &done(EpochEnd::Output, 511, 0)),
             "dirties slowly"
         );
         assert!(!pressed(&l, &r, &done(EpochEnd::Max, 4096, 600)), "silent");
@@ -784,7 +827,11 @@ mod tests {
             "it went quiet"
         );
         assert!(
-            !pressed(&l, &under, &done(EpochEnd::Output, 100, 0)),
+            pressed(&l, &under, &done(EpochEnd::Output, 256, 0)),
+            "a quarter of the rate keeps it"
+        );
+        assert!(
+            !pressed(&l, &under, &done(EpochEnd::Output, 255, 0)),
             "it slowed down"
         );
         let fixed = Limits::new(EpochBounds::fixed(100), 300 * MS);
@@ -813,7 +860,16 @@ mod tests {
             Next::Hold(Hold::Throttle),
             "before the minimum interval too"
         );
-        assert!(matches!(next(&under(255, false, 5), &l), Next::Run { .. }));
+        assert_eq!(look_in(next(&under(255, false, 5), &l)), PRESSED_POLL);
+        let in_flight = Observation {
+            unacked: 1,
+            ..under(256, true, 5)
+        };
+        assert_eq!(
+            next(&in_flight, &l),
+            Next::Hold(Hold::Throttle),
+            "one checkpoint in flight at a time"
+        );
         let free = Observation {
             recent: recent(),
             ..under(5000, false, 5)

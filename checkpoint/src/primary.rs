@@ -86,6 +86,8 @@ pub struct PrimaryReport {
     pub lengths: Vec<Duration>,
     /// Epochs by why they ended.
     pub ends: BTreeMap<EpochEnd, u64>,
+    /// When the running epoch began (its checkpoint's pause included).
+    pub epoch_began: Option<Instant>,
     /// How the standby keeps up, now.
     pub standby: StandbyHealth,
     /// Age of the oldest unacknowledged checkpoint, now.
@@ -162,11 +164,14 @@ impl PrimaryReport {
         self.lengths.push(e.length);
         self.dirty_pages_total += usize_to_u64(e.dirty);
         *self.ends.entry(e.why).or_default() += 1;
+        self.epoch_began = Some(e.began);
     }
 }
 
 /// What one checkpoint adds to the report.
 struct EpochFigures {
+    /// When the epoch after it began.
+    began: Instant,
     pause: Duration,
     copy: Duration,
     dirty: usize,
@@ -569,7 +574,7 @@ impl EpochLoop<'_> {
                                 why,
                             };
                         }
-                        self.wait(TICK);
+                        self.wait(why.look_in());
                     }
                 }
             };
@@ -869,6 +874,7 @@ impl EpochLoop<'_> {
             let mut r = self.watch.lock();
             r.epochs = epoch;
             r.record_epoch(&EpochFigures {
+                began: start,
                 pause,
                 copy: copy_time,
                 dirty,
