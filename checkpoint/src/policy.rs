@@ -89,10 +89,14 @@ pub struct Limits {
     /// No epoch lasts longer (while the sender can take it).
     pub max: Duration,
     /// How long a checkpoint may take to ship: the dirty budget is what the pair ships in
-    /// this time at the rate measured in recent epochs.
+    /// this time at the rate measured in recent epochs. Two thirds of the lag bound by
+    /// default, as a checkpoint acknowledged later makes the standby slow (some 40 MiB here
+    /// with the default 300 ms failover timeout: more than a 16 MiB working set rewritten
+    /// every epoch, which long epochs cost nothing more to ship than short ones). Output that
+    /// comes in a long epoch waits at most about this for the pages dirtied before it.
     pub ship: Duration,
-    /// How long the checkpoint that output waits for may take to ship when output keeps
-    /// waiting for the sender: the reply budget is what the pair ships in this time.
+    /// How long a checkpoint may take to ship under output pressure: the reply budget is
+    /// what the pair ships in this time.
     pub reply: Duration,
     /// The share of a silent guest's time that its checkpoints may cost (pause and write
     /// faults): its epochs last (pause + tracking) / overhead, between `min` and `max`.
@@ -119,7 +123,7 @@ impl Limits {
         Self {
             min: Duration::from_millis(bounds.min_ms).min(max),
             max,
-            ship: SHIP,
+            ship: lag * 2 / 3,
             reply: REPLY,
             overhead: OVERHEAD,
             fault: FAULT_COST,
@@ -145,10 +149,6 @@ pub const EPOCH_BYTES: usize = 16 << 20;
 pub const HELD_BYTES: usize = 4 << 20;
 /// Epochs in flight at most: a second and more of short epochs.
 pub const UNACKED_EPOCHS: usize = 32;
-/// The ship bound: output that arrives during a long epoch waits at most about this for the
-/// transfer of the pages dirtied before it (here some 50 MiB, more than a 16 MiB working set
-/// rewritten every epoch, which long epochs cost nothing to ship more than short ones).
-pub const SHIP: Duration = Duration::from_millis(200);
 /// The reply bound: a checkpoint of a guest that talks under pressure ships in some 2 ms
 /// (plus its fixed costs: the pause, the round trip, the standby's commit).
 pub const REPLY: Duration = Duration::from_millis(2);
@@ -760,7 +760,7 @@ mod tests {
     fn the_defaults_and_bounds_out_of_order() {
         let l = Limits::new(EpochBounds::default(), 300 * MS);
         assert_eq!((l.min, l.max), (2 * MS, 500 * MS));
-        assert_eq!((l.ship, l.fault), (SHIP, FAULT_COST));
+        assert_eq!((l.ship, l.fault), (200 * MS, FAULT_COST));
         // A stencil rewriting 16 MiB (4096 pages) per epoch fits the default budget, and
         // its checkpoints (4 ms pause, a quarter of its pages faulting) get the maximum.
         let stencil = Recent {
