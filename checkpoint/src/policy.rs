@@ -351,7 +351,8 @@ pub enum Next {
     Run { look_in: Duration },
     /// End the epoch now: take its checkpoint.
     Checkpoint(EpochEnd),
-    /// Keep the guest paused (pause it if it runs) and look again when the standby answers.
+    /// Keep the guest paused (pause it if it runs) and look again within
+    /// [`Hold::look_in`], or when the standby answers.
     Hold(Hold),
 }
 
@@ -397,7 +398,8 @@ fn epoch_budget(limits: &Limits, recent: &Recent) -> usize {
 }
 
 /// The pages the pair ships within the reply bound: under output pressure an epoch ends at
-/// them, and the guest waits once it has dirtied them before the sender can take them.
+/// them, and the guest waits once it has dirtied them before the last checkpoint is
+/// acknowledged.
 pub fn reply_budget(limits: &Limits, recent: &Recent) -> usize {
     pages_shipped(recent, limits.reply).max(MIN_REPLY_BUDGET)
 }

@@ -99,8 +99,9 @@ pub struct PrimaryReport {
     /// the standby was behind, and how long in all.
     pub holds: u64,
     pub held_time: Duration,
-    /// Times the guest was held because its output waited for the sender and it had dirtied
-    /// the reply budget (it dirties faster than the pair ships), and how long in all.
+    /// Times the guest was held under output pressure because its epoch had dirtied the reply
+    /// budget before the last checkpoint was acknowledged (it dirties about as fast as the pair
+    /// ships), and how long in all: how much it was slowed.
     pub throttles: u64,
     pub throttled_time: Duration,
     /// Why protection was dropped, if it was.
@@ -237,7 +238,7 @@ struct Unacked {
     /// When it was sealed (moved to the present when this node is found not to have run, so
     /// that the standby gets a fresh window).
     sealed: Instant,
-    /// Its bytes before compression: pages, disk writes, state.
+    /// Its bytes before compression: pages, disk writes and console bytes.
     bytes: u64,
 }
 
@@ -741,6 +742,10 @@ impl EpochLoop<'_> {
         *self.recent.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn set_recent(&self, recent: Recent) {
+        *self.recent.lock().unwrap_or_else(|e| e.into_inner()) = recent;
+    }
+
     /// Waits at most `limit` for what the policy may act on: an acknowledgement, the sender
     /// taking a checkpoint, the running epoch's first output, a role change, the guest's end.
     fn wait(&self, limit: Duration) {
@@ -808,6 +813,7 @@ impl EpochLoop<'_> {
         })?;
         tracking.faults.epoch(faults);
         recent.faults = tracking.faults.per_epoch();
+        self.set_recent(recent);
         if let Some(carried) = carried.take() {
             log.union_with(&carried);
         }
@@ -852,7 +858,7 @@ impl EpochLoop<'_> {
         let pause = start.elapsed();
         let dirty = pages.gpas.len();
         recent.pause = pause;
-        *self.recent.lock().unwrap_or_else(|e| e.into_inner()) = recent;
+        self.set_recent(recent);
         info!(
             dirty,
             ?why,
