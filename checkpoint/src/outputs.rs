@@ -85,18 +85,21 @@ impl Outputs {
         self.console.set_on_first(hook);
     }
 
-    /// Checkpoint `epoch` is acknowledged: its output and all before it leave.
-    pub fn release_through(&self, epoch: u64) {
-        self.console.release_through(epoch);
-        if let Some(net) = &self.net {
-            net.gate.release_through(epoch);
-        }
+    /// Checkpoint `epoch` is acknowledged: its output and all before it leave; whether any
+    /// console bytes or frames did.
+    pub fn release_through(&self, epoch: u64) -> bool {
+        let console = self.console.release_through(epoch);
+        let frames = self
+            .net
+            .as_ref()
+            .is_some_and(|net| net.gate.release_through(epoch));
         if let Some(disk) = &self.disk {
             if let Err(e) = disk.acked(epoch) {
                 // The bits stay set: a later resync copies a little more, nothing is lost.
                 tracing::warn!("cannot update the disk's write-intent bitmap: {e}");
             }
         }
+        console || frames
     }
 
     /// Unprotected from now on: everything held leaves, later output passes through.

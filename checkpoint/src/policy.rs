@@ -412,37 +412,37 @@ pub fn hot_budget(limits: &Limits, recent: &Recent) -> usize {
     epoch_budget(limits, recent) / 2
 }
 
+/// Output that comes within this of the release of the output before it answers it: a
+/// client waits for each reply (or a sender for each acknowledgement) before it goes on.
+pub const ANSWER: Duration = Duration::from_millis(10);
+/// A guest under output pressure stays so while its output ends an epoch at least this often
+/// (20 times a second: a service's replies, not a computation's progress lines).
+pub const TALK: Duration = Duration::from_millis(50);
+
 /// An epoch as it ended, for [`pressed`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Done {
-    why: EpochEnd,
-    length: Duration,
+    pub why: EpochEnd,
+    pub length: Duration,
     /// Pages its checkpoint copies.
-    pages: usize,
-    /// Time since the last epoch that output ended (zero if this one).
-    since_output: Duration,
+    pub pages: usize,
+    /// Time since the last epoch before it that output ended.
+    pub since_output: Duration,
+    /// Its output came within [`ANSWER`] of the last release of output: someone waits for
+    /// each of the guest's outputs before going on.
+    pub answers: bool,
 }
 
-impl Done {
-    pub fn new(why: EpochEnd, length: Duration, pages: usize, since_output: Duration) -> Self {
-        Self {
-            why,
-            length,
-            pages,
-            since_output,
-        }
-    }
-}
-
-/// Whether the guest is under output pressure after the epoch `done`: output ended it and
-/// the guest dirtied at least half the rate at which the pair ships (when the pair is the
-/// bottleneck a guest's epochs last about as long as shipping their predecessor, so it
-/// dirties at about that rate); or it was under pressure, output ended an epoch within the
-/// last maximum length, and it still dirties at a quarter of that rate (held at the reply
-/// budget it dirties at the rate the pair ships, give or take an epoch). A guest that dirties
-/// that fast has its output wait for large checkpoints unless its epochs are bounded by the
-/// reply budget; one that dirties more slowly (a computation printing its progress now and
-/// then) keeps long epochs.
+/// Whether the guest is under output pressure after the epoch `done`. Output ended it, that
+/// output answered the output before it (a client waits for each reply, so every reply's
+/// wait for its checkpoint slows the client), and the guest dirtied at least half the rate
+/// at which the pair ships (when the pair is the bottleneck a guest's epochs last about as
+/// long as shipping their predecessor, so it dirties at about that rate), a quarter once
+/// under pressure (held at the reply budget it dirties at about the rate the pair ships).
+/// Under pressure, any epoch keeps it while the guest still dirties that fast and output
+/// ended an epoch within [`TALK`] before (holding the guest delays its answers, which then
+/// need not come within [`ANSWER`]). A computation that prints its progress now and then
+/// answers nobody and keeps its long epochs, however fast it dirties.
 pub fn pressed(limits: &Limits, recent: &Recent, done: &Done) -> bool {
     if limits.min >= limits.max {
         return false;
@@ -450,11 +450,13 @@ pub fn pressed(limits: &Limits, recent: &Recent, done: &Done) -> bool {
     let rate = u128::from(recent.ship_rate.unwrap_or(DEFAULT_SHIP_RATE));
     let dirtied = usize_to_u128(done.pages) * usize_to_u128(PAGE_SIZE) * 1_000_000;
     let shippable = rate * done.length.as_micros();
-    if recent.pressed && done.since_output < limits.max {
+    let fast = if recent.pressed {
         4 * dirtied >= shippable
     } else {
-        done.why == EpochEnd::Output && 2 * dirtied >= shippable
-    }
+        2 * dirtied >= shippable
+    };
+    let talks = recent.pressed && done.since_output < TALK;
+    fast && (talks || (done.why == EpochEnd::Output && done.answers))
 }
 
 /// Decides what the epoch loop does, given what it observes.
@@ -809,35 +811,56 @@ mod tests {
     }
 
     #[test]
-    fn a_guest_that_talks_and_dirties_about_as_fast_as_the_pair_ships_is_under_pressure() {
+    fn a_guest_that_answers_and_dirties_about_as_fast_as_the_pair_ships_is_under_pressure() {
         let (l, r) = (limits(), recent());
-        // 40 MiB/s: 1024 pages in 100 ms is the rate, 512 half of it.
-        let done = |why, pages, since_ms| Done::new(why, 100 * MS, pages, since_ms * MS);
-        assert!(pressed(&l, &r, &done(EpochEnd::Output, 512, 0)));
+        // 40 MiB/s: 1024 pages in 100 ms is the rate, 512 half of it, 256 a quarter.
+        let done = |why, pages, since_ms, answers| Done {
+            why,
+            length: 100 * MS,
+            pages,
+            since_output: since_ms * MS,
+            answers,
+        };
+        assert!(pressed(&l, &r, &done(EpochEnd::Output, 512, 0, true)));
         assert!(
-            !pressed(&l, &r, &done(EpochEnd::Output, 511, 0)),
+            !pressed(&l, &r, &done(EpochEnd::Output, 511, 0, true)),
             "dirties slowly"
         );
-        assert!(!pressed(&l, &r, &done(EpochEnd::Max, 4096, 600)), "silent");
-        let under = Recent { pressed: true, ..r };
         assert!(
-            pressed(&l, &under, &done(EpochEnd::Dirty, 800, 499)),
-            "output came within the maximum length"
+            !pressed(&l, &r, &done(EpochEnd::Output, 4096, 0, false)),
+            "prints its progress, answers nobody"
         );
         assert!(
-            !pressed(&l, &under, &done(EpochEnd::Dirty, 800, 500)),
+            !pressed(&l, &r, &done(EpochEnd::Max, 4096, 600, false)),
+            "silent"
+        );
+        let under = Recent { pressed: true, ..r };
+        assert!(
+            pressed(&l, &under, &done(EpochEnd::Dirty, 256, 49, false)),
+            "output came within TALK, a quarter of the rate keeps it"
+        );
+        assert!(
+            pressed(&l, &under, &done(EpochEnd::Output, 256, 49, false)),
+            "a held guest's answer may come late"
+        );
+        assert!(
+            !pressed(&l, &under, &done(EpochEnd::Dirty, 800, 50, false)),
             "it went quiet"
         );
         assert!(
-            pressed(&l, &under, &done(EpochEnd::Output, 256, 0)),
-            "a quarter of the rate keeps it"
-        );
-        assert!(
-            !pressed(&l, &under, &done(EpochEnd::Output, 255, 0)),
+            !pressed(&l, &under, &done(EpochEnd::Dirty, 255, 0, false)),
             "it slowed down"
         );
+        assert!(
+            !pressed(&l, &under, &done(EpochEnd::Output, 4096, 150, false)),
+            "progress lines now and then answer nobody"
+        );
         let fixed = Limits::new(EpochBounds::fixed(100), 300 * MS);
-        assert!(!pressed(&fixed, &under, &done(EpochEnd::Output, 4096, 0)));
+        assert!(!pressed(
+            &fixed,
+            &under,
+            &done(EpochEnd::Output, 4096, 0, true)
+        ));
     }
 
     #[test]

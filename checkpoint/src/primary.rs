@@ -227,6 +227,8 @@ struct Role {
     /// Counts what the epoch loop waits for (acknowledgements, the sender taking a
     /// checkpoint, the first output of an epoch), so that it wakes when one happens.
     pokes: u64,
+    /// When an acknowledgement last released output.
+    released_at: Option<Instant>,
     /// Pre-copy is under way: the standby shows progress only by the frames it reads.
     precopy: bool,
     finished: bool,
@@ -317,6 +319,7 @@ pub fn protect(
             unacked: VecDeque::new(),
             shipping: ShipMeter::default(),
             pokes: 0,
+            released_at: None,
             precopy: true,
             finished: false,
         }),
@@ -798,16 +801,29 @@ impl EpochLoop<'_> {
         let stopped = start.elapsed();
         let ended = vmm.outcome();
         let mut recent = self.recent();
+        let since_output = tracking.last_output.map_or(Duration::MAX, |t| start - t);
         if why == EpochEnd::Output {
             tracking.last_output = Some(start);
         }
-        let since_output = tracking.last_output.map_or(Duration::MAX, |t| start - t);
+        // The output came soon after the last release: it answers what that let out.
+        let released = self.shared.lock().released_at;
+        let came = ending.output_wait.and_then(|w| start.checked_sub(w));
+        let answers = came
+            .zip(released)
+            .and_then(|(came, released)| came.checked_duration_since(released))
+            .is_some_and(|after| after < policy::ANSWER);
         let (limits, mut faults) = (&self.limits, 0);
         let mut log = vmm.harvest_dirty_rearming(|log| {
             // Pages left writable last time are in this harvest without a fault: the others
             // faulted when the guest wrote them (the tracking cost of this epoch).
             faults = log.count().saturating_sub(tracking.hot.writable());
-            let done = policy::Done::new(why, ending.length, log.count(), since_output);
+            let done = policy::Done {
+                why,
+                length: ending.length,
+                pages: log.count(),
+                since_output,
+                answers,
+            };
             recent.pressed = policy::pressed(limits, &recent, &done);
             tracking.hot.rearm(log, policy::hot_budget(limits, &recent))
         })?;
@@ -866,6 +882,7 @@ impl EpochLoop<'_> {
             output_wait_us = ending.output_wait.map(|w| saturating_u64(w.as_micros())),
             faults,
             hot = tracking.hot.writable(),
+            answers,
             pressed = recent.pressed,
             held_frames = state.output.frames.items.len(),
             disk_ops = disk.len(),
@@ -1199,11 +1216,14 @@ fn control_loop(
         match got {
             Ok(Message::Ack { epoch }) => {
                 silence.heard();
-                outputs.release_through(epoch);
+                let released = outputs.release_through(epoch);
                 let now = Instant::now();
                 let mut role = shared.lock();
                 role.acked = role.acked.max(epoch);
                 role.pokes += 1;
+                if released {
+                    role.released_at = Some(now);
+                }
                 while let Some(u) = role.unacked.pop_front() {
                     if u.epoch > epoch {
                         role.unacked.push_front(u);

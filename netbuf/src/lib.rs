@@ -237,11 +237,12 @@ impl<T: Output> Gate<T> {
         }
     }
 
-    /// Releases, in order, the output of every sealed epoch up to `epoch` (acknowledged).
-    pub fn release_through(&self, epoch: u64) {
+    /// Releases, in order, the output of every sealed epoch up to `epoch` (acknowledged);
+    /// whether any output left.
+    pub fn release_through(&self, epoch: u64) -> bool {
         let mut st = self.lock();
         if st.mode != Mode::Held {
-            return;
+            return false;
         }
         let mut any = false;
         while st.sealed.front().is_some_and(|(e, _)| *e <= epoch) {
@@ -254,6 +255,7 @@ impl<T: Output> Gate<T> {
         if any {
             self.released_held();
         }
+        any
     }
 
     /// Goes unprotected: releases everything held, in order, and passes later output through.
@@ -387,7 +389,7 @@ mod tests {
         assert_eq!((held1.first, held1.items.len()), (0, 1 + 1));
         assert_eq!((held2.first, held2.end()), (0, 3));
         sink.write_console(b"d");
-        gate.release_through(1);
+        assert!(gate.release_through(1));
         assert_eq!(seen.text(), "ab");
         let held3 = gate.seal(3);
         assert_eq!((held3.first, held3.end()), (2, 4));
@@ -395,7 +397,7 @@ mod tests {
         assert_eq!(seen.text(), "abcd");
         assert_eq!(gate.released(), 4);
         assert_eq!(gate.held_bytes(), 0);
-        gate.release_through(3);
+        assert!(!gate.release_through(3));
         assert_eq!(seen.text(), "abcd", "a repeated ack releases nothing twice");
     }
 
