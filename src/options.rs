@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use checkpoint::policy::EpochBounds;
 use clap::Args;
 use vmm::devices::virtio::net::parse_mac;
 use vmm::memory::parse_size;
@@ -84,9 +85,19 @@ pub struct PrimaryArgs {
     /// The standby's address (HOST:PORT).
     #[arg(long)]
     pub peer: String,
-    /// Checkpoint period in milliseconds.
-    #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(1..=10_000))]
-    pub epoch_ms: u64,
+    /// Fixed epochs of this many milliseconds, a Remus checkpoint period: shorthand for
+    /// --epoch-min-ms N --epoch-max-ms N (by default epochs adapt to the guest).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=10_000),
+          conflicts_with_all = ["epoch_min_ms", "epoch_max_ms"])]
+    pub epoch_ms: Option<u64>,
+    /// An epoch with output waiting (console bytes, network frames) ends once it is this many
+    /// milliseconds old [default: 2, or the maximum if that is smaller].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub epoch_min_ms: Option<u64>,
+    /// No epoch lasts longer than this many milliseconds: a failover redoes at most this much
+    /// of the guest's work [default: 500].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub epoch_max_ms: Option<u64>,
     /// Silence after which a node judges its peer dead, in milliseconds.
     #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(20..=600_000))]
     pub failover_timeout_ms: u64,
@@ -103,6 +114,29 @@ pub struct PrimaryArgs {
     pub allow_unprotected: bool,
     #[command(flatten)]
     pub vm: RunArgs,
+}
+
+impl PrimaryArgs {
+    /// The epoch bounds these flags ask for.
+    pub fn epochs(&self) -> Result<EpochBounds, String> {
+        if let Some(ms) = self.epoch_ms {
+            return Ok(EpochBounds::fixed(ms));
+        }
+        let max = self.epoch_max_ms.unwrap_or(EpochBounds::DEFAULT.max_ms);
+        match self.epoch_min_ms {
+            Some(min) if min > max => Err(format!(
+                "--epoch-min-ms ({min}) must not be longer than the maximum epoch ({max} ms)"
+            )),
+            Some(min) => Ok(EpochBounds {
+                min_ms: min,
+                max_ms: max,
+            }),
+            None => Ok(EpochBounds {
+                min_ms: EpochBounds::DEFAULT.min_ms.min(max),
+                max_ms: max,
+            }),
+        }
+    }
 }
 
 /// `ftvmm standby`: where to listen and the local resources the guest will use here after a
@@ -167,6 +201,38 @@ fn parse_net(s: &str) -> Result<NetSpec, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Primary {
+        #[command(flatten)]
+        args: PrimaryArgs,
+    }
+
+    fn epochs(flags: &[&str]) -> Result<EpochBounds, String> {
+        let argv = ["ftvmm", "--peer", "h:1", "--payload", "builtin:seq"];
+        let p = Primary::try_parse_from(argv.iter().chain(flags)).map_err(|e| e.to_string())?;
+        p.args.epochs()
+    }
+
+    #[test]
+    fn epoch_flags() {
+        assert_eq!(epochs(&[]), Ok(EpochBounds::DEFAULT));
+        assert_eq!(epochs(&["--epoch-ms", "40"]), Ok(EpochBounds::fixed(40)));
+        let b = |min_ms, max_ms| Ok(EpochBounds { min_ms, max_ms });
+        assert_eq!(epochs(&["--epoch-min-ms", "5"]), b(5, 500));
+        assert_eq!(epochs(&["--epoch-max-ms", "1000"]), b(2, 1000));
+        assert_eq!(
+            epochs(&["--epoch-max-ms", "1"]),
+            b(1, 1),
+            "the default minimum yields"
+        );
+        assert!(epochs(&["--epoch-min-ms", "50", "--epoch-max-ms", "40"])
+            .unwrap_err()
+            .contains("--epoch-min-ms (50)"));
+        assert!(epochs(&["--epoch-ms", "40", "--epoch-max-ms", "100"]).is_err());
+        assert!(epochs(&["--epoch-min-ms", "0"]).is_err());
+    }
 
     #[test]
     fn net_specs() {

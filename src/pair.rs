@@ -1,11 +1,12 @@
 //! `ftvmm primary` and `ftvmm standby`: the two roles of a replicated guest, started by hand.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use checkpoint::link::{self, LinkError, Listener, PeerConfig};
+use checkpoint::policy::EpochEnd;
 use checkpoint::primary::{self, PrimaryEnd, PrimaryReport};
 use checkpoint::standby::{self, StandbyEnd, StandbyWatch};
 use node::guest::{boot_primary, Resumed, StandbyHost};
@@ -38,8 +39,19 @@ struct PrimaryStats {
     /// Times the guest was held paused while the standby was behind, and for how long.
     holds: u64,
     held_ms: u64,
-    /// Epochs ended early because they held as much output and disk writing as one may.
-    full_epochs: u64,
+    /// Times the guest was held because its output waited for the sender while it dirtied
+    /// memory faster than the pair ships it, and for how long: how much it was slowed.
+    throttles: u64,
+    throttled_ms: u64,
+    /// Lengths of the recent epochs the epoch policy chose.
+    epoch_ms_p50: f64,
+    epoch_ms_p99: f64,
+    /// Epochs by why they ended: output waiting, dirty budget, bytes (output and disk writes
+    /// at their bound), amortized (a silent epoch long enough), max (the maximum or fixed
+    /// period), exit (the guest's final checkpoint).
+    epoch_ends: BTreeMap<&'static str, u64>,
+    /// How long the running epoch has run.
+    epoch_running_ms: Option<u64>,
     precopy_pages: usize,
     pause_us_p50: u64,
     pause_us_p99: u64,
@@ -131,7 +143,7 @@ pub fn primary(args: &PrimaryArgs) -> Result<ExitCode, Error> {
             None => None,
         },
         net_mac: args.vm.host.net.as_ref().map(|n| n.mac),
-        epoch_ms: args.epoch_ms,
+        epochs: args.epochs()?,
         failover_timeout_ms: args.failover_timeout_ms,
         ack_timeout_ms: args.ack_timeout_ms,
         resync_max_mib_s: 0,
@@ -207,7 +219,15 @@ fn primary_stats(outcome: String, r: &PrimaryReport) -> PrimaryStats {
         slow_ms: ms(r.slow_time),
         holds: r.holds,
         held_ms: ms(r.held_time),
-        full_epochs: r.full_epochs,
+        throttles: r.throttles,
+        throttled_ms: ms(r.throttled_time),
+        epoch_ms_p50: quantile_us(&r.lengths, 0.5) as f64 / 1e3,
+        epoch_ms_p99: quantile_us(&r.lengths, 0.99) as f64 / 1e3,
+        epoch_ends: EpochEnd::ALL
+            .iter()
+            .map(|&e| (e.as_str(), r.ends.get(&e).copied().unwrap_or(0)))
+            .collect(),
+        epoch_running_ms: r.epoch_began.map(|t| ms(t.elapsed())),
         precopy_pages: r.precopy_pages,
         pause_us_p50: quantile_us(&r.pauses, 0.5),
         pause_us_p99: quantile_us(&r.pauses, 0.99),

@@ -19,11 +19,13 @@ static ONE_PAIR: Mutex<()> = Mutex::new(());
 const FAILOVER_TIMEOUT_MS: u64 = 2000;
 const ACK_TIMEOUT_MS: u64 = 30_000;
 
-/// What one trial left behind: the merged console, the standby's stats, and how long the pair
-/// ran from protection to the standby's exit.
+/// What one trial left behind: the merged console, the standby's stats, the primary's stats
+/// as it last wrote them before the kill, and how long the pair ran from protection to the
+/// standby's exit.
 struct Trial {
     merged: String,
     standby: serde_json::Value,
+    primary: serde_json::Value,
     ran: Duration,
 }
 
@@ -37,18 +39,20 @@ fn mid_run(lines: usize, rng: &mut Rng) -> impl FnOnce(usize) -> usize + '_ {
 }
 
 /// Runs the payload on a primary/standby pair. Once protection starts (the first released
-/// output: a checkpoint was acknowledged, at line `protected_at`), SIGKILLs the primary when it
-/// has released `kill_at(protected_at)` lines (the moment follows the guest's progress,
-/// whatever this machine's speed), and lets the standby finish, which must exit 0.
+/// output: a checkpoint was acknowledged, at line `protected_at`), SIGKILLs the primary
+/// `after` it has released `kill_at(protected_at)` lines (the moment follows the guest's
+/// progress, whatever this machine's speed), and lets the standby finish, which must exit 0.
 fn kill_primary(
     dir: &Scratch,
     vm: &[&str],
     standby_vm: &[&str],
     payload: &[String],
     kill_at: impl FnOnce(usize) -> usize,
+    after: Duration,
     what: &str,
 ) -> Trial {
     let (p_out, s_out, s_stats) = (dir.path("p.out"), dir.path("s.out"), dir.path("s.json"));
+    let p_stats = dir.path("p.json");
     let addr = format!("127.0.0.1:{}", free_port());
     let mut standby = Node::spawn(
         &[
@@ -68,6 +72,7 @@ fn kill_primary(
     args.push(format!("--failover-timeout-ms={FAILOVER_TIMEOUT_MS}"));
     args.push(format!("--ack-timeout-ms={ACK_TIMEOUT_MS}"));
     args.push(format!("--console=file:{}", p_out.display()));
+    args.push(format!("--stats-json={}", p_stats.display()));
     args.extend(vm.iter().map(|a| a.to_string()));
     args.push("--".into());
     args.extend_from_slice(payload);
@@ -90,6 +95,9 @@ fn kill_primary(
         released_lines() >= kill_at || !primary.running()
     });
     assert!(reached, "{what}: stalled before line {kill_at}");
+    // A chosen moment after the line, not a wait for anything.
+    std::thread::sleep(after);
+    let at_kill = stats(&p_stats);
     // SIGKILL of the ftvmm process itself (by pid).
     primary.child.0.kill().unwrap();
     let (status, s_err) = standby.wait(Duration::from_secs(120));
@@ -104,6 +112,7 @@ fn kill_primary(
     Trial {
         merged,
         standby: stats(&s_stats),
+        primary: at_kill,
         ran: start.elapsed(),
     }
 }
@@ -141,6 +150,7 @@ fn stencil_survives_primary_sigkill_at_seeded_moments() {
             &[],
             &args,
             mid_run(u64_to_usize(steps / 5000), &mut rng),
+            Duration::ZERO,
             &what,
         );
         assert!(
@@ -160,6 +170,64 @@ fn stencil_survives_primary_sigkill_at_seeded_moments() {
             steps / 5000,
             "{what}: gapless reports"
         );
+    }
+}
+
+/// A failover in the middle of a long epoch. Epochs last 1 to 4 s (an epoch with output
+/// waiting ends once it is a second old: here at the first progress line after that, the
+/// stencil printing every few hundred milliseconds), and the primary is killed a seeded
+/// 400-800 ms after a line was released, inside the epoch that began with the checkpoint
+/// whose acknowledgement released it. The standby resumes from that checkpoint, redoes the
+/// work since, and finishes with the exact checksum and every progress line once.
+#[test]
+fn stencil_survives_a_primary_sigkill_in_the_middle_of_a_long_epoch() {
+    let _one = ONE_PAIR.lock().unwrap_or_else(|e| e.into_inner());
+    let (steps, report) = (240_000u64, 6000u64);
+    let (args, expected) = stencil(steps, report);
+    let lines = u64_to_usize(steps / report);
+    let mut rng = Rng::seeded(0x10e9_e90c);
+    for trial in 0..3 {
+        let dir = Scratch::new(&format!("longepoch{trial}"));
+        let after = rng.millis(400, 800);
+        let what = format!(
+            "long epoch {} trial {trial}, {after:?} after a line",
+            rng.name()
+        );
+        let t = kill_primary(
+            &dir,
+            &[
+                "--payload",
+                "builtin:stencil",
+                "--epoch-min-ms=1000",
+                "--epoch-max-ms=4000",
+            ],
+            &[],
+            &args,
+            mid_run(lines, &mut rng),
+            after,
+            &what,
+        );
+        assert!(t.standby["took_over"] == true, "{what}: {}", t.standby);
+        assert_eq!(t.merged.lines().last(), Some(expected.as_str()), "{what}");
+        let reports = t.merged.lines().filter(|l| l.starts_with("step ")).count();
+        assert_eq!(reports, lines, "{what}: gapless reports");
+        // Stats are written every 250 ms: the last before the kill saw an epoch that had run
+        // at least some 150 ms, and the standby took over from the checkpoint that began it
+        // (or, were that one not yet acknowledged, the one before).
+        let running = t.primary["epoch_running_ms"].as_u64().unwrap_or(0);
+        assert!(
+            running >= 100,
+            "{what}: killed {running} ms into an epoch: {}",
+            t.primary
+        );
+        let (sealed, resumed) = (t.primary["epochs"].as_u64(), t.standby["epoch"].as_u64());
+        assert!(
+            resumed
+                .zip(sealed)
+                .is_some_and(|(r, s)| r <= s && r + 1 >= s),
+            "{what}: took over at epoch {resumed:?}, the primary had sealed {sealed:?}"
+        );
+        println!("{what}: killed at least {running} ms into an epoch, resumed from {resumed:?}");
     }
 }
 
@@ -191,6 +259,7 @@ fn seq_survives_primary_sigkill_at_seeded_moments() {
             &[],
             &args,
             mid_run(u64_to_usize(count), &mut rng),
+            Duration::ZERO,
             &what,
         );
         assert!(
@@ -238,6 +307,7 @@ fn primary_killed_as_the_guest_exits_leaves_the_standby_ending_the_same_way() {
             &[],
             &args,
             |_| lines - 2 - trial % 2,
+            Duration::ZERO,
             &what,
         );
         assert_eq!(t.merged.lines().last(), Some(expected.as_str()), "{what}");
@@ -274,6 +344,7 @@ fn journal_on_disk_survives_primary_sigkill_at_seeded_moments() {
             &[&s_disk],
             &[JOURNAL_RECORDS.to_string()],
             mid_run(batches, &mut rng),
+            Duration::ZERO,
             &what,
         );
         assert_eq!(t.standby["took_over"], true, "{what}: {}", t.merged);

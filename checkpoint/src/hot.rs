@@ -15,27 +15,48 @@ pub const HOT_EPOCHS: u8 = 3;
 #[derive(Debug, Default)]
 pub struct HotPages {
     left: Vec<u8>,
+    /// Pages the last `rearm` left writable.
+    writable: usize,
 }
 
 impl HotPages {
     /// Of the pages of an epoch's harvest `log`, those to write-protect again: pages writable
-    /// for `HOT_EPOCHS` epochs. A page that is not re-armed stays in every harvest, so the
-    /// log keeps naming it until then.
-    pub fn rearm(&mut self, log: &DirtyLog) -> DirtyLog {
-        log.select(|gpa| {
+    /// for `HOT_EPOCHS` epochs, and those beyond the first `keep` (in address order) that would
+    /// stay writable, whose window ends early (see `crate::policy::hot_budget`). A page that
+    /// is not re-armed stays in every harvest, so the log keeps naming it until then.
+    pub fn rearm(&mut self, log: &DirtyLog, keep: usize) -> DirtyLog {
+        let mut writable = 0;
+        let rearmed = log.select(|gpa| {
             let page = u64_to_usize(gpa) / PAGE_SIZE;
             if page >= self.left.len() {
                 self.left.resize(page + 1, 0);
             }
             let left = &mut self.left[page];
-            if *left == 0 {
+            let rearm = if *left == 0 {
                 *left = HOT_EPOCHS;
                 false
             } else {
                 *left -= 1;
                 *left == 0
+            };
+            if rearm {
+                return true;
             }
-        })
+            if writable >= keep {
+                *left = 0;
+                return true;
+            }
+            writable += 1;
+            false
+        });
+        self.writable = writable;
+        rearmed
+    }
+
+    /// Pages the last harvest left writable: the next harvest names them whether or not the
+    /// guest wrote them, and the guest writes them without a fault.
+    pub fn writable(&self) -> usize {
+        self.writable
     }
 }
 
@@ -59,11 +80,27 @@ mod tests {
         let mut hot = HotPages::default();
         // Page 5 is dirty and, never re-armed, stays in the harvests of its window.
         for _ in 0..HOT_EPOCHS {
-            assert_eq!(hot.rearm(&log(&[5, 70])).count(), 0);
+            assert_eq!(hot.rearm(&log(&[5, 70]), usize::MAX).count(), 0);
         }
-        let rearmed: Vec<u64> = hot.rearm(&log(&[5, 70])).pages().collect();
+        let rearmed: Vec<u64> = hot.rearm(&log(&[5, 70]), usize::MAX).pages().collect();
         assert_eq!(rearmed, vec![5 * 4096, 70 * 4096]);
         // Written again after re-arming: a new window.
-        assert_eq!(hot.rearm(&log(&[5])).count(), 0);
+        assert_eq!(hot.rearm(&log(&[5]), usize::MAX).count(), 0);
+    }
+
+    #[test]
+    fn pages_beyond_the_budget_are_rearmed_at_once_and_start_afresh() {
+        let mut hot = HotPages::default();
+        let rearmed: Vec<u64> = hot.rearm(&log(&[1, 2, 3]), 2).pages().collect();
+        assert_eq!(rearmed, vec![3 * 4096], "the first two stay writable");
+        assert_eq!(hot.writable(), 2);
+        // Page 3's window starts again when it is dirty again; 1 and 2 go on with theirs.
+        let rearmed: Vec<u64> = hot.rearm(&log(&[1, 2, 3]), 3).pages().collect();
+        assert!(rearmed.is_empty());
+        assert_eq!(
+            hot.rearm(&log(&[1, 2, 3]), 0).count(),
+            3,
+            "no room: all re-armed"
+        );
     }
 }

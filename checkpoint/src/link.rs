@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use vmm::cast::saturating_u64;
 use vmm::VmConfig;
 
+use crate::policy::EpochBounds;
 use crate::wire::{self, Channel, FrameReader, Message, WireError, PROTOCOL_VERSION};
 
 /// What the primary tells the standby in its Hello: the VM, the devices the standby must
@@ -22,7 +23,9 @@ pub struct PeerConfig {
     pub disk_size: Option<u64>,
     /// MAC of the VM's NIC, if it has one.
     pub net_mac: Option<[u8; 6]>,
-    pub epoch_ms: u64,
+    /// Where epochs may end (see [`crate::policy`]).
+    #[serde(default)]
+    pub epochs: EpochBounds,
     /// Silence after which a node judges its peer dead.
     pub failover_timeout_ms: u64,
     /// How long a standby whose heartbeats arrive may leave a checkpoint unacknowledged

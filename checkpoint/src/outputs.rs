@@ -3,6 +3,9 @@
 //! standby that takes over can release it itself; and the epoch's disk writes, which the
 //! standby applies when the epoch commits.
 
+use std::sync::Arc;
+use std::time::Instant;
+
 use disk_sync::{EpochRecorder, EpochWrites};
 use netbuf::{ConsoleChunk, Frame, FrameGateSink, Gate, GuestAddresses, Held, Ipv4, Mode};
 use serde::{Deserialize, Serialize};
@@ -64,18 +67,39 @@ impl Outputs {
         self.console.running_bytes() + self.disk.as_ref().map_or(0, EpochRecorder::running_bytes)
     }
 
-    /// Checkpoint `epoch` is acknowledged: its output and all before it leave.
-    pub fn release_through(&self, epoch: u64) {
-        self.console.release_through(epoch);
-        if let Some(net) = &self.net {
-            net.gate.release_through(epoch);
+    /// When the running epoch's first console bytes or frames came, if any wait for it to end.
+    pub fn waiting_since(&self) -> Option<Instant> {
+        let frames = self.net.as_ref().and_then(|n| n.gate.waiting_since());
+        match (self.console.waiting_since(), frames) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
+    }
+
+    /// Calls `hook` when the running epoch gets its first console bytes or frames; None
+    /// removes it.
+    pub fn set_on_output(&self, hook: Option<Arc<dyn Fn() + Send + Sync>>) {
+        if let Some(net) = &self.net {
+            net.gate.set_on_first(hook.clone());
+        }
+        self.console.set_on_first(hook);
+    }
+
+    /// Checkpoint `epoch` is acknowledged: its output and all before it leave; whether any
+    /// console bytes or frames did.
+    pub fn release_through(&self, epoch: u64) -> bool {
+        let console = self.console.release_through(epoch);
+        let frames = self
+            .net
+            .as_ref()
+            .is_some_and(|net| net.gate.release_through(epoch));
         if let Some(disk) = &self.disk {
             if let Err(e) = disk.acked(epoch) {
                 // The bits stay set: a later resync copies a little more, nothing is lost.
                 tracing::warn!("cannot update the disk's write-intent bitmap: {e}");
             }
         }
+        console || frames
     }
 
     /// Unprotected from now on: everything held leaves, later output passes through.
@@ -137,7 +161,8 @@ impl Outputs {
         });
         if let (Some(net), Some(control)) = (&net, vmm.net_control()) {
             // Frames leaving make room: the NIC's stalled queue goes on.
-            net.gate.set_on_release(Box::new(move || control.wake()));
+            let waker = control.waker();
+            net.gate.set_on_release(Box::new(move || waker.wake()));
         }
         Self { console, net, disk }
     }

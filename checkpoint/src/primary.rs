@@ -20,7 +20,9 @@ use vmm::{VmOutcome, Vmm};
 use crate::hot::HotPages;
 use crate::link::{self, Link, PeerConfig, PrimaryLink, Sender, SilenceClock, TICK};
 use crate::outputs::Outputs;
-use crate::policy::{self, EpochEnd, Hold, Limits, Next, Observation};
+use crate::policy::{
+    self, EpochEnd, Hold, Limits, Next, Observation, Recent, ShipMeter, TrackingMeter,
+};
 use crate::staging::{self, CheckpointState, StagedPages, StagingError};
 use crate::wire::{self, EpochDigest, FrameReader, Message, WireError, PAGE_SIZE};
 use disk_sync::resync::{self, ResyncSource};
@@ -84,8 +86,12 @@ pub struct PrimaryReport {
     pub dirty_pages: Vec<usize>,
     /// Dirty pages of all checkpoints.
     pub dirty_pages_total: u64,
-    /// Epochs that ended before their period because they held as much as one epoch may.
-    pub full_epochs: u64,
+    /// Length of each recent epoch, as the epoch policy chose it.
+    pub lengths: Vec<Duration>,
+    /// Epochs by why they ended.
+    pub ends: BTreeMap<EpochEnd, u64>,
+    /// When the running epoch began (its checkpoint's pause included).
+    pub epoch_began: Option<Instant>,
     /// How the standby keeps up, now.
     pub standby: StandbyHealth,
     /// Age of the oldest unacknowledged checkpoint, now.
@@ -97,6 +103,11 @@ pub struct PrimaryReport {
     /// the standby was behind, and how long in all.
     pub holds: u64,
     pub held_time: Duration,
+    /// Times the guest was held under output pressure because its epoch had dirtied the reply
+    /// budget before the last checkpoint was acknowledged (it dirties about as fast as the pair
+    /// ships), and how long in all: how much it was slowed.
+    pub throttles: u64,
+    pub throttled_time: Duration,
     /// Why protection was dropped, if it was.
     pub lost_reason: Option<String>,
     /// Bytes of disk blocks the resync sends, and those sent so far.
@@ -144,18 +155,33 @@ impl StandbyHealth {
 pub const RECENT_EPOCHS: usize = 1 << 17;
 
 impl PrimaryReport {
-    fn record_epoch(&mut self, pause: Duration, copy: Duration, dirty: usize) {
+    fn record_epoch(&mut self, e: &EpochFigures) {
         if self.pauses.len() >= RECENT_EPOCHS {
             let half = RECENT_EPOCHS / 2;
             self.pauses.drain(..half);
             self.copies.drain(..half);
             self.dirty_pages.drain(..half);
+            self.lengths.drain(..half);
         }
-        self.pauses.push(pause);
-        self.copies.push(copy);
-        self.dirty_pages.push(dirty);
-        self.dirty_pages_total += dirty as u64;
+        self.pauses.push(e.pause);
+        self.copies.push(e.copy);
+        self.dirty_pages.push(e.dirty);
+        self.lengths.push(e.length);
+        self.dirty_pages_total += usize_to_u64(e.dirty);
+        *self.ends.entry(e.why).or_default() += 1;
+        self.epoch_began = Some(e.began);
     }
+}
+
+/// What one checkpoint adds to the report.
+struct EpochFigures {
+    /// When the epoch after it began.
+    began: Instant,
+    pause: Duration,
+    copy: Duration,
+    dirty: usize,
+    length: Duration,
+    why: EpochEnd,
 }
 
 /// A live view of a protected run's report, for status while it runs, and the way to ask it
@@ -212,17 +238,39 @@ struct Role {
     deposed: bool,
     /// Highest acknowledged epoch.
     acked: u64,
-    /// Epochs sealed and not yet acknowledged, with when each was sealed (moved to the present
-    /// when this node is found not to have run, so that the standby gets a fresh window).
-    unacked: VecDeque<(u64, Instant)>,
+    /// Epochs sealed and not yet acknowledged.
+    unacked: VecDeque<Unacked>,
+    /// How fast the standby acknowledges checkpoints, for the epoch policy.
+    shipping: ShipMeter,
+    /// Counts what the epoch loop waits for (acknowledgements, the sender taking a
+    /// checkpoint, the first output of an epoch), so that it wakes when one happens.
+    pokes: u64,
+    /// When an acknowledgement last released output.
+    released_at: Option<Instant>,
     /// Pre-copy is under way: the standby shows progress only by the frames it reads.
     precopy: bool,
     finished: bool,
 }
 
+/// A sealed checkpoint not yet acknowledged.
+struct Unacked {
+    epoch: u64,
+    /// When it was sealed (moved to the present when this node is found not to have run, so
+    /// that the standby gets a fresh window).
+    sealed: Instant,
+    /// Its bytes before compression: pages, disk writes and console bytes.
+    bytes: u64,
+}
+
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Role> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes the epoch loop: something it may be waiting for happened.
+    fn poke(&self) {
+        self.lock().pokes += 1;
+        self.changed.notify_all();
     }
 
     /// Waits until `deadline` while `waiting(role)` holds, looking again at least every TICK
@@ -293,6 +341,9 @@ pub fn protect(
             deposed: false,
             acked: continuing.unwrap_or(0),
             unacked: VecDeque::new(),
+            shipping: ShipMeter::default(),
+            pokes: 0,
+            released_at: None,
             precopy: continuing.is_none(),
             finished: false,
         }),
@@ -352,10 +403,8 @@ pub fn protect(
         data: &data,
         config,
         watch,
-        limits: Limits::new(
-            Duration::from_millis(config.epoch_ms),
-            config.failover_timeout(),
-        ),
+        limits: Limits::for_peer(config),
+        recent: Mutex::new(Recent::default()),
     };
     let start = match continuing {
         Some(epoch) => Start::After(epoch),
@@ -364,7 +413,11 @@ pub fn protect(
             need: resync::blocks_of(&need),
         },
     };
+    // Output that comes wakes the epoch loop, which ends the epoch if the policy says so.
+    let poke = shared.clone();
+    outputs.set_on_output(Some(Arc::new(move || poke.poke())));
     let result = epochs.run(start);
+    outputs.set_on_output(None);
     drop(out_tx);
     let end = match result {
         Ok(end) => end,
@@ -511,6 +564,25 @@ struct EpochLoop<'a> {
     config: &'a PeerConfig,
     watch: &'a Watch,
     limits: Limits,
+    /// What the last checkpoints cost, as the policy takes it (behind a lock because the
+    /// resync thread borrows the loop).
+    recent: Mutex<Recent>,
+}
+
+/// Dirty tracking across epochs: which pages stay writable, and the write faults taken.
+#[derive(Default)]
+struct Tracking {
+    hot: HotPages,
+    faults: TrackingMeter,
+    /// When the last epoch that output ended was checkpointed.
+    last_output: Option<Instant>,
+}
+
+/// How an epoch ended: why, after how long, and how long output had waited for it.
+struct Ending {
+    why: EpochEnd,
+    length: Duration,
+    output_wait: Option<Duration>,
 }
 
 /// Whether the guest is running, or paused by the epoch loop and since when.
@@ -564,18 +636,24 @@ impl EpochLoop<'_> {
         };
 
         let limits = &self.limits;
-        let mut hot = HotPages::default();
+        let mut tracking = Tracking::default();
         let mut began = Instant::now();
         let mut guest = GuestRun::Running;
         loop {
-            let why = loop {
+            let ending = loop {
                 if let Some(ended) = self.role_change() {
                     self.release(&mut guest);
                     return Ok(ended);
                 }
+                let obs = self.observe(began.elapsed());
+                let ending = |why| Ending {
+                    why,
+                    length: obs.elapsed,
+                    output_wait: obs.output_waiting,
+                };
                 if vmm.outcome().is_some() {
                     // The guest ended: its final checkpoint carries how.
-                    break EpochEnd::Period;
+                    break ending(EpochEnd::Exit);
                 }
                 if self.watch.swap_asked() {
                     // A swap: the guest stops at the end of this epoch, for good here.
@@ -586,34 +664,37 @@ impl EpochLoop<'_> {
                             why: Hold::Swap,
                         };
                     }
-                    break EpochEnd::Swap;
+                    break ending(EpochEnd::Swap);
                 }
-                match policy::next(&self.observe(began.elapsed()), limits) {
-                    Next::Checkpoint(why) => break why,
-                    Next::Run => {
+                match policy::next(&obs, limits) {
+                    Next::Checkpoint(why) => break ending(why),
+                    Next::Run { look_in } => {
                         self.release(&mut guest);
-                        let left = limits.period.saturating_sub(began.elapsed());
-                        self.wait(left.max(Duration::from_millis(1)));
+                        self.wait(look_in);
                     }
                     Next::Hold(why) => {
                         if let GuestRun::Running = guest {
                             vmm.pause();
-                            info!(?why, "holding the guest until the standby catches up");
+                            // A throttled guest is held for milliseconds, many times a second.
+                            if why != Hold::Throttle {
+                                info!(?why, "holding the guest until the standby catches up");
+                            }
                             guest = GuestRun::Held {
                                 since: Instant::now(),
                                 why,
                             };
                         }
-                        self.wait(TICK);
+                        self.wait(why.look_in());
                     }
                 }
             };
             epoch += 1;
             began = Instant::now();
             let span = info_span!("epoch", epoch).entered();
-            let (unit, ended) = self.checkpoint(epoch, why, &mut guest, &mut hot, &mut carried)?;
+            let (unit, ended) =
+                self.checkpoint(epoch, &ending, &mut guest, &mut tracking, &mut carried)?;
             drop(span);
-            let handing_over = match (why, &unit.state) {
+            let handing_over = match (ending.why, &unit.state) {
                 (EpochEnd::Swap, Some(bytes)) => Some(CheckpointState::decode(bytes)?),
                 _ => None,
             };
@@ -767,11 +848,17 @@ impl EpochLoop<'_> {
 
     /// What the epoch policy looks at, `elapsed` into the running epoch.
     fn observe(&self, elapsed: Duration) -> Observation {
-        let (unacked, oldest_unacked) = {
+        let (unacked, oldest_unacked, ship_rate) = {
             let role = self.shared.lock();
-            let oldest = role.unacked.front().map(|(_, sealed)| sealed.elapsed());
-            (role.unacked.len(), oldest.unwrap_or_default())
+            let oldest = role.unacked.front().map(|u| u.sealed.elapsed());
+            let rate = role.shipping.rate();
+            (role.unacked.len(), oldest.unwrap_or_default(), rate)
         };
+        let dirty_pages = self.vmm.dirty_count().unwrap_or_else(|e| {
+            // The harvest will fail the same way and say so; until then, no dirty budget.
+            warn!("cannot count the running epoch's dirty pages: {e}");
+            None
+        });
         Observation {
             elapsed,
             sender_ready: self.out.is_empty(),
@@ -779,14 +866,29 @@ impl EpochLoop<'_> {
             epoch_bytes: self.outputs.running_bytes(),
             held_bytes: self.outputs.console.held_bytes(),
             oldest_unacked,
+            output_waiting: self.outputs.waiting_since().map(|t| t.elapsed()),
+            dirty_pages,
+            recent: Recent {
+                ship_rate,
+                ..self.recent()
+            },
         }
     }
 
-    /// Waits at most `limit` for a role change or an acknowledgement.
+    fn recent(&self) -> Recent {
+        *self.recent.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn set_recent(&self, recent: Recent) {
+        *self.recent.lock().unwrap_or_else(|e| e.into_inner()) = recent;
+    }
+
+    /// Waits at most `limit` for what the policy may act on: an acknowledgement, the sender
+    /// taking a checkpoint, the running epoch's first output, a role change, the guest's end.
     fn wait(&self, limit: Duration) {
-        let acked = self.shared.lock().acked;
+        let pokes = self.shared.lock().pokes;
         drop(self.shared.wait_while(Instant::now() + limit, |role| {
-            role.protected && !role.deposed && role.acked == acked
+            role.protected && !role.deposed && role.pokes == pokes && self.vmm.outcome().is_none()
         }));
     }
 
@@ -794,14 +896,19 @@ impl EpochLoop<'_> {
     fn release(&self, guest: &mut GuestRun) {
         if let GuestRun::Held { since, why } = std::mem::replace(guest, GuestRun::Running) {
             let held = since.elapsed();
-            info!(
-                ?why,
-                held_ms = saturating_u64(held.as_millis()),
-                "the standby caught up; the guest runs again"
-            );
             let mut r = self.watch.lock();
-            r.holds += 1;
-            r.held_time += held;
+            if why == Hold::Throttle {
+                r.throttles += 1;
+                r.throttled_time += held;
+            } else {
+                info!(
+                    ?why,
+                    held_ms = saturating_u64(held.as_millis()),
+                    "the standby caught up; the guest runs again"
+                );
+                r.holds += 1;
+                r.held_time += held;
+            }
             drop(r);
             self.vmm.resume();
         }
@@ -814,19 +921,49 @@ impl EpochLoop<'_> {
     fn checkpoint(
         &self,
         epoch: u64,
-        why: EpochEnd,
+        ending: &Ending,
         guest: &mut GuestRun,
-        hot: &mut HotPages,
+        tracking: &mut Tracking,
         carried: &mut Option<DirtyLog>,
     ) -> Result<(Outgoing, Option<VmOutcome>), PrimaryError> {
         let vmm = self.vmm;
+        let why = ending.why;
         let start = Instant::now();
         if let GuestRun::Running = guest {
             vmm.pause();
         }
         let stopped = start.elapsed();
         let ended = vmm.outcome();
-        let mut log = vmm.harvest_dirty_rearming(|log| hot.rearm(log))?;
+        let mut recent = self.recent();
+        let since_output = tracking.last_output.map_or(Duration::MAX, |t| start - t);
+        if why == EpochEnd::Output {
+            tracking.last_output = Some(start);
+        }
+        // The output came soon after the last release: it answers what that let out.
+        let released = self.shared.lock().released_at;
+        let came = ending.output_wait.and_then(|w| start.checked_sub(w));
+        let answers = came
+            .zip(released)
+            .and_then(|(came, released)| came.checked_duration_since(released))
+            .is_some_and(|after| after < policy::ANSWER);
+        let (limits, mut faults) = (&self.limits, 0);
+        let mut log = vmm.harvest_dirty_rearming(|log| {
+            // Pages left writable last time are in this harvest without a fault: the others
+            // faulted when the guest wrote them (the tracking cost of this epoch).
+            faults = log.count().saturating_sub(tracking.hot.writable());
+            let done = policy::Done {
+                why,
+                length: ending.length,
+                pages: log.count(),
+                since_output,
+                answers,
+            };
+            recent.pressed = policy::pressed(limits, &recent, &done);
+            tracking.hot.rearm(log, policy::hot_budget(limits, &recent))
+        })?;
+        tracking.faults.epoch(faults);
+        recent.faults = tracking.faults.per_epoch();
+        self.set_recent(recent);
         if let Some(carried) = carried.take() {
             log.union_with(&carried);
         }
@@ -836,6 +973,7 @@ impl EpochLoop<'_> {
         pages.copy_from(vmm.memory(), &log, false)?;
         let copy_time = copy_start.elapsed();
         let save_start = Instant::now();
+        let bytes = pages.bytes().len() + self.outputs.running_bytes();
         let (output, disk) = self.outputs.seal(epoch);
         let state = CheckpointState {
             vmm: vmm.save_state()?,
@@ -843,10 +981,11 @@ impl EpochLoop<'_> {
             ended: ended.clone(),
         };
         let save = save_start.elapsed();
-        self.shared
-            .lock()
-            .unacked
-            .push_back((epoch, Instant::now()));
+        self.shared.lock().unacked.push_back(Unacked {
+            epoch,
+            sealed: Instant::now(),
+            bytes: usize_to_u64(bytes),
+        });
         if ended.is_none() {
             // Held output at its bound keeps the guest paused at once, rather than letting it
             // run between the checkpoint and the hold.
@@ -869,9 +1008,17 @@ impl EpochLoop<'_> {
         }
         let pause = start.elapsed();
         let dirty = pages.gpas.len();
+        recent.pause = pause;
+        self.set_recent(recent);
         debug!(
             dirty,
             ?why,
+            length_us = saturating_u64(ending.length.as_micros()),
+            output_wait_us = ending.output_wait.map(|w| saturating_u64(w.as_micros())),
+            faults,
+            hot = tracking.hot.writable(),
+            answers,
+            pressed = recent.pressed,
             held_frames = state.output.frames.items.len(),
             disk_ops = disk.len(),
             pause_us = saturating_u64(pause.as_micros()),
@@ -884,10 +1031,14 @@ impl EpochLoop<'_> {
         {
             let mut r = self.watch.lock();
             r.epochs = epoch;
-            r.record_epoch(pause, copy_time, dirty);
-            if why == EpochEnd::Bytes {
-                r.full_epochs += 1;
-            }
+            r.record_epoch(&EpochFigures {
+                began: start,
+                pause,
+                copy: copy_time,
+                dirty,
+                length: ending.length,
+                why,
+            });
         }
         let unit = Outgoing {
             epoch,
@@ -933,6 +1084,8 @@ fn send_loop(
 ) {
     link::yield_to_guest();
     for unit in input {
+        // The epoch loop may be waiting for room to seal an epoch with output waiting.
+        shared.poke();
         let frames = compress(&unit, workers);
         let mut digest = EpochDigest::new();
         let mut wire_bytes = 0u64;
@@ -1211,8 +1364,8 @@ fn control_turns(
                     // The silence was this node's own: the standby gets a fresh window.
                     let now = Instant::now();
                     progress_at = now;
-                    for (_, sealed) in shared.lock().unacked.iter_mut() {
-                        *sealed = now;
+                    for u in shared.lock().unacked.iter_mut() {
+                        u.sealed = now;
                     }
                     backlog.pop_front().unwrap_or(Err(WireError::Idle))
                 } else {
@@ -1224,11 +1377,20 @@ fn control_turns(
         match got {
             Ok(Message::Ack { epoch }) => {
                 silence.heard();
-                outputs.release_through(epoch);
+                let released = outputs.release_through(epoch);
+                let now = Instant::now();
                 let mut role = shared.lock();
                 role.acked = role.acked.max(epoch);
-                while role.unacked.front().is_some_and(|(e, _)| *e <= epoch) {
-                    role.unacked.pop_front();
+                role.pokes += 1;
+                if released {
+                    role.released_at = Some(now);
+                }
+                while let Some(u) = role.unacked.pop_front() {
+                    if u.epoch > epoch {
+                        role.unacked.push_front(u);
+                        break;
+                    }
+                    role.shipping.acked(u.bytes, u.sealed, now);
                 }
                 drop(role);
                 watch.lock().acked = epoch;
@@ -1275,7 +1437,7 @@ fn control_turns(
         }
         let (protected, precopy, oldest) = {
             let role = shared.lock();
-            let oldest = role.unacked.front().map(|&(e, t)| (e, t.elapsed()));
+            let oldest = role.unacked.front().map(|u| (u.epoch, u.sealed.elapsed()));
             (role.protected, role.precopy, oldest)
         };
         if !protected {

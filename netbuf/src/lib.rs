@@ -12,6 +12,7 @@ mod announce;
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use vmm::cast::usize_to_u64;
@@ -109,8 +110,9 @@ pub enum Mode {
 
 struct GateState<T> {
     mode: Mode,
-    /// Output of the running (unsealed) epoch.
+    /// Output of the running (unsealed) epoch, and when its first item came.
     running: Vec<T>,
+    running_since: Option<Instant>,
     /// Sealed epochs not yet released, oldest first.
     sealed: VecDeque<(u64, Vec<T>)>,
     /// Stream position of the first item not yet released.
@@ -120,6 +122,9 @@ struct GateState<T> {
     out: Box<dyn Release<T>>,
     /// Told after output left, so that a producer waiting for room can go on.
     on_release: Option<Box<dyn Fn() + Send>>,
+    /// Told when the running epoch gets its first item, so that whoever ends epochs when
+    /// output waits need not poll for it.
+    on_first: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl<T: Output> GateState<T> {
@@ -157,11 +162,13 @@ impl<T: Output> Gate<T> {
             state: Arc::new(Mutex::new(GateState {
                 mode,
                 running: Vec::new(),
+                running_since: None,
                 sealed: VecDeque::new(),
                 released: position,
                 held: 0,
                 out,
                 on_release: None,
+                on_first: None,
             })),
         }
     }
@@ -185,16 +192,31 @@ impl<T: Output> Gate<T> {
         }
     }
 
+    /// Calls `hook` (outside the gate's lock) each time the running epoch gets its first
+    /// held item; None removes it.
+    pub fn set_on_first(&self, hook: Option<Arc<dyn Fn() + Send + Sync>>) {
+        self.lock().on_first = hook;
+    }
+
     /// Takes output from a device.
     pub fn push(&self, item: T) {
         let mut st = self.lock();
+        let mut first = None;
         match st.mode {
             Mode::Held => {
+                if st.running.is_empty() {
+                    st.running_since = Some(Instant::now());
+                    first = st.on_first.clone();
+                }
                 st.held += item.held_bytes();
                 st.running.push(item);
             }
             Mode::Open => st.emit(vec![item]),
             Mode::Closed => {}
+        }
+        drop(st);
+        if let Some(hook) = first {
+            hook();
         }
     }
 
@@ -203,6 +225,7 @@ impl<T: Output> Gate<T> {
     pub fn seal(&self, epoch: u64) -> Held<T> {
         let mut st = self.lock();
         let running = std::mem::take(&mut st.running);
+        st.running_since = None;
         st.sealed.push_back((epoch, running));
         Held {
             first: st.released,
@@ -214,11 +237,12 @@ impl<T: Output> Gate<T> {
         }
     }
 
-    /// Releases, in order, the output of every sealed epoch up to `epoch` (acknowledged).
-    pub fn release_through(&self, epoch: u64) {
+    /// Releases, in order, the output of every sealed epoch up to `epoch` (acknowledged);
+    /// whether any output left.
+    pub fn release_through(&self, epoch: u64) -> bool {
         let mut st = self.lock();
         if st.mode != Mode::Held {
-            return;
+            return false;
         }
         let mut any = false;
         while st.sealed.front().is_some_and(|(e, _)| *e <= epoch) {
@@ -231,6 +255,7 @@ impl<T: Output> Gate<T> {
         if any {
             self.released_held();
         }
+        any
     }
 
     /// Goes unprotected: releases everything held, in order, and passes later output through.
@@ -242,6 +267,7 @@ impl<T: Output> Gate<T> {
         st.mode = Mode::Open;
         let mut items: Vec<T> = st.sealed.drain(..).flat_map(|(_, v)| v).collect();
         items.append(&mut st.running);
+        st.running_since = None;
         st.emit_held(items);
         drop(st);
         self.released_held();
@@ -262,6 +288,7 @@ impl<T: Output> Gate<T> {
         st.mode = Mode::Closed;
         st.sealed.clear();
         st.running.clear();
+        st.running_since = None;
         st.held = 0;
         drop(st);
         // Whoever waits for room must not wait forever: closed output is dropped at once.
@@ -276,6 +303,12 @@ impl<T: Output> Gate<T> {
     /// Bytes held in the running epoch.
     pub fn running_bytes(&self) -> usize {
         self.lock().running.iter().map(Output::held_bytes).sum()
+    }
+
+    /// When the running epoch's first held item came: output waiting for the epoch to end,
+    /// and since when (None when it holds nothing).
+    pub fn waiting_since(&self) -> Option<Instant> {
+        self.lock().running_since
     }
 
     /// Stream position of the first unreleased item.
@@ -356,7 +389,7 @@ mod tests {
         assert_eq!((held1.first, held1.items.len()), (0, 1 + 1));
         assert_eq!((held2.first, held2.end()), (0, 3));
         sink.write_console(b"d");
-        gate.release_through(1);
+        assert!(gate.release_through(1));
         assert_eq!(seen.text(), "ab");
         let held3 = gate.seal(3);
         assert_eq!((held3.first, held3.end()), (2, 4));
@@ -364,7 +397,7 @@ mod tests {
         assert_eq!(seen.text(), "abcd");
         assert_eq!(gate.released(), 4);
         assert_eq!(gate.held_bytes(), 0);
-        gate.release_through(3);
+        assert!(!gate.release_through(3));
         assert_eq!(seen.text(), "abcd", "a repeated ack releases nothing twice");
     }
 
@@ -442,6 +475,39 @@ mod tests {
         assert_eq!(*out.0.lock().unwrap(), vec![vec![1; 60], vec![2; 60]]);
         assert_eq!(woken.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert_eq!(gate.released(), 2, "frames count one unit each");
+    }
+
+    #[test]
+    fn a_gate_says_when_its_running_epoch_got_output_and_wakes_whoever_waits() {
+        let (gate, _seen, mut sink) = gate();
+        let woken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let w = woken.clone();
+        gate.set_on_first(Some(Arc::new(move || {
+            w.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        })));
+        assert_eq!(gate.waiting_since(), None);
+        sink.write_console(b"a");
+        let since = gate.waiting_since().expect("output waits");
+        sink.write_console(b"b");
+        assert_eq!(gate.waiting_since(), Some(since), "the first item's time");
+        assert_eq!(
+            woken.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "once per epoch"
+        );
+        gate.seal(1);
+        assert_eq!(
+            gate.waiting_since(),
+            None,
+            "sealed output waits for its ack, not its epoch"
+        );
+        sink.write_console(b"c");
+        assert_eq!(woken.load(std::sync::atomic::Ordering::SeqCst), 2);
+        gate.open();
+        assert_eq!(gate.waiting_since(), None);
+        sink.write_console(b"d");
+        assert_eq!(gate.waiting_since(), None, "open output does not wait");
+        assert_eq!(woken.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use checkpoint::policy::EpochBounds;
 use toml::{Table, Value};
 use vmm::devices::virtio::net::parse_mac;
 use vmm::memory::{check_mem_size, parse_size};
@@ -185,7 +186,9 @@ pub struct VmNodeConfig {
 /// key by key by a VM's `[vm.policy]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
-    pub epoch_ms: u64,
+    /// Where epochs end: `epoch_ms` gives fixed epochs; `epoch_min_ms` and `epoch_max_ms`
+    /// bound the adaptive policy (the default).
+    pub epochs: EpochBounds,
     pub failover_timeout_ms: u64,
     /// Longer than `failover_timeout_ms`: a slow standby is not a dead one.
     pub ack_timeout_ms: u64,
@@ -205,7 +208,7 @@ pub struct Policy {
 impl Policy {
     fn defaults(preferred: String) -> Self {
         Policy {
-            epoch_ms: 40,
+            epochs: EpochBounds::DEFAULT,
             failover_timeout_ms: 300,
             ack_timeout_ms: 3000,
             preferred,
@@ -656,6 +659,8 @@ fn read_policy(
     nodes: &[NodeConfig],
 ) -> Result<Policy, ConfigError> {
     let epoch_ms = r.integer("epoch_ms", EPOCH_MS)?;
+    let epoch_min_ms = r.integer("epoch_min_ms", EPOCH_MS)?;
+    let epoch_max_ms = r.integer("epoch_max_ms", EPOCH_MS)?;
     let failover_timeout_ms = r.integer("failover_timeout_ms", FAILOVER_TIMEOUT_MS)?;
     let ack_timeout_ms = r.integer("ack_timeout_ms", ACK_TIMEOUT_MS)?;
     let preferred = r.string("preferred")?;
@@ -673,8 +678,35 @@ fn read_policy(
             )));
         }
     }
+    let epochs = match (epoch_ms, epoch_min_ms, epoch_max_ms) {
+        (Some(ms), None, None) => EpochBounds::fixed(ms),
+        (Some(_), _, _) => {
+            return Err(r.cx.invalid(format!(
+                "{} gives fixed epochs: leave out {} and {}",
+                r.key("epoch_ms"),
+                r.key("epoch_min_ms"),
+                r.key("epoch_max_ms")
+            )))
+        }
+        (None, min, max) => {
+            let bounds = EpochBounds {
+                min_ms: min.unwrap_or(base.epochs.min_ms),
+                max_ms: max.unwrap_or(base.epochs.max_ms),
+            };
+            if bounds.min_ms > bounds.max_ms {
+                return Err(r.cx.invalid(format!(
+                    "{} ({}) must not be longer than {} ({})",
+                    r.key("epoch_min_ms"),
+                    bounds.min_ms,
+                    r.key("epoch_max_ms"),
+                    bounds.max_ms
+                )));
+            }
+            bounds
+        }
+    };
     Ok(Policy {
-        epoch_ms: epoch_ms.unwrap_or(base.epoch_ms),
+        epochs,
         failover_timeout_ms: failover_timeout_ms.unwrap_or(base.failover_timeout_ms),
         ack_timeout_ms: ack_timeout_ms.unwrap_or(base.ack_timeout_ms),
         preferred: preferred.unwrap_or(base.preferred),
@@ -1137,7 +1169,7 @@ payload = "builtin:seq"
             with_vm(STENCIL, "", "")
         );
         let p = &loads(&text).vms[0].policy;
-        assert_eq!(p.epoch_ms, 50);
+        assert_eq!(p.epochs, EpochBounds::fixed(50));
         assert_eq!(p.failback, Failback::Manual);
         assert_eq!(p.preferred, "b");
         assert_eq!(p.failback_delay, Duration::from_secs(120));
@@ -1316,6 +1348,14 @@ payload = "builtin:seq"
             ("epoch_ms = 0", "policy.epoch_ms: 0 is outside 1..=10000"),
             ("epoch_ms = -5", "policy.epoch_ms: -5 is outside 1..=10000"),
             ("epoch_ms = 1.5", "policy.epoch_ms: expected an integer, found a float"),
+            (
+                "epoch_ms = 40\nepoch_max_ms = 100",
+                "policy.epoch_ms gives fixed epochs: leave out policy.epoch_min_ms and policy.epoch_max_ms",
+            ),
+            (
+                "epoch_min_ms = 50\nepoch_max_ms = 20",
+                "policy.epoch_min_ms (50) must not be longer than policy.epoch_max_ms (20)",
+            ),
             ("failover_timeout_ms = 10", "policy.failover_timeout_ms: 10 is outside 20..=600000"),
             ("ack_timeout_ms = 4000000", "policy.ack_timeout_ms: 4000000 is outside 20..=3600000"),
             ("failback = \"sometimes\"", "policy.failback: \"sometimes\" is neither \"auto\" nor \"manual\""),

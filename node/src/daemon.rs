@@ -607,7 +607,7 @@ impl Daemon {
                 },
             },
             timing: Timing {
-                epoch_ms: vm.policy.epoch_ms,
+                epochs: vm.policy.epochs,
                 failover_timeout_ms: vm.policy.failover_timeout_ms,
                 ack_timeout_ms: vm.policy.ack_timeout_ms,
                 resync_max_mib_s: vm.policy.resync_max_mib_s,

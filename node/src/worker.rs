@@ -54,7 +54,7 @@ pub enum GuestSource {
 /// The timing both nodes use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Timing {
-    pub epoch_ms: u64,
+    pub epochs: checkpoint::policy::EpochBounds,
     pub failover_timeout_ms: u64,
     pub ack_timeout_ms: u64,
     pub resync_max_mib_s: u64,
@@ -316,7 +316,7 @@ fn peer_config(spec: &WorkerSpec) -> Result<PeerConfig, WorkerError> {
             None => None,
         },
         net_mac: spec.host.net.as_ref().map(|n| n.mac),
-        epoch_ms: spec.timing.epoch_ms,
+        epochs: spec.timing.epochs,
         failover_timeout_ms: spec.timing.failover_timeout_ms,
         ack_timeout_ms: spec.timing.ack_timeout_ms,
         resync_max_mib_s: spec.timing.resync_max_mib_s,

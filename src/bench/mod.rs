@@ -2,9 +2,10 @@
 //! the first payload byte, guest stencil speed against the same kernel run natively, and
 //! virtio-blk / virtio-net throughput with VM exits per MiB moved; what replication costs
 //! (`replication`); and what output commit and the disk barrier cost clients (`guest_io`).
-//! Prints a Markdown table.
+//! Prints a Markdown table; `--json` also writes every figure under its stable id.
 
 mod guest_io;
+mod pair;
 mod replication;
 
 use std::io::Read;
@@ -27,6 +28,10 @@ pub struct BenchArgs {
     /// Also write the report as Markdown to this file (e.g. docs/benchmarks.md).
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// Also write every figure to this file as a JSON list of {"id", "value", "unit"}; the
+    /// ids are stable (a contract), and `--quick` measures every one of them.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
     /// Fewer repetitions, for a quick look.
     #[arg(long)]
     pub quick: bool,
@@ -44,13 +49,74 @@ pub enum Section {
     Replication,
     /// Output commit and the disk barrier as clients see them.
     GuestIo,
+    /// The self-healing pair: resync, re-protection, idle VMs' cost, swap, drills.
+    Pair,
 }
 
-/// One row of the report.
+/// One row of the report: what was measured, its figures and the target.
 struct Row {
     what: String,
-    value: String,
+    /// One figure, or several that the row shows side by side (p50 / p99).
+    figures: Vec<Figure>,
     target: &'static str,
+}
+
+/// One measured figure under its stable id.
+#[derive(serde::Serialize)]
+struct Figure {
+    id: String,
+    value: f64,
+    unit: &'static str,
+    /// Decimals shown in the Markdown table.
+    #[serde(skip)]
+    decimals: usize,
+}
+
+impl Figure {
+    fn new(id: impl Into<String>, value: f64, unit: &'static str, decimals: usize) -> Self {
+        Self {
+            id: id.into(),
+            value,
+            unit,
+            decimals,
+        }
+    }
+
+    /// A ratio of two measurements, shown with three decimals.
+    fn ratio(id: impl Into<String>, value: f64) -> Self {
+        Self::new(id, value, "ratio", 3)
+    }
+}
+
+impl Row {
+    fn new(what: impl Into<String>, figure: Figure, target: &'static str) -> Self {
+        Self {
+            what: what.into(),
+            figures: vec![figure],
+            target,
+        }
+    }
+
+    /// The value cell: the figures joined by " / ", with their unit once if they share it.
+    fn value(&self) -> String {
+        let number = |f: &Figure| format!("{:.*}", f.decimals, f.value);
+        let unit = |u: &str| match u {
+            "ratio" => String::new(),
+            u => format!(" {u}"),
+        };
+        let first = self.figures.first().map_or("", |f| f.unit);
+        if self.figures.iter().all(|f| f.unit == first) {
+            let values: Vec<String> = self.figures.iter().map(number).collect();
+            format!("{}{}", values.join(" / "), unit(first))
+        } else {
+            let values: Vec<String> = self
+                .figures
+                .iter()
+                .map(|f| format!("{}{}", number(f), unit(f.unit)))
+                .collect();
+            values.join(" / ")
+        }
+    }
 }
 
 /// Builds (does not start) a builtin payload's VM in this process.
@@ -123,11 +189,11 @@ fn startup(reps: usize) -> Result<Vec<Row>, Error> {
         child.wait()?;
     }
     let min = times.iter().copied().fold(f64::INFINITY, f64::min);
-    Ok(vec![Row {
-        what: format!("process start to first payload byte (median of {reps}; min {min:.1} ms)"),
-        value: format!("{:.1} ms", median(times)),
-        target: "<= 50 ms",
-    }])
+    Ok(vec![Row::new(
+        format!("process start to first payload byte (median of {reps}; min {min:.1} ms)"),
+        Figure::new("startup_ms", median(times), "ms", 1),
+        "<= 50 ms",
+    )])
 }
 
 /// The stencil kernel on `threads` host threads, as the payload splits it; returns microseconds.
@@ -186,15 +252,18 @@ fn stencil(reps: usize) -> Result<Vec<Row>, Error> {
             guest = guest.min(us as f64);
             native = native.min(native_stencil_us(n, steps, vcpus as usize));
         }
-        rows.push(Row {
-            what: format!(
+        rows.push(Row::new(
+            format!(
                 "stencil {n}x{n}, {steps} steps, {vcpus} vCPU: guest {:.0} ms / native {:.0} ms",
                 guest / 1e3,
                 native / 1e3
             ),
-            value: format!("{:.3}", native / guest),
-            target: ">= 0.95 (guest speed / native speed)",
-        });
+            Figure::ratio(
+                format!("guest_over_native_stencil{n}_{vcpus}vcpu"),
+                native / guest,
+            ),
+            ">= 0.95 (guest speed / native speed)",
+        ));
     }
     Ok(rows)
 }
@@ -214,16 +283,21 @@ fn blk() -> Result<Vec<Row>, Error> {
         let us = out.value("disk_time_us").ok_or("no disk_time_us")? as f64;
         let mib = bytes / (1 << 20) as f64;
         Ok(vec![
-            Row {
-                what: format!("virtio-blk write+flush of {mib:.1} MiB (guest-timed)"),
-                value: format!("{:.0} MiB/s", mib / (us / 1e6)),
-                target: "-",
-            },
-            Row {
-                what: "virtio-blk VM exits per MiB written".into(),
-                value: format!("{:.1}", vmm.exit_counts().mmio as f64 / mib),
-                target: "few (one kick per batch)",
-            },
+            Row::new(
+                format!("virtio-blk write+flush of {mib:.1} MiB (guest-timed)"),
+                Figure::new("blk_write_mib_s", mib / (us / 1e6), "MiB/s", 0),
+                "-",
+            ),
+            Row::new(
+                "virtio-blk VM exits per MiB written",
+                Figure::new(
+                    "blk_exits_per_mib",
+                    vmm.exit_counts().mmio as f64 / mib,
+                    "exits/MiB",
+                    1,
+                ),
+                "few (one kick per batch)",
+            ),
         ])
     })();
     let _ = std::fs::remove_file(&path);
@@ -250,16 +324,16 @@ fn net(lines: u64) -> Result<Vec<Row>, Error> {
     let (elapsed, bytes) = result?;
     let mib = bytes as f64 / (1 << 20) as f64;
     Ok(vec![
-        Row {
-            what: format!("virtio-net TCP, {lines} pipelined kv requests (bytes both ways)"),
-            value: format!("{:.1} MiB/s", mib / elapsed),
-            target: "-",
-        },
-        Row {
-            what: "virtio-net VM exits per MiB moved".into(),
-            value: format!("{:.0}", exits as f64 / mib),
-            target: "few (one kick per batch)",
-        },
+        Row::new(
+            format!("virtio-net TCP, {lines} pipelined kv requests (bytes both ways)"),
+            Figure::new("net_mib_s", mib / elapsed, "MiB/s", 1),
+            "-",
+        ),
+        Row::new(
+            "virtio-net VM exits per MiB moved",
+            Figure::new("net_exits_per_mib", exits as f64 / mib, "exits/MiB", 0),
+            "few (one kick per batch)",
+        ),
     ])
 }
 
@@ -275,14 +349,22 @@ pub fn bench(args: &BenchArgs) -> Result<ExitCode, Error> {
     if wanted(Section::Replication) {
         rows.extend(replication::rows(args.quick)?);
     }
+    if wanted(Section::Pair) {
+        rows.extend(pair::rows(args.quick)?);
+    }
     if wanted(Section::GuestIo) {
         rows.extend(guest_io::rows(args.quick)?);
     }
     let mut md = String::from("| measure | value | target |\n|---|---|---|\n");
     for r in &rows {
-        md.push_str(&format!("| {} | {} | {} |\n", r.what, r.value, r.target));
+        md.push_str(&format!("| {} | {} | {} |\n", r.what, r.value(), r.target));
     }
     print!("{md}");
+    if let Some(path) = &args.json {
+        let figures: Vec<&Figure> = rows.iter().flat_map(|r| &r.figures).collect();
+        std::fs::write(path, serde_json::to_vec_pretty(&figures)?)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
     if let Some(path) = &args.out {
         let doc = format!(
             "# ftvmm benchmarks\n\nMade by `ftvmm bench --out {}` (all figures from one run, on \

@@ -1,9 +1,11 @@
 //! What replication costs and how fast it fails over, measured in one run: the guest's pause
 //! per epoch next to the memcpy of the same dirty pages (the part of the pause no checkpointer
-//! can avoid), stencil throughput replicated / unreplicated / tracking-only, bytes on the wire
-//! per dirty byte, and time from the primary's death to the guest running on the standby.
+//! can avoid), stencil throughput replicated / unreplicated / tracking-only at fixed 40 ms
+//! epochs, bytes on the wire per dirty byte, the 16 MiB stencil under the adaptive epoch
+//! policy next to fixed epochs, and time from the primary's death to the guest running on
+//! the standby.
 //!
-//! The dirty set per 40 ms epoch is set by the stencil grid: every step rewrites one of its two
+//! The dirty set per epoch is set by the stencil grid: every step rewrites one of its two
 //! `n * n` f64 grids and an epoch spans several steps, so an epoch dirties both grids,
 //! `2 * n * n * 8` bytes (the figure printed is the measured median).
 
@@ -15,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use checkpoint::hot::HotPages;
 use checkpoint::link::{self, Listener, PeerConfig};
 use checkpoint::outputs::Outputs;
+use checkpoint::policy::{EpochBounds, EpochEnd};
 use checkpoint::primary::{self, PrimaryEnd, PrimaryReport};
 use checkpoint::standby::{self, Local, StandbyEnd};
 use netbuf::{ConsoleGateSink, Gate, Mode, FRAME_HOLD_LIMIT};
@@ -23,7 +26,7 @@ use vmm::cast::usize_to_u64;
 use vmm::devices::ConsoleSink;
 use vmm::{GuestKind, VmConfig, VmOutcome};
 
-use super::{build, median, Capture, Row};
+use super::{build, median, Capture, Figure, Row};
 use crate::pair::{quantile_us, unix_us};
 use crate::run::Error;
 use crate::run::Node;
@@ -32,15 +35,23 @@ const EPOCH_MS: u64 = 40;
 const PAGE: f64 = 4096.0;
 const MIB: f64 = (1 << 20) as f64;
 
-/// How the stencil runs: alone, with dirty logging harvested every epoch as replication does it
-/// but nothing else (PVM's write-fault cost on its own), or protected by an in-process standby
-/// over loopback.
+/// How the stencil runs: alone, with dirty logging harvested every 40 ms epoch as replication
+/// does it but nothing else (PVM's write-fault cost on its own), or protected by an
+/// in-process standby over loopback with epochs within `epochs`.
 #[derive(Clone, Copy, PartialEq)]
 enum Setup {
     Unreplicated,
     TrackingOnly,
-    Replicated { epoch_ms: u64 },
+    Replicated { epochs: EpochBounds },
 }
+
+/// Fixed 40 ms epochs, the period the throughput and pause rows are measured at.
+const FIXED_40: Setup = Setup::Replicated {
+    epochs: EpochBounds {
+        min_ms: EPOCH_MS,
+        max_ms: EPOCH_MS,
+    },
+};
 
 /// One stencil run: its steady speed and, when replicated, the primary's report.
 struct Run {
@@ -114,12 +125,12 @@ fn stencil_run(n: usize, steps: u64, mode: Setup) -> Result<Run, Error> {
             while vmm.outcome().is_none() {
                 std::thread::sleep(next.saturating_duration_since(Instant::now()));
                 next += period;
-                vmm.harvest_dirty_rearming(|log| hot.rearm(log))?;
+                vmm.harvest_dirty_rearming(|log| hot.rearm(log, usize::MAX))?;
             }
             super::run_to_end(&mut vmm)?;
         }
-        Setup::Replicated { epoch_ms } => {
-            report = Some(replicated(&config, Box::new(capture.clone()), epoch_ms)?)
+        Setup::Replicated { epochs } => {
+            report = Some(replicated(&config, Box::new(capture.clone()), epochs)?)
         }
     }
     let steps_per_s =
@@ -135,7 +146,7 @@ fn stencil_run(n: usize, steps: u64, mode: Setup) -> Result<Run, Error> {
 fn replicated(
     config: &VmConfig,
     console: Box<dyn ConsoleSink>,
-    epoch_ms: u64,
+    epochs: EpochBounds,
 ) -> Result<PrimaryReport, Error> {
     let listener = Listener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?.to_string();
@@ -159,7 +170,7 @@ fn replicated(
         vm: config.clone(),
         disk_size: None,
         net_mac: None,
-        epoch_ms,
+        epochs,
         // Generous: a 64 MiB epoch takes a while to compress and apply on two cores.
         failover_timeout_ms: 2000,
         ack_timeout_ms: 10_000,
@@ -193,6 +204,11 @@ fn steady_epochs(r: &PrimaryReport) -> std::ops::Range<usize> {
     r.pauses.len().min(1)..r.pauses.len()
 }
 
+/// Size of an `n * n` stencil's working set, both grids, in MiB: how the ids name it.
+fn working_set_mib(n: usize) -> usize {
+    (2 * n * n * 8) >> 20
+}
+
 fn pause_rows(n: usize, epoch_ms: u64, r: &PrimaryReport, rows: &mut Vec<Row>) {
     let pauses = &r.pauses[steady_epochs(r)];
     let dirty_mib = steady(r, |i| r.dirty_pages[i] as f64 * PAGE / MIB);
@@ -201,82 +217,190 @@ fn pause_rows(n: usize, epoch_ms: u64, r: &PrimaryReport, rows: &mut Vec<Row>) {
         r.pauses[i].as_secs_f64() / r.copies[i].as_secs_f64().max(1e-9)
     });
     let (p50, p99) = (quantile_us(pauses, 0.5), quantile_us(pauses, 0.99));
+    let size = working_set_mib(n);
     rows.push(Row {
         what: format!(
-            "pause per epoch, stencil {n}x{n}, {dirty_mib:.1} MiB dirty per {epoch_ms} ms epoch \
-             ({} epochs): p50 {p50} us; memcpy of the same pages {copy_us:.0} us",
+            "pause per epoch, p50 / p99, stencil {n}x{n}, {dirty_mib:.1} MiB dirty per \
+             {epoch_ms} ms epoch ({} epochs); memcpy of the same pages {copy_us:.0} us",
             pauses.len()
         ),
-        value: format!("p99 {p99} us"),
-        target: if n == 256 { "<= 1 ms" } else { "-" },
+        figures: vec![
+            Figure::new(format!("pause_p50_us_{size}mib"), p50 as f64, "us", 0),
+            Figure::new(format!("pause_p99_us_{size}mib"), p99 as f64, "us", 0),
+        ],
+        target: if n == 256 { "p99 <= 1 ms" } else { "-" },
     });
-    rows.push(Row {
-        what: format!("pause / memcpy of the same dirty pages, {dirty_mib:.1} MiB (median)"),
-        value: format!("{ratio:.2}"),
-        target: if n == 1024 { "<= 1.5" } else { "-" },
-    });
+    rows.push(Row::new(
+        format!("pause / memcpy of the same dirty pages, {dirty_mib:.1} MiB (median)"),
+        Figure::new(format!("pause_over_memcpy_{size}mib"), ratio, "ratio", 2),
+        if n == 1024 { "<= 1.5" } else { "-" },
+    ));
+}
+
+/// Runs the `n * n` stencil for `steps` in each of `setups`, `reps` times. This host's speed
+/// drifts over minutes, so each repetition runs the setups back to back (in alternating
+/// order) and ratios are taken within a repetition. Returns each repetition's runs in the
+/// order of `setups`.
+fn adjacent_runs(
+    n: usize,
+    steps: u64,
+    setups: &[Setup],
+    reps: usize,
+) -> Result<Vec<Vec<Run>>, Error> {
+    let mut all = Vec::new();
+    for rep in 0..reps {
+        let mut order: Vec<usize> = (0..setups.len()).collect();
+        if rep % 2 == 1 {
+            order.reverse();
+        }
+        let mut runs: Vec<Option<Run>> = (0..setups.len()).map(|_| None).collect();
+        for i in order {
+            runs[i] = Some(stencil_run(n, steps, setups[i])?);
+        }
+        all.push(runs.into_iter().flatten().collect());
+    }
+    Ok(all)
+}
+
+/// The median over repetitions of setup `a`'s speed over setup `b`'s.
+fn median_ratio(runs: &[Vec<Run>], a: usize, b: usize) -> f64 {
+    median(
+        runs.iter()
+            .map(|r| r[a].steps_per_s / r[b].steps_per_s)
+            .collect(),
+    )
+}
+
+fn median_speed(runs: &[Vec<Run>], i: usize) -> f64 {
+    median(runs.iter().map(|r| r[i].steps_per_s).collect())
 }
 
 fn throughput_rows(n: usize, seconds: f64, reps: usize, rows: &mut Vec<Row>) -> Result<(), Error> {
     let steps = steps_for(n, seconds);
-    // This host's speed drifts over minutes, so each repetition runs the three setups back to
-    // back (in alternating order) and the ratios are the medians of those adjacent runs.
-    let (mut speeds, mut vs_plain, mut vs_tracking) = (Vec::new(), Vec::new(), Vec::new());
-    let mut report = None;
-    for rep in 0..reps {
-        let mut setups = [
-            Setup::Unreplicated,
-            Setup::TrackingOnly,
-            Setup::Replicated { epoch_ms: EPOCH_MS },
-        ];
-        if rep % 2 == 1 {
-            setups.reverse();
-        }
-        let mut speed = [0.0; 3];
-        for setup in setups {
-            let run = stencil_run(n, steps, setup)?;
-            let i = match setup {
-                Setup::Unreplicated => 0,
-                Setup::TrackingOnly => 1,
-                Setup::Replicated { .. } => 2,
-            };
-            speed[i] = run.steps_per_s;
-            report = run.report.or(report);
-        }
-        vs_plain.push(speed[2] / speed[0]);
-        vs_tracking.push(speed[2] / speed[1]);
-        speeds.push(speed);
-    }
-    let report = report.ok_or("no replicated run")?;
-    let dirty_mib = steady(&report, |i| report.dirty_pages[i] as f64 * PAGE / MIB);
-    let [plain, tracking, replicated] =
-        [0, 1, 2].map(|i| median(speeds.iter().map(|s| s[i]).collect()));
-    rows.push(Row {
-        what: format!(
-            "stencil {n}x{n}, {steps} steps, {dirty_mib:.1} MiB dirty/epoch, 1 vCPU: \
-             replicated {replicated:.0} / unreplicated {plain:.0} steps/s after the first quarter \
-             (median of {reps} adjacent pairs)"
+    let setups = [Setup::Unreplicated, Setup::TrackingOnly, FIXED_40];
+    let runs = adjacent_runs(n, steps, &setups, reps)?;
+    let report = runs
+        .last()
+        .and_then(|r| r[2].report.as_ref())
+        .ok_or("no replicated run")?;
+    let dirty_mib = steady(report, |i| report.dirty_pages[i] as f64 * PAGE / MIB);
+    let [plain, tracking, replicated] = [0, 1, 2].map(|i| median_speed(&runs, i));
+    let size = working_set_mib(n);
+    rows.push(Row::new(
+        format!(
+            "stencil {n}x{n}, {steps} steps, {dirty_mib:.1} MiB dirty/epoch, 1 vCPU, {EPOCH_MS} ms \
+             epochs: replicated {replicated:.0} / unreplicated {plain:.0} steps/s after the first \
+             quarter (median of {reps} adjacent pairs)"
         ),
-        value: format!("{:.3}", median(vs_plain)),
-        target: if n == 512 { ">= 0.90" } else { "-" },
-    });
-    rows.push(Row {
-        what: format!(
+        Figure::ratio(
+            format!("repl_over_unrepl_{size}mib"),
+            median_ratio(&runs, 2, 0),
+        ),
+        if n == 512 { ">= 0.90" } else { "-" },
+    ));
+    rows.push(Row::new(
+        format!(
             "same, replicated / tracking-only {tracking:.0} steps/s (dirty logging as \
              replicated, no replication)"
         ),
-        value: format!("{:.3}", median(vs_tracking)),
-        target: ">= 0.95",
-    });
-    rows.push(Row {
-        what: format!("bytes on the wire per dirty byte, {dirty_mib:.1} MiB/epoch (lz4)"),
-        value: format!(
-            "{:.3}",
-            report.wire_bytes as f64 / report.page_bytes.max(1) as f64
+        Figure::ratio(
+            format!("repl_over_tracking_{size}mib"),
+            median_ratio(&runs, 2, 1),
         ),
+        ">= 0.95",
+    ));
+    rows.push(Row::new(
+        format!("bytes on the wire per dirty byte, {dirty_mib:.1} MiB/epoch (lz4)"),
+        Figure::ratio(
+            format!("wire_per_dirty_{size}mib"),
+            report.wire_bytes as f64 / report.page_bytes.max(1) as f64,
+        ),
+        "-",
+    ));
+    pause_rows(n, EPOCH_MS, report, rows);
+    Ok(())
+}
+
+/// The 16 MiB stencil (its working set rewritten every two steps, progress lines every
+/// twentieth of the run) under the default, adaptive epoch policy next to fixed epochs.
+fn policy_rows(seconds: f64, reps: usize, rows: &mut Vec<Row>) -> Result<(), Error> {
+    let n = 1024;
+    let steps = steps_for(n, seconds);
+    let fixed = [40, 100, 200, 500];
+    let mut setups = vec![
+        Setup::Unreplicated,
+        Setup::Replicated {
+            epochs: EpochBounds::DEFAULT,
+        },
+    ];
+    setups.extend(fixed.iter().map(|&ms| Setup::Replicated {
+        epochs: EpochBounds::fixed(ms),
+    }));
+    let runs = adjacent_runs(n, steps, &setups, reps)?;
+    // The epochs the policy chose, but each run's first (it carries the pre-copy's last
+    // round) and last (the guest's exit).
+    let mut lengths = Vec::new();
+    let mut ends = std::collections::BTreeMap::new();
+    for r in runs.iter().filter_map(|r| r[1].report.as_ref()) {
+        lengths.extend_from_slice(
+            r.lengths
+                .get(1..r.lengths.len().saturating_sub(1))
+                .unwrap_or(&[]),
+        );
+        for (why, count) in &r.ends {
+            *ends.entry(*why).or_insert(0u64) += count;
+        }
+    }
+    let ms = |q| quantile_us(&lengths, q) as f64 / 1e3;
+    let why: Vec<String> = EpochEnd::ALL
+        .iter()
+        .filter_map(|e| ends.get(e).map(|n| format!("{} {n}", e.as_str())))
+        .collect();
+    let (default, plain) = (EpochBounds::DEFAULT, median_speed(&runs, 0));
+    rows.push(Row::new(
+        format!(
+            "stencil {n}x{n}, {steps} steps, 16 MiB rewritten every 2 steps, 1 vCPU, adaptive \
+             epochs ({}..{} ms, the default): replicated {:.0} / unreplicated {plain:.0} steps/s \
+             (median of {reps} adjacent runs)",
+            default.min_ms,
+            default.max_ms,
+            median_speed(&runs, 1)
+        ),
+        Figure::ratio(
+            "repl_over_unrepl_stencil1024_adaptive",
+            median_ratio(&runs, 1, 0),
+        ),
+        ">= 0.8",
+    ));
+    rows.push(Row {
+        what: format!(
+            "same, epoch lengths the policy chose, p50 / p99 ({} epochs; ended by: {})",
+            lengths.len(),
+            why.join(", ")
+        ),
+        figures: vec![
+            Figure::new("epoch_ms_p50_stencil1024_adaptive", ms(0.5), "ms", 0),
+            Figure::new("epoch_ms_p99_stencil1024_adaptive", ms(0.99), "ms", 0),
+        ],
         target: "-",
     });
-    pause_rows(n, EPOCH_MS, &report, rows);
+    rows.push(Row {
+        what: format!(
+            "same, fixed epochs of {} ms: replicated / unreplicated",
+            fixed.map(|ms| ms.to_string()).join(" / ")
+        ),
+        figures: fixed
+            .iter()
+            .enumerate()
+            .map(|(i, ms)| {
+                Figure::ratio(
+                    format!("repl_over_unrepl_stencil1024_fixed{ms}"),
+                    median_ratio(&runs, i + 2, 0),
+                )
+            })
+            .collect(),
+        target: "-",
+    });
     Ok(())
 }
 
@@ -365,9 +489,19 @@ fn failover_rows(reps: usize, rows: &mut Vec<Row>) -> Result<(), Error> {
     std::fs::create_dir_all(&dir)?;
     let timeout_ms = 200;
     let result = (|| -> Result<(), Error> {
-        for (signal, how, target) in [
-            (Signal::SIGKILL, "SIGKILL (connection closed)", "-"),
-            (Signal::SIGSTOP, "SIGSTOP (silence)", "<= timeout + 10 ms"),
+        for (signal, how, tag, target) in [
+            (
+                Signal::SIGKILL,
+                "SIGKILL (connection closed)",
+                "sigkill",
+                "-",
+            ),
+            (
+                Signal::SIGSTOP,
+                "SIGSTOP (silence)",
+                "sigstop",
+                "<= timeout + 10 ms",
+            ),
         ] {
             let (mut detect, mut restore, mut drain) = (Vec::new(), Vec::new(), Vec::new());
             for _ in 0..reps {
@@ -377,25 +511,30 @@ fn failover_rows(reps: usize, rows: &mut Vec<Row>) -> Result<(), Error> {
                 drain.push(f.drain);
             }
             let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
-            rows.push(Row {
-                what: format!(
+            rows.push(Row::new(
+                format!(
                     "failover detection after {how} of the primary, timeout {timeout_ms} ms \
                      ({reps} drills; max {:.1} ms)",
                     max(&detect)
                 ),
-                value: format!("{:.1} ms", median(detect.clone())),
+                Figure::new(format!("failover_detect_ms_{tag}"), median(detect), "ms", 1),
                 target,
-            });
-            rows.push(Row {
-                what: format!(
+            ));
+            rows.push(Row::new(
+                format!(
                     "failover restore after {how}: decision to guest running on the standby, \
                      of which drain {:.1} ms ({reps} drills; max {:.1} ms)",
                     median(drain),
                     max(&restore)
                 ),
-                value: format!("{:.1} ms", median(restore)),
-                target: "<= 10 ms",
-            });
+                Figure::new(
+                    format!("failover_restore_ms_{tag}"),
+                    median(restore),
+                    "ms",
+                    1,
+                ),
+                "<= 10 ms",
+            ));
         }
         Ok(())
     })();
@@ -410,10 +549,15 @@ pub(super) fn rows(quick: bool) -> Result<Vec<Row>, Error> {
     for n in [256, 512, 1024] {
         throughput_rows(n, seconds, reps, &mut rows)?;
     }
+    // Long epochs need longer runs to cover several of them after the first quarter.
+    policy_rows(if quick { 2.0 } else { 5.0 }, reps, &mut rows)?;
     // 64 MiB per epoch: the pause only (the throughput rows stop at 16 MiB). Under PVM's
     // write-fault cost the guest dirties about 25 MiB in 40 ms, so these epochs are longer.
     let (n, epoch_ms) = (2048, 200);
-    let run = stencil_run(n, steps_for(n, seconds), Setup::Replicated { epoch_ms })?;
+    let setup = Setup::Replicated {
+        epochs: EpochBounds::fixed(epoch_ms),
+    };
+    let run = stencil_run(n, steps_for(n, seconds), setup)?;
     pause_rows(n, epoch_ms, &run.report.ok_or("no report")?, &mut rows);
     failover_rows(if quick { 2 } else { 5 }, &mut rows)?;
     Ok(rows)

@@ -499,6 +499,12 @@ impl Vmm {
         Ok(self.vm.harvest_dirty_rearming(rearm)?)
     }
 
+    /// The pages the vCPUs dirtied so far that the next harvest takes, counted while they run
+    /// (see [`Vm::dirty_count`](crate::vm::Vm::dirty_count)); None where KVM cannot count them.
+    pub fn dirty_count(&self) -> Result<Option<usize>, BuildError> {
+        Ok(self.vm.dirty_count()?)
+    }
+
     /// Whether the VM has ended.
     pub fn outcome(&self) -> Option<VmOutcome> {
         self.control.outcome()

@@ -198,6 +198,27 @@ impl Vm {
         Ok(())
     }
 
+    /// Pages KVM has logged dirty and not yet write-protected again, counted without
+    /// harvesting, so that the epoch loop can look at the running epoch's dirty set while the
+    /// vCPUs run: with KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_GET_DIRTY_LOG only copies the
+    /// bitmap out and neither clears nor write-protects anything. Writes by the VMM's devices
+    /// are not counted (reading their bitmap resets it). None without manual protect, where
+    /// reading the log would harvest it.
+    pub fn dirty_count(&self) -> Result<Option<usize>, VmError> {
+        if !self.manual_protect {
+            return Ok(None);
+        }
+        let mut count = 0;
+        for (slot, region) in (0..).zip(self.memory.iter()) {
+            let bits = self
+                .fd
+                .get_dirty_log(slot, u64_to_usize(region.len()))
+                .map_err(self.kvm_err("KVM_GET_DIRTY_LOG"))?;
+            count += bits.iter().map(|w| w.count_ones() as usize).sum::<usize>();
+        }
+        Ok(Some(count))
+    }
+
     /// KVM's log and the VMM's bitmap (which it resets), merged.
     fn read_dirty(&self) -> Result<DirtyLog, VmError> {
         let mut log = DirtyLog::default();

@@ -164,6 +164,25 @@ impl NetControl {
     pub fn wake(&self) {
         self.0.wake();
     }
+
+    /// A handle that wakes the device while it exists and does not keep it alive: for the
+    /// device's own sink to hold (a strong one would be a cycle that leaks the device, its
+    /// tap included, when the VM goes).
+    pub fn waker(&self) -> NetWaker {
+        NetWaker(Arc::downgrade(&self.0))
+    }
+}
+
+/// See [`NetControl::waker`].
+#[derive(Clone)]
+pub struct NetWaker(std::sync::Weak<Shared>);
+
+impl NetWaker {
+    pub fn wake(&self) {
+        if let Some(shared) = self.0.upgrade() {
+            shared.wake();
+        }
+    }
 }
 
 impl Inner {
