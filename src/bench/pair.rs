@@ -361,7 +361,7 @@ fn idle_rows(rows: &mut Vec<Row>, quick: bool) -> Result<(), Error> {
     for i in 0..count {
         vms.push_str(&format!(
             "\n[[vm]]\nname = \"idle{i}\"\npayload = \"builtin:idle\"\nmem = \"64M\"\n\
-             [vm.policy]\npreferred = \"{}\"\n",
+             [vm.policy]\npreferred = \"{}\"\n[vm.nodes.a]\n[vm.nodes.b]\n",
             if i % 2 == 0 { "a" } else { "b" }
         ));
     }
@@ -480,7 +480,8 @@ fn drill_rows(rows: &mut Vec<Row>) -> Result<(), Error> {
     let vm =
         "[policy]\nfailover_timeout_ms = 300\nack_timeout_ms = 20000\nfailback_delay = \"1s\"\n\n\
               [[vm]]\nname = \"calc\"\npayload = \"builtin:stencil\"\n\
-              args = [\"n=128\", \"steps=1000000000\", \"report=20000\"]\nmem = \"64M\"\n";
+              args = [\"n=128\", \"steps=1000000000\", \"report=20000\"]\nmem = \"64M\"\n\
+              [vm.nodes.a]\n[vm.nodes.b]\n";
     let mut pair = Pair::new("drill", ("127.0.0.1", "127.0.0.1"), None, vm)?;
     pair.start(0)?;
     pair.start(1)?;
