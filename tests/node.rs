@@ -92,6 +92,19 @@ fn a_returning_node_resyncs_only_what_changed_and_protects_the_running_guest() {
     // The resync's plan was made on the way: writes until then count as made while a was away.
     let protected_at = progress.load(Ordering::SeqCst);
     client.replies(50);
+    // Status says what the epoch policy did: a served client ends epochs by output.
+    let status = pair.status("b").expect("b's status");
+    let kv = status
+        .vms
+        .iter()
+        .find(|v| v.name == "kv")
+        .expect("kv in b's status");
+    assert!(
+        kv.epoch_ms_p50.is_some() && kv.epoch_ends.get("output").copied().unwrap_or(0) > 0,
+        "epoch lengths and reasons in status: {:?} {:?}",
+        kv.epoch_ms_p50,
+        kv.epoch_ends
+    );
     let round_trips = client.finish(&pair);
     let requests = round_trips.len() as u64;
     println!(

@@ -184,6 +184,23 @@ struct EpochFigures {
     why: EpochEnd,
 }
 
+impl PrimaryReport {
+    /// The `q`-quantile of the last [`STATUS_EPOCHS`] epochs' lengths, in milliseconds.
+    pub fn epoch_length_ms(&self, q: f64) -> Option<f64> {
+        let recent = &self.lengths[self.lengths.len().saturating_sub(STATUS_EPOCHS)..];
+        let mut v: Vec<Duration> = recent.to_vec();
+        v.sort_unstable();
+        let last = v.len().checked_sub(1)?;
+        // A rank in 0..=last: the float only picks it.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let i = ((last as f64) * q.clamp(0.0, 1.0)).round() as usize;
+        Some(v[i.min(last)].as_secs_f64() * 1e3)
+    }
+}
+
+/// Epochs whose lengths status looks at (sorting more every few hundred ms would cost).
+pub const STATUS_EPOCHS: usize = 1024;
+
 /// A live view of a protected run's report, for status while it runs, and the way to ask it
 /// for a swap; clones share it.
 #[derive(Clone, Default)]

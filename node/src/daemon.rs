@@ -740,6 +740,9 @@ impl Daemon {
             acked: f.acked,
             pid: slot.worker.as_ref().map(|w| w.child.id()),
             last_takeover: slot.takeover.clone(),
+            epoch_ms_p50: f.epoch_ms_p50,
+            epoch_ms_p99: f.epoch_ms_p99,
+            epoch_ends: f.epoch_ends.clone(),
         }
     }
 }

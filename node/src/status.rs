@@ -59,6 +59,14 @@ pub struct VmStatus {
     /// The last takeover on this node, if any.
     #[serde(default)]
     pub last_takeover: Option<TakeoverFigures>,
+    /// On a primary: the lengths the epoch policy chose for the recent epochs, and why
+    /// epochs ended (counts by reason: output, dirty, bytes, amortized, max, exit, swap).
+    #[serde(default)]
+    pub epoch_ms_p50: Option<f64>,
+    #[serde(default)]
+    pub epoch_ms_p99: Option<f64>,
+    #[serde(default)]
+    pub epoch_ends: std::collections::BTreeMap<String, u64>,
 }
 
 /// What a takeover cost, as the node that took over measured it.
@@ -204,6 +212,23 @@ impl fmt::Display for Text<'_> {
                     write!(f, ", eta {eta:.1} s")?;
                 }
                 writeln!(f)?;
+            }
+            if let (Some(p50), Some(p99)) = (vm.epoch_ms_p50, vm.epoch_ms_p99) {
+                let ends: Vec<String> = vm
+                    .epoch_ends
+                    .iter()
+                    .filter(|(_, n)| **n > 0)
+                    .map(|(why, n)| format!("{why} {n}"))
+                    .collect();
+                writeln!(
+                    f,
+                    "  epochs: p50 {p50:.0}ms p99 {p99:.0}ms; ended by {}",
+                    if ends.is_empty() {
+                        "-".into()
+                    } else {
+                        ends.join(", ")
+                    }
+                )?;
             }
             if let Some(why) = &vm.why {
                 writeln!(f, "  not protected: {}", one_line(why))?;
@@ -424,6 +449,14 @@ mod tests {
             acked: 0,
             pid: None,
             last_takeover: None,
+            epoch_ms_p50: Some(40.2),
+            epoch_ms_p99: Some(61.7),
+            epoch_ends: [
+                ("max".to_string(), 1200),
+                ("output".to_string(), 34),
+                ("dirty".to_string(), 0),
+            ]
+            .into(),
         }
     }
 
@@ -456,6 +489,9 @@ mod tests {
             acked: 0,
             pid: None,
             last_takeover: None,
+            epoch_ms_p50: None,
+            epoch_ms_p99: None,
+            epoch_ends: Default::default(),
         }
     }
 
@@ -482,6 +518,9 @@ mod tests {
             acked: 0,
             pid: None,
             last_takeover: None,
+            epoch_ms_p50: None,
+            epoch_ms_p99: None,
+            epoch_ends: Default::default(),
         }
     }
 
@@ -533,6 +572,9 @@ mod tests {
             "acked",
             "pid",
             "last_takeover",
+            "epoch_ms_p50",
+            "epoch_ms_p99",
+            "epoch_ends",
         ]
         .into();
         assert_eq!(keys, expected);
@@ -572,7 +614,8 @@ mod tests {
             "node a peer b connected\n\
              stencil role:primary protected epoch:1234 (24.9/s) last-ack:3ms dirty:12.3MiB/s wire:4.1MiB/s\n\
              \x20 peer b connected role:standby\n\
-             \x20 generation current:3f2a9c01… bitmap:- consistent\n"
+             \x20 generation current:3f2a9c01… bitmap:- consistent\n\
+             \x20 epochs: p50 40ms p99 62ms; ended by max 1200, output 34\n"
         );
     }
 
@@ -602,26 +645,26 @@ mod tests {
         assert_eq!(lines[0], "node a peer b disconnected last-heard:never");
         assert!(lines[1].starts_with("stencil role:primary"), "{text}");
         assert_eq!(
-            lines[4], "db      role:stopped unprotected epoch:88",
+            lines[5], "db      role:stopped unprotected epoch:88",
             "names aligned"
         );
         assert_eq!(
-            lines[5],
+            lines[6],
             "  peer b disconnected last-heard:never role:stopped"
         );
         assert_eq!(
-            lines[6],
+            lines[7],
             "  generation current:c0ffee00… bitmap:- consistent"
         );
         assert_eq!(
-            lines[7],
+            lines[8],
             "  not protected: split history: both nodes ran the guest after 3f2a9c01"
         );
         assert_eq!(
-            lines[8],
+            lines[9],
             "  hint: ftvmm discard db --config /etc/ftvmm/pair.toml --name b"
         );
-        assert_eq!(lines.len(), 9);
+        assert_eq!(lines.len(), 10);
         assert!(!text.contains('\x1b'), "no escapes");
         let empty = render_text(&node(vec![]));
         assert_eq!(empty, "node a peer b connected\nno VMs\n");

@@ -99,6 +99,10 @@ pub struct Figures {
     pub held_ms: u64,
     /// "ok", "standby slow" or "standby lost" on a primary.
     pub standby: Option<String>,
+    /// On a primary: recent epoch lengths (p50, p99) and why epochs ended.
+    pub epoch_ms_p50: Option<f64>,
+    pub epoch_ms_p99: Option<f64>,
+    pub epoch_ends: std::collections::BTreeMap<String, u64>,
 }
 
 /// One line a VM process writes on stdout.
@@ -507,6 +511,13 @@ fn primary_figures(r: &PrimaryReport, rates: &mut Rates) -> Figures {
         resync_total: r.resync_total,
         held_ms: saturating_u64(r.held_time.as_millis()),
         standby: Some(r.standby.as_str().to_string()),
+        epoch_ms_p50: r.epoch_length_ms(0.5),
+        epoch_ms_p99: r.epoch_length_ms(0.99),
+        epoch_ends: r
+            .ends
+            .iter()
+            .map(|(why, n)| (why.as_str().to_string(), *n))
+            .collect(),
     }
 }
 
