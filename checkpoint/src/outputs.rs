@@ -113,6 +113,15 @@ impl Outputs {
         }
     }
 
+    /// While `on`, acknowledged frames stay held (see [`Gate::hold_back`]): a swap hands them
+    /// to the node taking over, which sends them from the guest's new place on the network.
+    /// Console bytes are released here as ever: they go to this node's stream.
+    pub fn hold_back_frames(&self, on: bool) {
+        if let Some(net) = &self.net {
+            net.gate.hold_back(on);
+        }
+    }
+
     /// Protected again: output from now on waits for its epoch's acknowledgement.
     pub fn hold(&self) {
         self.console.hold();

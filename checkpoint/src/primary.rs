@@ -418,6 +418,7 @@ pub fn protect(
         out: &out_tx,
         spare: &spare_rx,
         data: &data,
+        control: &control,
         config,
         watch,
         limits: Limits::for_peer(config),
@@ -578,6 +579,8 @@ struct EpochLoop<'a> {
     spare: &'a Receiver<StagedPages>,
     /// The data connection, written directly by the resync (before the sender has work).
     data: &'a Sender,
+    /// The control connection, which tells the standby a swap begins.
+    control: &'a Sender,
     config: &'a PeerConfig,
     watch: &'a Watch,
     limits: Limits,
@@ -673,13 +676,27 @@ impl EpochLoop<'_> {
                     break ending(EpochEnd::Exit);
                 }
                 if self.watch.swap_asked() {
-                    // A swap: the guest stops at the end of this epoch, for good here.
+                    // A swap: the guest stops at the end of this epoch, for good here. Its
+                    // frames from now on leave from the standby, which takes the guest's place
+                    // on the network at once: a frame released here after that would teach the
+                    // network the old place again, and requests sent there would be lost.
+                    self.outputs.hold_back_frames(true);
                     if let GuestRun::Running = guest {
                         vmm.pause();
                         guest = GuestRun::Held {
                             since: Instant::now(),
                             why: Hold::Swap,
                         };
+                    }
+                    let addresses = self
+                        .outputs
+                        .net
+                        .as_ref()
+                        .map(|n| n.addresses.list())
+                        .unwrap_or_default();
+                    // A lost message only costs the swap its early announcement.
+                    if let Err(e) = self.control.send(&Message::SwapBegins { addresses }) {
+                        warn!("cannot tell the standby the swap begins: {e}");
                     }
                     break ending(EpochEnd::Swap);
                 }
@@ -732,6 +749,7 @@ impl EpochLoop<'_> {
                 }
                 // The standby was lost or took over meanwhile: the swap is off.
                 warn!(epoch, "the swap's final checkpoint was not acknowledged");
+                self.outputs.hold_back_frames(false);
                 self.release(&mut guest);
             }
         }

@@ -136,9 +136,17 @@ pub struct Begin {
     pub committed: Option<(u64, CheckpointState)>,
 }
 
-/// A standby's progress as it happens, for status: clones share it.
+/// A standby's progress as it happens, for status, and what it does when a swap begins:
+/// clones share it.
 #[derive(Clone, Default)]
-pub struct StandbyWatch(Arc<Mutex<StandbyProgress>>);
+pub struct StandbyWatch {
+    progress: Arc<Mutex<StandbyProgress>>,
+    on_swap: Arc<Mutex<Option<SwapHook>>>,
+}
+
+/// Called with the guest's IPv4 addresses when the primary says a swap begins, so that the
+/// node taking the guest can announce its new place on the network before it resumes.
+pub type SwapHook = Box<dyn FnMut(&[[u8; 4]]) + Send>;
 
 /// What a standby has received and committed so far.
 #[derive(Debug, Clone, Default)]
@@ -158,7 +166,19 @@ pub struct StandbyProgress {
 
 impl StandbyWatch {
     fn lock(&self) -> std::sync::MutexGuard<'_, StandbyProgress> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.progress.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets what to do when a swap begins (see [`SwapHook`]).
+    pub fn on_swap(&self, hook: SwapHook) {
+        *self.on_swap.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
+    }
+
+    fn swap_begins(&self, addresses: &[[u8; 4]]) {
+        let mut hook = self.on_swap.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(hook) = hook.as_mut() {
+            hook(addresses);
+        }
     }
 
     pub fn snapshot(&self) -> StandbyProgress {
@@ -273,6 +293,10 @@ pub fn stand_by(
                 info!(code, "the guest exited on the primary");
                 data_sender.shutdown();
                 return Ok(StandbyEnd::Exit(code));
+            }
+            Ok(Message::SwapBegins { addresses }) => {
+                info!(?addresses, "the primary begins a swap");
+                watch.swap_begins(&addresses);
             }
             Ok(Message::Handover { epoch }) => {
                 handover = Some(epoch);

@@ -13,7 +13,7 @@ use std::io::{self, Read, Write};
 use vmm::cast::{u64_to_usize, usize_to_u64};
 
 /// Version spoken by this build; a `Hello` of any other version is refused.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Largest payload a frame may declare; bigger lengths are refused before allocating.
 pub const MAX_PAYLOAD: usize = 64 << 20;
 /// Guest page size: `Pages` carry whole pages at page-aligned guest-physical addresses.
@@ -151,6 +151,13 @@ pub enum Message {
     Handover {
         epoch: u64,
     },
+    /// A planned swap begins: the primary stops its guest now and sends its final checkpoint.
+    /// The standby announces the guest's place on the network at once (these are its IPv4
+    /// addresses), so that frames sent to the guest during the swap wait in the standby's tap
+    /// for the resumed guest instead of being lost at the old primary's.
+    SwapBegins {
+        addresses: Vec<[u8; 4]>,
+    },
 }
 
 const HELLO: u8 = 1;
@@ -171,8 +178,9 @@ const RESYNC: u8 = 15;
 const RESYNC_END: u8 = 16;
 const SYNCED: u8 = 17;
 const HANDOVER: u8 = 18;
+const SWAP_BEGINS: u8 = 19;
 /// Names of the kinds above, for error messages.
-const KIND_NAMES: [&str; 19] = [
+const KIND_NAMES: [&str; 20] = [
     "",
     "Hello",
     "Welcome",
@@ -192,6 +200,7 @@ const KIND_NAMES: [&str; 19] = [
     "ResyncEnd",
     "Synced",
     "Handover",
+    "SwapBegins",
 ];
 
 /// `len` as a `u32` LE length field. Lengths inside a frame stay within [`MAX_PAYLOAD`]; one
@@ -326,6 +335,10 @@ pub fn encode(msg: &Message) -> Vec<u8> {
         Message::Handover { epoch } => {
             f.extend_from_slice(&epoch.to_le_bytes());
             HANDOVER
+        }
+        Message::SwapBegins { addresses } => {
+            put_blob(&mut f, addresses.as_flattened());
+            SWAP_BEGINS
         }
     };
     seal(kind, f)
@@ -526,6 +539,19 @@ fn decode(kind: u8, payload: &[u8]) -> Result<Message, WireError> {
         RESYNC_END => Message::ResyncEnd,
         SYNCED => Message::Synced { runs: f.runs()? },
         HANDOVER => Message::Handover { epoch: f.u64()? },
+        SWAP_BEGINS => {
+            let bytes = f.blob()?;
+            let (addresses, rest) = bytes.as_chunks::<4>();
+            if !rest.is_empty() {
+                return Err(malformed(format!(
+                    "SwapBegins: {} address bytes, not a multiple of 4",
+                    bytes.len()
+                )));
+            }
+            Message::SwapBegins {
+                addresses: addresses.to_vec(),
+            }
+        }
         _ => return Err(WireError::UnknownKind(kind)),
     };
     f.finish(msg)
@@ -796,6 +822,9 @@ mod tests {
             Message::ResyncEnd,
             Message::Synced { runs: vec![(5, 1)] },
             Message::Handover { epoch: 77 },
+            Message::SwapBegins {
+                addresses: vec![[10, 0, 0, 2], [192, 168, 1, 9]],
+            },
         ]
     }
 
@@ -1007,7 +1036,12 @@ mod tests {
         );
         let huge = [&0u64.to_le_bytes()[..], &u32::MAX.to_le_bytes()].concat();
         assert_malformed(RESYNC, &huge, "declares 4294967295 bytes");
-        for kind in [0, 19, 200] {
+        assert_malformed(
+            SWAP_BEGINS,
+            &[5, 0, 0, 0, 10, 0, 0, 2, 7],
+            "not a multiple of 4",
+        );
+        for kind in [0, 20, 200] {
             let got = read_one(&frame(kind, &[]));
             assert!(
                 matches!(got, Err(WireError::UnknownKind(k)) if k == kind),

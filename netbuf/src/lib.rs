@@ -125,6 +125,8 @@ struct GateState<T> {
     /// Told when the running epoch gets its first item, so that whoever ends epochs when
     /// output waits need not poll for it.
     on_first: Option<Arc<dyn Fn() + Send + Sync>>,
+    /// Acknowledged output stays held (a swap: the node taking over releases it).
+    held_back: bool,
 }
 
 impl<T: Output> GateState<T> {
@@ -169,6 +171,7 @@ impl<T: Output> Gate<T> {
                 out,
                 on_release: None,
                 on_first: None,
+                held_back: false,
             })),
         }
     }
@@ -241,7 +244,7 @@ impl<T: Output> Gate<T> {
     /// whether any output left.
     pub fn release_through(&self, epoch: u64) -> bool {
         let mut st = self.lock();
-        if st.mode != Mode::Held {
+        if st.mode != Mode::Held || st.held_back {
             return false;
         }
         let mut any = false;
@@ -271,6 +274,12 @@ impl<T: Output> Gate<T> {
         st.emit_held(items);
         drop(st);
         self.released_held();
+    }
+
+    /// While `on`, acknowledgements release nothing: what is held stays in every later
+    /// checkpoint, for the node a swap hands the guest to (released here once `on` is off).
+    pub fn hold_back(&self, on: bool) {
+        self.lock().held_back = on;
     }
 
     /// Protected again (a returning standby holds a checkpoint): output from now on waits for
@@ -399,6 +408,27 @@ mod tests {
         assert_eq!(gate.held_bytes(), 0);
         assert!(!gate.release_through(3));
         assert_eq!(seen.text(), "abcd", "a repeated ack releases nothing twice");
+    }
+
+    #[test]
+    fn held_back_output_stays_in_later_checkpoints_until_let_go() {
+        let (gate, seen, mut sink) = gate();
+        sink.write_console(b"a");
+        gate.seal(1);
+        gate.hold_back(true);
+        assert!(!gate.release_through(1), "a swap keeps acknowledged output");
+        sink.write_console(b"b");
+        let held = gate.seal(2);
+        assert_eq!(
+            (held.first, held.end()),
+            (0, 2),
+            "the final checkpoint carries it all"
+        );
+        assert_eq!(seen.text(), "");
+        // The swap is off: the next acknowledgement releases it here after all.
+        gate.hold_back(false);
+        assert!(gate.release_through(2));
+        assert_eq!(seen.text(), "ab");
     }
 
     #[test]

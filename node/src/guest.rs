@@ -12,7 +12,7 @@ use checkpoint::standby::{Local, StandbyDisk, Takeover};
 use disk_sync::resync::{ResyncSource, ResyncTarget};
 use disk_sync::{bitmap_path, EpochRecorder, RecordingBackend, Replica, WriteIntentBitmap};
 use netbuf::{ConsoleChunk, ConsoleGateSink, Gate, Ipv4, Mode, FRAME_HOLD_LIMIT};
-use tracing::info;
+use tracing::{info, warn};
 use vmm::builder::HostIo;
 use vmm::devices::console::{FileConsole, StdoutConsole};
 use vmm::devices::virtio::blk::RawFileBackend;
@@ -251,7 +251,7 @@ impl StandbyHost {
         let detection = checkpoint::standby::detection_time(&t);
         let swap = t.link.take();
         let held = &t.state.output;
-        // In a swap the old primary released everything up to the checkpoint already.
+        // In a swap the old primary released its console bytes up to the checkpoint already.
         let (position, repeat) = match swap {
             Some(_) => (held.console.end(), false),
             None => (held.console.first, true),
@@ -264,10 +264,10 @@ impl StandbyHost {
             }
         }
         if let Some((tap, mac)) = &mut net {
-            if repeat {
-                for frame in &held.frames.items {
-                    tap.send_frame(&frame.0);
-                }
+            // A swap's old primary kept back the frames it had not released when the swap
+            // began: they leave from here, the guest's new place.
+            for frame in &held.frames.items {
+                tap.send_frame(&frame.0);
             }
             announce(tap, *mac, &held.addresses)?;
         }
@@ -338,6 +338,26 @@ impl StandbyHost {
             "took over: the guest runs on this node"
         );
         Ok(Resumed::Running(guest(vmm)))
+    }
+
+    /// What this standby does when the primary begins a swap: announce the guest's place on
+    /// the network here at once, so that frames sent to it during the swap wait in this
+    /// node's tap for the resumed guest. None without a NIC.
+    pub fn swap_announcer(&self) -> Option<checkpoint::standby::SwapHook> {
+        let (tap, mac) = self.net.as_ref()?;
+        let mac = *mac;
+        let out = match tap.try_clone() {
+            Ok(out) => out,
+            Err(e) => {
+                warn!("cannot announce the guest early at a swap: {e}");
+                return None;
+            }
+        };
+        Some(Box::new(move |addresses: &[Ipv4]| {
+            if let Err(e) = announce(&out, mac, addresses) {
+                warn!("{e}");
+            }
+        }))
     }
 
     /// Whether this node's guest has a NIC (takeovers then send frames and announce).

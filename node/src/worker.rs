@@ -251,6 +251,9 @@ fn standby(
     reporter: &Reporter,
 ) -> Result<Phase, WorkerError> {
     let watch = StandbyWatch::default();
+    if let Some(hook) = host.swap_announcer() {
+        watch.on_swap(hook);
+    }
     let disk = host.take_disk();
     let synced = AtomicBool::new(matches!(start, StandbyStart::Continue(_)));
     let rates = Mutex::new(Rates::default());

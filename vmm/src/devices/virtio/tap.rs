@@ -174,10 +174,26 @@ impl Tap {
             return Err(err(io::Error::last_os_error()));
         }
         let sock = ctl_socket().map_err(err)?;
+        self.raise_mac(&sock).map_err(err)?;
         let mut req = ifreq_for(bridge)?;
         // if_nametoindex returns the kernel's (positive) int ifindex as unsigned.
         req.ifr_ifru.ifru_ifindex = tap_idx.cast_signed();
         ifreq_ioctl(sock.as_raw_fd(), SIOCBRADDIF, &mut req).map_err(err)
+    }
+
+    /// Gives the tap's host side an address above any NIC's (first byte 0xfe, as libvirt
+    /// does), so that it never becomes its bridge's address: a Linux bridge takes its ports'
+    /// lowest address, and when a tap that held it goes (a VM stops, a swap rebuilds it) the
+    /// bridge's address changes under the host's own connections, which then stall until
+    /// their peers learn it anew (a retransmission timeout, 200 ms at least).
+    fn raise_mac(&self, sock: &OwnedFd) -> io::Result<()> {
+        let mut req = ifreq_for(&self.name).map_err(io::Error::other)?;
+        ifreq_ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req)?;
+        // SAFETY: SIOCGIFHWADDR filled the `ifru_hwaddr` member of the union.
+        let mut addr = unsafe { req.ifr_ifru.ifru_hwaddr };
+        addr.sa_data[0] = 0xfe_u8.cast_signed();
+        req.ifr_ifru.ifru_hwaddr = addr;
+        ifreq_ioctl(sock.as_raw_fd(), libc::SIOCSIFHWADDR, &mut req)
     }
 
     pub fn name(&self) -> &str {
@@ -283,6 +299,9 @@ mod tests {
         ip(&["link", "del", &br]);
         r.unwrap();
         assert!(master.unwrap().ends_with(&br));
+        // Above any NIC's address: never the bridge's own.
+        let mac = std::fs::read_to_string(format!("/sys/class/net/{name}/address")).unwrap();
+        assert!(mac.starts_with("fe:"), "{mac}");
 
         // Writing a frame works (the kernel accepts it on the tap's RX path).
         let mut frame = vec![0u8; 60];
