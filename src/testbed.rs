@@ -73,6 +73,71 @@ pub fn kv_pipelined(lines: u64) -> Result<(f64, u64), String> {
     Ok((elapsed, sent + received))
 }
 
+/// Which way a one-way kv stream moves its bytes.
+#[derive(Clone, Copy, Debug)]
+pub enum StreamWay {
+    /// `in N` requests: the client sends the bytes, the guest drops them.
+    In,
+    /// `out N` requests: the guest sends the bytes.
+    Out,
+}
+
+/// Bytes per kv stream request (the guest's largest).
+const STREAM_CHUNK: usize = 64 * 1024;
+
+/// Moves `chunks` requests of 64 KiB one way on one connection, pipelined (a sender thread
+/// writes every request while the caller reads and checks every reply); returns the seconds it
+/// took and the bytes streamed.
+pub fn kv_stream(way: StreamWay, chunks: u64) -> Result<(f64, u64), String> {
+    let stream = kv_connect()?;
+    let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    let sender = std::thread::spawn(move || -> std::io::Result<()> {
+        let request = match way {
+            StreamWay::In => {
+                let mut r = format!("in {STREAM_CHUNK}\n").into_bytes();
+                r.resize(r.len() + STREAM_CHUNK, b'x');
+                r
+            }
+            StreamWay::Out => format!("out {STREAM_CHUNK}\n").into_bytes(),
+        };
+        for _ in 0..chunks {
+            writer.write_all(&request)?;
+        }
+        Ok(())
+    });
+    let mut reader = BufReader::new(stream);
+    let mut reply = vec![0u8; STREAM_CHUNK];
+    let want_in = format!("in {STREAM_CHUNK}\n");
+    for k in 1..=chunks {
+        let got = match way {
+            StreamWay::In => {
+                let mut line = String::new();
+                reader.read_line(&mut line).map(|_| line == want_in)
+            }
+            StreamWay::Out => std::io::Read::read_exact(&mut reader, &mut reply).map(|()| {
+                reply[..STREAM_CHUNK - 1].iter().all(|&b| b == b'x')
+                    && reply[STREAM_CHUNK - 1] == b'\n'
+            }),
+        };
+        let failed = match got {
+            Ok(true) => continue,
+            Ok(false) => format!("kv stream {way:?}: reply {k} is wrong"),
+            Err(e) => format!("kv stream {way:?}: reply {k}: {e}"),
+        };
+        // Unblocks the sender, which may be waiting for window the guest no longer opens.
+        let _ = reader.get_ref().shutdown(std::net::Shutdown::Both);
+        let _ = sender.join();
+        return Err(failed);
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    sender
+        .join()
+        .map_err(|_| "stream sender panicked")?
+        .map_err(|e| e.to_string())?;
+    Ok((seconds, chunks * usize_to_u64(STREAM_CHUNK)))
+}
+
 fn ip(args: &[&str]) -> Result<(), String> {
     let out = Command::new("ip")
         .args(args)

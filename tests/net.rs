@@ -10,7 +10,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use common::*;
-use ftvmm::testbed::{Topology, BRIDGE, GUEST_IP};
+use ftvmm::testbed::{kv_stream, StreamWay, Topology, BRIDGE, GUEST_IP};
 
 /// Starts kv in the topology's host namespace and waits for its `kv listening` line.
 fn start_kv(topo: &Topology, vcpus: &str) -> Guard {
@@ -72,10 +72,22 @@ fn kv_keeps_a_guest_wide_total_across_connections() {
     let reply = topo.in_client(|| {
         let mut s = TcpStream::connect(format!("{GUEST_IP}:7000")).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(b"not-a-number\n").unwrap();
-        let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).expect("reply");
-        line
+        s.write_all(b"not-a-number\nout 0\nin 65537\nout 2\n")
+            .unwrap();
+        let mut reader = BufReader::new(s);
+        let mut lines = String::new();
+        for _ in 0..4 {
+            reader.read_line(&mut lines).expect("reply");
+        }
+        lines
     });
-    assert_eq!(reply, "error\n");
+    assert_eq!(reply, "error\nerror\nerror\nx\n");
+    // One-way streams (the bench's): every reply checked, every byte counted.
+    for way in [StreamWay::In, StreamWay::Out] {
+        let (_, bytes) = topo.in_client(move || kv_stream(way, 64)).expect("stream");
+        assert_eq!(bytes, 64 * 64 * 1024, "{way:?}");
+    }
+    // The total is untouched by streams.
+    let total = topo.in_client(move || exchange(vec![1], total));
+    assert_eq!(total, 500 * 501 / 2 + 1008);
 }

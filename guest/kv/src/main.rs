@@ -15,6 +15,9 @@
 //!
 //! Protocol: the client sends lines `{k}\n` (k a decimal u64, a trailing `\r` is ignored);
 //! for each, the server adds k to the guest-wide total (wrapping) and replies `{k} {total}\n`.
+//! Streams, for measuring TCP throughput one way: `in N\n` followed by N bytes of any content
+//! (1 <= N <= 65536), which the server reads and drops, replying `in N\n` once all N arrived;
+//! `out N\n` gets N bytes back (N - 1 bytes of `x`, then `\n`; 1 <= N <= 65536).
 //! A malformed line gets `error\n`. The line `quit` gets `bye` and ends the guest with exit
 //! code 0 once the reply is sent. Prints `kv listening on ADDR:P` when ready. ICMP echo (ping)
 //! is answered by the stack. Only vCPU 0 serves.
@@ -47,6 +50,8 @@ guest_rt::entry!(main);
 const MAX_LINE: usize = 32;
 /// Stop reading from a connection while this many reply bytes wait for send-buffer room.
 const MAX_PENDING_OUT: usize = 64 * 1024;
+/// Largest `in` or `out` stream request.
+const MAX_STREAM: u64 = 64 * 1024;
 /// TCP windows of 256 KiB (with window scaling): under output commit a stream moves at most
 /// one window per epoch and acknowledgement (~50 ms), so a 16 KiB window capped a replicated
 /// stream at about 0.3 MiB/s.
@@ -170,6 +175,9 @@ struct Conn {
     overlong: bool,
     /// Replies not yet accepted by the socket's send buffer.
     out: String,
+    /// Bytes of an `in` request still to drop, and the request's size.
+    sinking: u64,
+    sink_size: u64,
 }
 
 impl Conn {
@@ -177,11 +185,24 @@ impl Conn {
         self.line.clear();
         self.overlong = false;
         self.out.clear();
+        self.sinking = 0;
     }
 
     /// Consumes received bytes, appending a reply per complete line.
-    fn input(&mut self, data: &[u8], service: &mut Service) {
-        for &byte in data {
+    fn input(&mut self, mut data: &[u8], service: &mut Service) {
+        while !data.is_empty() {
+            if self.sinking > 0 {
+                let n = data.len().min(usize::try_from(self.sinking).unwrap_or(usize::MAX));
+                data = &data[n..];
+                // n <= self.sinking, a u64.
+                self.sinking -= u64::try_from(n).unwrap_or(self.sinking);
+                if self.sinking == 0 {
+                    let _ = writeln!(self.out, "in {}", self.sink_size);
+                }
+                continue;
+            }
+            let byte = data[0];
+            data = &data[1..];
             if byte != b'\n' {
                 if self.line.len() < MAX_LINE {
                     self.line.push(byte);
@@ -196,6 +217,17 @@ impl Conn {
                     self.out.push_str("bye\n");
                     service.quitting = true;
                 }
+                _ if !self.overlong && stream_size(line, b"in ").is_some() => {
+                    self.sink_size = stream_size(line, b"in ").unwrap_or(0);
+                    self.sinking = self.sink_size;
+                }
+                _ if !self.overlong && stream_size(line, b"out ").is_some() => {
+                    let n = stream_size(line, b"out ").unwrap_or(1);
+                    // n <= MAX_STREAM: it fits.
+                    let len = usize::try_from(n - 1).unwrap_or(0);
+                    self.out.extend(core::iter::repeat_n('x', len));
+                    self.out.push('\n');
+                }
                 Some(k) if !self.overlong => {
                     if let Some(log) = service.log.as_mut() {
                         log.append();
@@ -209,6 +241,12 @@ impl Conn {
             self.overlong = false;
         }
     }
+}
+
+/// The size of an `in N` or `out N` request (`prefix` names which), if it is one.
+fn stream_size(line: &[u8], prefix: &[u8]) -> Option<u64> {
+    let n = parse_line(line.strip_prefix(prefix)?)?;
+    (1..=MAX_STREAM).contains(&n).then_some(n)
 }
 
 /// A line is a non-empty run of decimal digits that fits a u64.
