@@ -192,7 +192,9 @@ impl Conn {
     fn input(&mut self, mut data: &[u8], service: &mut Service) {
         while !data.is_empty() {
             if self.sinking > 0 {
-                let n = data.len().min(usize::try_from(self.sinking).unwrap_or(usize::MAX));
+                let n = data
+                    .len()
+                    .min(usize::try_from(self.sinking).unwrap_or(usize::MAX));
                 data = &data[n..];
                 // n <= self.sinking, a u64.
                 self.sinking -= u64::try_from(n).unwrap_or(self.sinking);
