@@ -52,13 +52,17 @@ impl Outputs {
                 .as_ref()
                 .map(|n| n.gate.seal(epoch))
                 .unwrap_or_default(),
-            addresses: self
-                .net
-                .as_ref()
-                .map(|n| n.addresses.list())
-                .unwrap_or_default(),
+            addresses: self.addresses(),
         };
         (held, disk)
+    }
+
+    /// The IPv4 addresses the guest sent from (none without a NIC).
+    pub fn addresses(&self) -> Vec<Ipv4> {
+        self.net
+            .as_ref()
+            .map(|n| n.addresses.list())
+            .unwrap_or_default()
     }
 
     /// Console bytes and disk-write bytes of the running epoch (frames are bounded apart: a

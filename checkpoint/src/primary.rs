@@ -688,12 +688,7 @@ impl EpochLoop<'_> {
                             why: Hold::Swap,
                         };
                     }
-                    let addresses = self
-                        .outputs
-                        .net
-                        .as_ref()
-                        .map(|n| n.addresses.list())
-                        .unwrap_or_default();
+                    let addresses = self.outputs.addresses();
                     // A lost message only costs the swap its early announcement.
                     if let Err(e) = self.control.send(&Message::SwapBegins { addresses }) {
                         warn!("cannot tell the standby the swap begins: {e}");

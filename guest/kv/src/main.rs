@@ -214,30 +214,29 @@ impl Conn {
                 continue;
             }
             let line = self.line.strip_suffix(b"\r").unwrap_or(&self.line);
-            match parse_line(line) {
-                _ if line == b"quit" => {
+            match Request::parse(line, self.overlong) {
+                Request::Quit => {
                     self.out.push_str("bye\n");
                     service.quitting = true;
                 }
-                _ if !self.overlong && stream_size(line, b"in ").is_some() => {
-                    self.sink_size = stream_size(line, b"in ").unwrap_or(0);
-                    self.sinking = self.sink_size;
+                Request::In(n) => {
+                    self.sink_size = n;
+                    self.sinking = n;
                 }
-                _ if !self.overlong && stream_size(line, b"out ").is_some() => {
-                    let n = stream_size(line, b"out ").unwrap_or(1);
+                Request::Out(n) => {
                     // n <= MAX_STREAM: it fits.
                     let len = usize::try_from(n - 1).unwrap_or(0);
                     self.out.extend(core::iter::repeat_n('x', len));
                     self.out.push('\n');
                 }
-                Some(k) if !self.overlong => {
+                Request::Add(k) => {
                     if let Some(log) = service.log.as_mut() {
                         log.append();
                     }
                     service.total = service.total.wrapping_add(k);
                     let _ = writeln!(self.out, "{k} {}", service.total);
                 }
-                _ => self.out.push_str("error\n"),
+                Request::Bad => self.out.push_str("error\n"),
             }
             self.line.clear();
             self.overlong = false;
@@ -245,10 +244,37 @@ impl Conn {
     }
 }
 
-/// The size of an `in N` or `out N` request (`prefix` names which), if it is one.
-fn stream_size(line: &[u8], prefix: &[u8]) -> Option<u64> {
-    let n = parse_line(line.strip_prefix(prefix)?)?;
-    (1..=MAX_STREAM).contains(&n).then_some(n)
+/// One line of the protocol (see the module docs).
+enum Request {
+    Quit,
+    /// `in N`: N bytes follow, to be dropped.
+    In(u64),
+    /// `out N`: N bytes to send back.
+    Out(u64),
+    /// `{k}`: add k to the total.
+    Add(u64),
+    Bad,
+}
+
+impl Request {
+    /// The request `line` makes; an `overlong` one is always bad.
+    fn parse(line: &[u8], overlong: bool) -> Self {
+        let stream = |prefix: &[u8]| {
+            let n = parse_line(line.strip_prefix(prefix)?)?;
+            (1..=MAX_STREAM).contains(&n).then_some(n)
+        };
+        if overlong {
+            Self::Bad
+        } else if line == b"quit" {
+            Self::Quit
+        } else if let Some(n) = stream(b"in ") {
+            Self::In(n)
+        } else if let Some(n) = stream(b"out ") {
+            Self::Out(n)
+        } else {
+            parse_line(line).map_or(Self::Bad, Self::Add)
+        }
+    }
 }
 
 /// A line is a non-empty run of decimal digits that fits a u64.
