@@ -16,7 +16,7 @@ use tracing::{info, warn};
 use vmm::builder::HostIo;
 use vmm::devices::console::{FileConsole, StdoutConsole};
 use vmm::devices::virtio::blk::RawFileBackend;
-use vmm::devices::virtio::tap::Tap;
+use vmm::devices::virtio::tap::{Tap, WeakTap};
 use vmm::devices::{BlockBackend, ConsoleSink, FrameSink};
 use vmm::linux::LinuxBoot;
 use vmm::{VmConfig, VmOutcome, Vmm};
@@ -269,7 +269,7 @@ impl StandbyHost {
             for frame in &held.frames.items {
                 tap.send_frame(&frame.0);
             }
-            announce(tap, *mac, &held.addresses)?;
+            announce(tap.downgrade(), *mac, &held.addresses)?;
         }
         if let Some(outcome) = t.state.ended {
             info!(
@@ -345,16 +345,9 @@ impl StandbyHost {
     /// node's tap for the resumed guest. None without a NIC.
     pub fn swap_announcer(&self) -> Option<checkpoint::standby::SwapHook> {
         let (tap, mac) = self.net.as_ref()?;
-        let mac = *mac;
-        let out = match tap.try_clone() {
-            Ok(out) => out,
-            Err(e) => {
-                warn!("cannot announce the guest early at a swap: {e}");
-                return None;
-            }
-        };
+        let (out, mac) = (tap.downgrade(), *mac);
         Some(Box::new(move |addresses: &[Ipv4]| {
-            if let Err(e) = announce(&out, mac, addresses) {
+            if let Err(e) = announce(out.clone(), mac, addresses) {
                 warn!("{e}");
             }
         }))
@@ -371,12 +364,10 @@ impl StandbyHost {
 const ANNOUNCE_GAPS_MS: [u64; 3] = [0, 50, 150];
 
 /// Tells the network that the guest with `mac` (and `addresses`) is now behind `tap`, from a
-/// thread while the guest runs.
-fn announce(tap: &Tap, mac: [u8; 6], addresses: &[Ipv4]) -> Result<(), GuestError> {
+/// thread while the guest runs. The thread holds the tap weakly: a guest that leaves this node
+/// within the announcements (a second swap) must free its tap for the standby built next.
+fn announce(tap: WeakTap, mac: [u8; 6], addresses: &[Ipv4]) -> Result<(), GuestError> {
     let frames = netbuf::announcements(mac, addresses);
-    let mut out = tap
-        .try_clone()
-        .map_err(|e| GuestError::Announce(e.to_string()))?;
     info!(?addresses, "announcing the guest's new location");
     std::thread::Builder::new()
         .name("announce".into())
@@ -384,7 +375,9 @@ fn announce(tap: &Tap, mac: [u8; 6], addresses: &[Ipv4]) -> Result<(), GuestErro
             for gap in ANNOUNCE_GAPS_MS {
                 std::thread::sleep(Duration::from_millis(gap));
                 for frame in &frames {
-                    out.send_frame(frame);
+                    if !tap.send_frame(frame) {
+                        return;
+                    }
                 }
             }
         })

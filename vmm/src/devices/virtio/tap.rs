@@ -3,13 +3,15 @@
 //! The tap is opened with IFF_TAP | IFF_NO_PI and without IFF_VNET_HDR, so each read or write is
 //! exactly one Ethernet frame; the virtio-net device strips and adds the virtio header itself.
 //! The fd is nonblocking. Dropping a [`Tap`] only closes its fd: a non-persistent tap vanishes
-//! with its last fd.
+//! with its last fd. A [`WeakTap`] sends on a tap without keeping it open, for senders that
+//! must not outlive the device (a tap name cannot be opened again while an old fd holds it).
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::{Arc, Weak};
 
 use crate::devices::FrameSink;
 
@@ -55,8 +57,32 @@ pub enum TapError {
 /// An open tap device.
 #[derive(Debug)]
 pub struct Tap {
-    file: File,
+    file: Arc<File>,
     name: String,
+}
+
+/// A handle that sends on a [`Tap`] only while some `Tap` still holds its fd open.
+#[derive(Debug, Clone)]
+pub struct WeakTap {
+    file: Weak<File>,
+    name: String,
+}
+
+impl WeakTap {
+    /// Sends `frame` if the tap is still open; false once every [`Tap`] on it has gone.
+    pub fn send_frame(&self, frame: &[u8]) -> bool {
+        let Some(file) = self.file.upgrade() else {
+            return false;
+        };
+        if let Err(e) = (&*file).write(frame) {
+            tracing::debug!(
+                "tap {}: frame of {} bytes dropped: {e}",
+                self.name,
+                frame.len()
+            );
+        }
+        true
+    }
 }
 
 fn ifreq_for(name: &str) -> Result<libc::ifreq, TapError> {
@@ -129,7 +155,7 @@ impl Tap {
             .map(|&c| c.cast_unsigned())
             .collect();
         let tap = Tap {
-            file,
+            file: Arc::new(file),
             name: String::from_utf8_lossy(&actual).into_owned(),
         };
         tap.bring_up()?;
@@ -203,22 +229,30 @@ impl Tap {
     /// A second handle on the same tap queue (e.g. one for the RX worker, one for TX).
     pub fn try_clone(&self) -> Result<Tap, TapError> {
         Ok(Tap {
-            file: self.file.try_clone().map_err(|source| TapError::Clone {
+            file: Arc::new(self.file.try_clone().map_err(|source| TapError::Clone {
                 name: self.name.clone(),
                 source,
-            })?,
+            })?),
             name: self.name.clone(),
         })
     }
 
+    /// A sender on this tap's fd that does not keep it open.
+    pub fn downgrade(&self) -> WeakTap {
+        WeakTap {
+            file: Arc::downgrade(&self.file),
+            name: self.name.clone(),
+        }
+    }
+
     /// Reads one frame; `WouldBlock` when none is queued.
     pub fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.file.read(buf)
+        (&*self.file).read(buf)
     }
 
     /// Writes one frame.
     pub fn write_frame(&mut self, frame: &[u8]) -> io::Result<usize> {
-        self.file.write(frame)
+        (&*self.file).write(frame)
     }
 }
 
@@ -262,14 +296,15 @@ mod tests {
         ));
     }
 
-    /// Needs root (CAP_NET_ADMIN) and /dev/net/tun; skipped otherwise.
+    /// Needs root (CAP_NET_ADMIN) and /dev/net/tun: fails without them.
     #[test]
     fn tap_create_up_enslave_and_io() {
         // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 || !std::path::Path::new("/dev/net/tun").exists() {
-            eprintln!("skipping: needs root and /dev/net/tun");
-            return;
-        }
+        assert_eq!(unsafe { libc::geteuid() }, 0, "this test needs root");
+        assert!(
+            std::path::Path::new("/dev/net/tun").exists(),
+            "this test needs /dev/net/tun"
+        );
         let name = format!("ftvt{}", std::process::id() % 100_000);
         let mut tap = Tap::open(&name).unwrap();
         assert_eq!(tap.name(), name);
@@ -310,19 +345,22 @@ mod tests {
         frame[12..14].copy_from_slice(&[0x88, 0xb5]);
         assert_eq!(tap.write_frame(&frame).unwrap(), 60);
 
+        let weak = tap.downgrade();
+        assert!(weak.send_frame(&frame), "sends while the tap is open");
         let clone = tap.try_clone().unwrap();
         drop(tap);
         assert!(std::path::Path::new(&format!("/sys/class/net/{name}")).exists());
         drop(clone);
         assert!(!std::path::Path::new(&format!("/sys/class/net/{name}")).exists());
+        // The weak sender neither kept the tap alive nor sends on it now, and the name is free.
+        assert!(!weak.send_frame(&frame));
+        drop(Tap::open(&name).unwrap());
     }
 
     #[test]
     fn creation_error_is_clear() {
         // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return;
-        }
+        assert_eq!(unsafe { libc::geteuid() }, 0, "this test needs root");
         // "lo" exists and is not a tap: TUNSETIFF fails with a message naming it.
         let e = Tap::open("lo").unwrap_err();
         assert!(e.to_string().starts_with("cannot create tap lo: "), "{e}");
