@@ -3,6 +3,7 @@
 //! it atomically, so it always holds exactly one complete checkpoint to take over from.
 
 pub mod hot;
+pub mod input;
 pub mod link;
 pub mod outputs;
 pub mod policy;

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use disk_sync::{EpochRecorder, EpochWrites};
+
+use crate::input::InputLog;
 use netbuf::{ConsoleChunk, Frame, FrameGateSink, Gate, GuestAddresses, Held, Ipv4, Mode};
 use serde::{Deserialize, Serialize};
 use vmm::Vmm;
@@ -25,6 +27,8 @@ pub struct Outputs {
     pub net: Option<NetOutput>,
     /// The record of the guest's disk writes, if it has a disk.
     pub disk: Option<EpochRecorder>,
+    /// The count and log of the frames the guest receives, if it has a NIC.
+    pub input: Option<InputLog>,
 }
 
 /// The output an epoch's checkpoint carries: everything not yet released when it was taken.
@@ -69,6 +73,16 @@ impl Outputs {
     /// NIC whose frames are at their bound stalls its queue).
     pub fn running_bytes(&self) -> usize {
         self.console.running_bytes() + self.disk.as_ref().map_or(0, EpochRecorder::running_bytes)
+    }
+
+    /// Frames the guest has received so far (0 without a NIC).
+    pub fn input_delivered(&self) -> u64 {
+        self.input.as_ref().map_or(0, InputLog::delivered)
+    }
+
+    /// The standby holds every frame the guest received before the `through`-th.
+    pub fn input_held(&self, through: u64) {
+        let _ = through;
     }
 
     /// When the running epoch's first console bytes or frames came, if any wait for it to end.
@@ -150,13 +164,16 @@ impl Outputs {
     /// Holds `vmm`'s output from now on: its console behind `console` (the gate the VM was
     /// built with), its NIC's frames, if it has one, behind a new gate in `mode` that holds at
     /// most `frame_limit` bytes before the NIC's queue stalls, and its disk writes in `disk`
-    /// (the recorder of the backend the VM was built with).
+    /// (the recorder of the backend the VM was built with). The frames it receives are
+    /// counted from `input_from` on (the count of the checkpoint it resumes from, 0 for a new
+    /// guest).
     pub fn attach(
         console: Gate<ConsoleChunk>,
         mode: Mode,
         vmm: &Vmm,
         frame_limit: usize,
         disk: Option<EpochRecorder>,
+        input_from: u64,
     ) -> Self {
         let addresses = GuestAddresses::default();
         let mut net = None;
@@ -177,6 +194,15 @@ impl Outputs {
             let waker = control.waker();
             net.gate.set_on_release(Box::new(move || waker.wake()));
         }
-        Self { console, net, disk }
+        let log = InputLog::new(input_from);
+        let input = vmm
+            .wrap_net_source(|source| log.wrap(source))
+            .then_some(log);
+        Self {
+            console,
+            net,
+            disk,
+            input,
+        }
     }
 }

@@ -18,6 +18,7 @@ use vmm::memory::DirtyLog;
 use vmm::{VmOutcome, Vmm};
 
 use crate::hot::HotPages;
+use crate::input::InputLog;
 use crate::link::{self, Link, PeerConfig, PrimaryLink, Sender, SilenceClock, TICK};
 use crate::outputs::Outputs;
 use crate::policy::{
@@ -411,6 +412,21 @@ pub fn protect(
             .map_err(PrimaryError::Thread)?
     };
 
+    // What the guest receives goes to the standby as it comes (see `crate::input`).
+    let input_sender = match &outputs.input {
+        Some(log) => {
+            let (log, control, shared) = (log.clone(), control.clone(), shared.clone());
+            log.record(true);
+            Some(
+                std::thread::Builder::new()
+                    .name("ckpt-input".into())
+                    .spawn(move || send_input(&log, &control, &shared))
+                    .map_err(PrimaryError::Thread)?,
+            )
+        }
+        None => None,
+    };
+
     let epochs = EpochLoop {
         vmm: &vmm,
         outputs: &outputs,
@@ -483,6 +499,9 @@ pub fn protect(
         data.shutdown();
     }
     let _ = sender.join();
+    if let Some(input_sender) = input_sender {
+        let _ = input_sender.join();
+    }
     let control_reader = controller
         .join()
         .map_err(|_| PrimaryError::Thread(std::io::Error::other("control thread panicked")))?;
@@ -1009,6 +1028,8 @@ impl EpochLoop<'_> {
             vmm: vmm.save_state()?,
             output,
             ended: ended.clone(),
+            // The NIC is paused with the guest: this is what the checkpoint has received.
+            input: self.outputs.input_delivered(),
         };
         let save = save_start.elapsed();
         self.shared.lock().unacked.push_back(Unacked {
@@ -1231,6 +1252,28 @@ fn read_arrived(
     arrived
 }
 
+/// Sends the guest's input to the standby as `log` queues it, until the run ends or the
+/// standby is lost (a failed send: the control thread finds out why).
+fn send_input(log: &InputLog, control: &Sender, shared: &Shared) {
+    loop {
+        let ended = {
+            let role = shared.lock();
+            role.finished || !role.protected
+        };
+        let sent = match (ended, log.next_batch(TICK)) {
+            (true, _) => false,
+            (false, Some((first, frames))) => {
+                control.send(&Message::Input { first, frames }).is_ok()
+            }
+            (false, None) => true,
+        };
+        if !sent {
+            log.record(false);
+            return;
+        }
+    }
+}
+
 /// How late the standby is, as the control thread judges it: slow while its oldest
 /// unacknowledged checkpoint is older than the failover timeout (its heartbeats still arrive:
 /// a silent standby is lost after the failover timeout whatever its lag), lost past the
@@ -1432,6 +1475,10 @@ fn control_turns(
                     standby_received = received;
                     progress_at = Instant::now();
                 }
+            }
+            Ok(Message::InputAck { through }) => {
+                silence.heard();
+                outputs.input_held(through);
             }
             Ok(Message::Synced { runs }) => {
                 silence.heard();

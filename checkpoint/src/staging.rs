@@ -25,6 +25,9 @@ pub struct CheckpointState {
     /// instruction (an exit port write, a fault), so a standby resuming from it must not run
     /// them but end the same way, once it has released the held output.
     pub ended: Option<VmOutcome>,
+    /// Frames the guest had received (see [`crate::input`]): a standby resuming from this
+    /// checkpoint delivers the logged frames from this number on again.
+    pub input: u64,
 }
 
 #[derive(Debug, thiserror::Error)]

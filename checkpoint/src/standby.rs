@@ -2,6 +2,7 @@
 //! apart from them, verifies it whole and only then commits it and acknowledges; takes over
 //! when the primary dies; leaves quietly when told goodbye or that the guest exited.
 
+use std::collections::VecDeque;
 use std::net::{Shutdown, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,6 +17,7 @@ use vmm::devices::GuestMemory;
 use vmm::memory::{self, MemoryError};
 use vmm::{VmShell, Vmm};
 
+use crate::input::ReceivedInput;
 use crate::link::{Link, LinkError, Listener, PeerConfig, Sender, SilenceClock};
 use crate::staging::{self, CheckpointState, StagedPages, StagingError};
 use crate::wire::{EpochDigest, FrameReader, Message, WireError};
@@ -101,6 +103,9 @@ pub struct Takeover {
     /// A swap, not a failure: the link to the old primary, which now stands by with this
     /// checkpoint; the resumed guest is protected by it at once.
     pub link: Option<Link>,
+    /// Frames the guest received after its checkpoint on the old primary, to deliver to the
+    /// resumed guest before any other (see [`crate::input`]).
+    pub input: VecDeque<Vec<u8>>,
 }
 
 /// How a standby's watch ended.
@@ -251,6 +256,11 @@ pub fn stand_by(
     let data_handle = data.get_ref().try_clone().map_err(LinkError::Io)?;
     let draining = Arc::new(AtomicBool::new(false));
     let received = Arc::new(AtomicU64::new(0));
+    // The input count of the last committed checkpoint, which the receiver moves on.
+    let committed_input = Arc::new(AtomicU64::new(
+        committed.as_ref().map_or(0, |(_, state)| state.input),
+    ));
+    let mut input = ReceivedInput::default();
     {
         let mut w = watch.lock();
         w.precopy_total = config.vm.mem_size;
@@ -263,11 +273,12 @@ pub fn stand_by(
     }
     let receiver = {
         let (control, draining, received) = (control.clone(), draining.clone(), received.clone());
-        let watch = watch.clone();
+        let (watch, committed_input) = (watch.clone(), committed_input.clone());
         let receiver = Receiver {
             control,
             draining,
             received,
+            committed_input,
             watch,
         };
         std::thread::Builder::new()
@@ -297,6 +308,13 @@ pub fn stand_by(
             Ok(Message::SwapBegins { addresses }) => {
                 info!(?addresses, "the primary begins a swap");
                 watch.swap_begins(&addresses);
+            }
+            Ok(Message::Input { first, frames }) => {
+                let committed = committed_input.load(Ordering::SeqCst);
+                if let Some(through) = input.append(first, frames, committed) {
+                    // A failed send shows up as a closed connection on the next read.
+                    let _ = control.send(&Message::InputAck { through });
+                }
             }
             Ok(Message::Handover { epoch }) => {
                 handover = Some(epoch);
@@ -363,8 +381,10 @@ pub fn stand_by(
         }
     };
     let state = committed.state.ok_or(StandbyError::NoCheckpoint)?;
+    let input = input.since(state.input);
     info!(
         epoch = committed.epoch,
+        input_frames = input.len(),
         "resuming from the last committed checkpoint"
     );
     Ok(StandbyEnd::Takeover(Box::new(Takeover {
@@ -378,6 +398,7 @@ pub fn stand_by(
         drained: Instant::now(),
         bitmap: committed.resync.map(ResyncTarget::into_bitmap),
         link,
+        input,
     })))
 }
 
@@ -414,6 +435,8 @@ struct Receiver {
     draining: Arc<AtomicBool>,
     /// Frames read on the data connection (the standby's heartbeats carry it).
     received: Arc<AtomicU64>,
+    /// The input count of the last committed checkpoint (see [`crate::input`]).
+    committed_input: Arc<AtomicU64>,
     watch: StandbyWatch,
 }
 
@@ -583,6 +606,7 @@ impl Receiver {
                         break;
                     }
                     committed.epoch = epoch;
+                    self.committed_input.store(state.input, Ordering::SeqCst);
                     committed.state = Some(state);
                     {
                         let mut w = self.watch.lock();

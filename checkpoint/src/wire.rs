@@ -13,7 +13,7 @@ use std::io::{self, Read, Write};
 use vmm::cast::{u64_to_usize, usize_to_u64};
 
 /// Version spoken by this build; a `Hello` of any other version is refused.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 /// Largest payload a frame may declare; bigger lengths are refused before allocating.
 pub const MAX_PAYLOAD: usize = 64 << 20;
 /// Guest page size: `Pages` carry whole pages at page-aligned guest-physical addresses.
@@ -158,6 +158,18 @@ pub enum Message {
     SwapBegins {
         addresses: Vec<[u8; 4]>,
     },
+    /// Frames the guest received, in order, the first being the `first`-th since the
+    /// primary began counting (see [`crate::input`]): the standby keeps those after its last
+    /// committed checkpoint, to deliver again to a guest it resumes from that checkpoint.
+    Input {
+        first: u64,
+        frames: Vec<Vec<u8>>,
+    },
+    /// The standby holds every received frame before the `through`-th: acknowledgements the
+    /// guest sent once it had them may leave before their epoch commits.
+    InputAck {
+        through: u64,
+    },
 }
 
 const HELLO: u8 = 1;
@@ -179,8 +191,10 @@ const RESYNC_END: u8 = 16;
 const SYNCED: u8 = 17;
 const HANDOVER: u8 = 18;
 const SWAP_BEGINS: u8 = 19;
+const INPUT: u8 = 20;
+const INPUT_ACK: u8 = 21;
 /// Names of the kinds above, for error messages.
-const KIND_NAMES: [&str; 20] = [
+const KIND_NAMES: [&str; 22] = [
     "",
     "Hello",
     "Welcome",
@@ -201,6 +215,8 @@ const KIND_NAMES: [&str; 20] = [
     "Synced",
     "Handover",
     "SwapBegins",
+    "Input",
+    "InputAck",
 ];
 
 /// `len` as a `u32` LE length field. Lengths inside a frame stay within [`MAX_PAYLOAD`]; one
@@ -339,6 +355,18 @@ pub fn encode(msg: &Message) -> Vec<u8> {
         Message::SwapBegins { addresses } => {
             put_blob(&mut f, addresses.as_flattened());
             SWAP_BEGINS
+        }
+        Message::Input { first, frames } => {
+            f.extend_from_slice(&first.to_le_bytes());
+            f.extend_from_slice(&len_field(frames.len()));
+            for frame in frames {
+                put_blob(&mut f, frame);
+            }
+            INPUT
+        }
+        Message::InputAck { through } => {
+            f.extend_from_slice(&through.to_le_bytes());
+            INPUT_ACK
         }
     };
     seal(kind, f)
@@ -552,6 +580,21 @@ fn decode(kind: u8, payload: &[u8]) -> Result<Message, WireError> {
                 addresses: addresses.to_vec(),
             }
         }
+        INPUT => {
+            let first = f.u64()?;
+            let count = f.u32()?;
+            // Each frame takes at least its length field: a count the payload cannot hold is
+            // refused before anything is allocated for it.
+            if u64::from(count) * 4 > usize_to_u64(f.buf.len()) {
+                return Err(malformed(format!(
+                    "Input declares {count} frames in {} bytes",
+                    f.buf.len()
+                )));
+            }
+            let frames = (0..count).map(|_| f.blob()).collect::<Result<_, _>>()?;
+            Message::Input { first, frames }
+        }
+        INPUT_ACK => Message::InputAck { through: f.u64()? },
         _ => return Err(WireError::UnknownKind(kind)),
     };
     f.finish(msg)
@@ -825,6 +868,15 @@ mod tests {
             Message::SwapBegins {
                 addresses: vec![[10, 0, 0, 2], [192, 168, 1, 9]],
             },
+            Message::Input {
+                first: 9,
+                frames: vec![noise(12, 60), vec![], noise(13, 1514)],
+            },
+            Message::Input {
+                first: 0,
+                frames: vec![],
+            },
+            Message::InputAck { through: 12 },
         ]
     }
 
@@ -1036,12 +1088,21 @@ mod tests {
         );
         let huge = [&0u64.to_le_bytes()[..], &u32::MAX.to_le_bytes()].concat();
         assert_malformed(RESYNC, &huge, "declares 4294967295 bytes");
+        // A count of frames beyond the payload is refused before allocating.
+        assert_malformed(INPUT, &huge, "Input declares 4294967295 frames in 0 bytes");
+        let cut = [
+            &0u64.to_le_bytes()[..],
+            &1u32.to_le_bytes(),
+            &9u32.to_le_bytes(),
+        ]
+        .concat();
+        assert_malformed(INPUT, &cut, "Input payload is too short");
         assert_malformed(
             SWAP_BEGINS,
             &[5, 0, 0, 0, 10, 0, 0, 2, 7],
             "not a multiple of 4",
         );
-        for kind in [0, 20, 200] {
+        for kind in [0, 22, 200] {
             let got = read_one(&frame(kind, &[]));
             assert!(
                 matches!(got, Err(WireError::UnknownKind(k)) if k == kind),

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use checkpoint::input::ReplaySource;
 use checkpoint::outputs::Outputs;
 use checkpoint::primary::PrimaryGuest;
 use checkpoint::standby::{Local, StandbyDisk, Takeover};
@@ -172,7 +173,7 @@ pub fn boot_primary(
         net: open_net(host.net.as_ref())?,
     };
     let vmm = boot(config, image, io)?;
-    let outputs = Outputs::attach(console, mode, &vmm, FRAME_HOLD_LIMIT, recorder);
+    let outputs = Outputs::attach(console, mode, &vmm, FRAME_HOLD_LIMIT, recorder, 0);
     Ok(PrimaryGuest {
         vmm,
         outputs,
@@ -315,7 +316,21 @@ impl StandbyHost {
             net,
         };
         let mut vmm = t.shell.restore(&t.state.vmm, io)?;
-        let outputs = Outputs::attach(console, mode, &vmm, FRAME_HOLD_LIMIT, recorder);
+        // The frames the guest received after its checkpoint reach it again, before any
+        // that came here, and its count of received frames goes on from the checkpoint's.
+        let replay = std::mem::take(&mut t.input);
+        if !replay.is_empty() {
+            info!(frames = replay.len(), "delivering the guest's input again");
+        }
+        vmm.wrap_net_source(|tap| Box::new(ReplaySource::new(replay, tap)));
+        let outputs = Outputs::attach(
+            console,
+            mode,
+            &vmm,
+            FRAME_HOLD_LIMIT,
+            recorder,
+            t.state.input,
+        );
         let guest = |vmm| PrimaryGuest {
             vmm,
             outputs,

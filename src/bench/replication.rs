@@ -177,7 +177,7 @@ fn replicated(
         resync_max_mib_s: 0,
     };
     let link = link::connect(&addr, &peer, Duration::from_secs(10))?;
-    let outputs = Outputs::attach(gate, Mode::Held, &vmm, FRAME_HOLD_LIMIT, None);
+    let outputs = Outputs::attach(gate, Mode::Held, &vmm, FRAME_HOLD_LIMIT, None, 0);
     let guest = primary::PrimaryGuest {
         vmm,
         outputs,

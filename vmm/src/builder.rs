@@ -23,7 +23,7 @@ use crate::devices::virtio::blk::BlockState;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::mmio::{MmioError, MmioState};
 use crate::devices::virtio::net::NetState;
-use crate::devices::virtio::net::{Net, NetControl, NetError};
+use crate::devices::virtio::net::{FrameSource, Net, NetControl, NetError};
 use crate::devices::virtio::tap::Tap;
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::{BlockBackend, ConsoleSink, FrameSink, GuestMemory};
@@ -540,6 +540,21 @@ impl Vmm {
         match &self.net {
             Some(net) => {
                 lock(net).device_mut().wrap_sink(wrap);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Puts `wrap` in front of where the NIC's received frames come from (its tap); false if
+    /// the VM has no NIC. See [`Net::wrap_source`].
+    pub fn wrap_net_source(
+        &self,
+        wrap: impl FnOnce(Box<dyn FrameSource>) -> Box<dyn FrameSource>,
+    ) -> bool {
+        match &self.net {
+            Some(net) => {
+                lock(net).device_mut().wrap_source(wrap);
                 true
             }
             None => false,

@@ -392,6 +392,21 @@ fn worker(shared: Arc<Shared>, stop: EventFd, source_fd: RawFd) {
     }
 }
 
+/// The source a device has for the instant its source is being replaced.
+struct NoSource(RawFd);
+
+impl AsRawFd for NoSource {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+impl FrameSource for NoSource {
+    fn recv_frame(&mut self, _buf: &mut [u8]) -> io::Result<usize> {
+        Err(io::ErrorKind::WouldBlock.into())
+    }
+}
+
 /// The sink a device has for the instant its sink is being replaced.
 struct Unplugged;
 
@@ -452,6 +467,19 @@ impl Net {
         let mut inner = self.shared.lock();
         let old = std::mem::replace(&mut inner.sink, Box::new(Unplugged));
         inner.sink = wrap(old);
+    }
+
+    /// Puts `wrap` in front of the RX source (e.g. a log of what the guest receives, or
+    /// frames to deliver before the tap's): the source becomes `wrap(old source)`, which must
+    /// keep the old source's fd, the one the RX worker waits on.
+    pub fn wrap_source(&mut self, wrap: impl FnOnce(Box<dyn FrameSource>) -> Box<dyn FrameSource>) {
+        let mut inner = self.shared.lock();
+        let old = std::mem::replace(&mut inner.source, Box::new(NoSource(self.source_fd)));
+        inner.source = wrap(old);
+        debug_assert_eq!(inner.source.as_raw_fd(), self.source_fd);
+        drop(inner);
+        // The new source may have frames before its fd is readable.
+        self.shared.wake();
     }
 
     /// A handle to pause, resume and wake the device from another thread without the
