@@ -82,6 +82,8 @@ struct StandbyStats {
     drain_ms: Option<f64>,
     /// Network frames the last checkpoint held, sent by this node at takeover.
     held_frames_sent: Option<usize>,
+    /// Frames the guest received after its last checkpoint, delivered to it again here.
+    input_frames_delivered: Option<usize>,
     /// The guest's IPv4 addresses this node announced at takeover.
     announced: Vec<String>,
 }
@@ -256,6 +258,7 @@ pub fn standby(args: &StandbyArgs) -> Result<ExitCode, Error> {
         resumed_unix_us: None,
         drain_ms: None,
         held_frames_sent: None,
+        input_frames_delivered: None,
         announced: Vec::new(),
     };
     let disk = host.take_disk();
@@ -279,6 +282,7 @@ pub fn standby(args: &StandbyArgs) -> Result<ExitCode, Error> {
             if host.has_net() {
                 let held = &t.state.output;
                 stats.held_frames_sent = Some(held.frames.items.len());
+                stats.input_frames_delivered = Some(t.input.len());
                 stats.announced = held
                     .addresses
                     .iter()

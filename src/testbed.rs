@@ -86,9 +86,9 @@ pub enum StreamWay {
 const STREAM_CHUNK: usize = 64 * 1024;
 
 /// Moves `chunks` requests of 64 KiB one way on one connection, pipelined (a sender thread
-/// writes every request while the caller reads and checks every reply); returns the seconds it
-/// took and the bytes streamed.
-pub fn kv_stream(way: StreamWay, chunks: u64) -> Result<(f64, u64), String> {
+/// writes every request while the caller reads and checks every reply, counting them in
+/// `progress`); returns the seconds it took and the bytes streamed.
+pub fn kv_stream(way: StreamWay, chunks: u64, progress: &AtomicU64) -> Result<(f64, u64), String> {
     let stream = kv_connect()?;
     let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
     let start = Instant::now();
@@ -121,7 +121,10 @@ pub fn kv_stream(way: StreamWay, chunks: u64) -> Result<(f64, u64), String> {
             }),
         };
         let failed = match got {
-            Ok(true) => continue,
+            Ok(true) => {
+                progress.store(k, Ordering::SeqCst);
+                continue;
+            }
             Ok(false) => format!("kv stream {way:?}: reply {k} is wrong"),
             Err(e) => format!("kv stream {way:?}: reply {k}: {e}"),
         };

@@ -6,6 +6,7 @@ mod common;
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::process::{Command, Stdio};
+use std::sync::atomic::AtomicU64;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -84,7 +85,9 @@ fn kv_keeps_a_guest_wide_total_across_connections() {
     assert_eq!(reply, "error\nerror\nerror\nx\n");
     // One-way streams (the bench's): every reply checked, every byte counted.
     for way in [StreamWay::In, StreamWay::Out] {
-        let (_, bytes) = topo.in_client(move || kv_stream(way, 64)).expect("stream");
+        let (_, bytes) = topo
+            .in_client(move || kv_stream(way, 64, &AtomicU64::new(0)))
+            .expect("stream");
         assert_eq!(bytes, 64 * 64 * 1024, "{way:?}");
     }
     // The total is untouched by streams.

@@ -1,7 +1,10 @@
 //! Network output commit end to end: a client on a test host keeps one TCP connection to
 //! builtin:kv on a replicated pair whose taps share a bridge; the primary is killed (SIGKILL) or
 //! frozen (SIGSTOP) mid-stream, and the same connection goes on with the standby, with no reset
-//! and no wrong or missing reply.
+//! and no wrong or missing reply. Bulk streams both ways survive a SIGKILL too: into the guest,
+//! the guest's acknowledgements leave before their epoch commits once the standby holds the
+//! input they acknowledge, so a byte the client was told was delivered and then lost with the
+//! primary would stall the stream (the client never sends it again).
 
 mod common;
 
@@ -10,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{free_port, signal, stats, wait_for, Node, Scratch};
-use ftvmm::testbed::{kv_sequential, Topology, BRIDGE, GUEST_IP, KV_PORT};
+use ftvmm::testbed::{kv_sequential, kv_stream, StreamWay, Topology, BRIDGE, GUEST_IP, KV_PORT};
 
 /// One replicated pair at a time: each needs most of this machine.
 static ONE_PAIR: Mutex<()> = Mutex::new(());
@@ -23,10 +26,24 @@ const AFTER: u64 = 120;
 /// is detected after it (the bench measures the stall with a short one).
 const FAILOVER_TIMEOUT_MS: u64 = 1000;
 
+/// What the client does on its one connection.
+#[derive(Clone, Copy)]
+enum Client {
+    /// Sequential requests, each checked (`{k} {total}`).
+    Requests,
+    /// A one-way stream of 64 KiB requests, each reply checked.
+    Stream(StreamWay),
+}
+
+/// 64 KiB requests of a stream before the fault, and in all.
+const STREAM_BEFORE: u64 = 128;
+const STREAM_CHUNKS: u64 = 512;
+
 /// Starts a standby and a kv primary on taps of the topology's bridge, waits for kv to answer
 /// under protection, runs `fault` on the primary once the client has `BEFORE` replies, and
-/// checks that the stream goes on for `AFTER` more on the standby.
-fn stream_survives(tag: &str, fault: impl FnOnce(&mut Node)) {
+/// checks that the stream goes on for `AFTER` more on the standby (a bulk stream: that it
+/// completes).
+fn stream_survives(tag: &str, kind: Client, fault: impl FnOnce(&mut Node)) {
     let _one = ONE_PAIR.lock().unwrap_or_else(|e| e.into_inner());
     let dir = Scratch::new(tag);
     let topo = Topology::new(tag).expect("test topology");
@@ -71,54 +88,82 @@ fn stream_survives(tag: &str, fault: impl FnOnce(&mut Node)) {
     let stop = Arc::new(AtomicBool::new(false));
     let client = {
         let (progress, stop) = (progress.clone(), stop.clone());
-        topo.spawn_in_client(move || kv_sequential(&progress, &stop, Duration::ZERO))
+        topo.spawn_in_client(move || match kind {
+            Client::Requests => {
+                kv_sequential(&progress, &stop, Duration::ZERO).map(|round_trips| {
+                    let longest = round_trips.iter().max().copied().unwrap_or_default();
+                    format!(
+                        "{} replies; longest reply gap {} ms",
+                        round_trips.len(),
+                        longest.as_millis()
+                    )
+                })
+            }
+            Client::Stream(way) => kv_stream(way, STREAM_CHUNKS, &progress)
+                .map(|(seconds, bytes)| format!("{bytes} bytes in {seconds:.2} s")),
+        })
+    };
+    let (before, after) = match kind {
+        Client::Requests => (BEFORE, AFTER),
+        Client::Stream(_) => (STREAM_BEFORE, STREAM_CHUNKS - STREAM_BEFORE),
     };
     let answered = |n: u64| progress.load(Ordering::SeqCst) >= n;
     assert!(
-        wait_for(Duration::from_secs(60), || answered(BEFORE)
+        wait_for(Duration::from_secs(60), || answered(before)
             || client.is_finished()),
-        "{tag}: the stream never reached {BEFORE} replies"
+        "{tag}: the stream never reached {before} replies"
     );
     let at_fault = progress.load(Ordering::SeqCst);
     fault(&mut primary);
     let went_on = wait_for(Duration::from_secs(60), || {
-        answered(at_fault + AFTER) || client.is_finished()
+        answered(at_fault + after) || client.is_finished()
     });
     stop.store(true, Ordering::SeqCst);
-    let round_trips = match client.join() {
-        Ok(Ok(round_trips)) => round_trips,
+    let summary = match client.join() {
+        Ok(Ok(summary)) => summary,
         Ok(Err(e)) => panic!("{tag}: the stream broke: {e}"),
         Err(panic) => std::panic::resume_unwind(panic),
     };
     assert!(went_on, "{tag}: the stream stalled after the fault");
-    println!(
-        "{tag}: {} replies, {at_fault} before the fault; longest reply gap {} ms",
-        round_trips.len(),
-        round_trips
-            .iter()
-            .max()
-            .unwrap_or(&Duration::ZERO)
-            .as_millis()
-    );
+    println!("{tag}: {summary}, {at_fault} replies before the fault");
     // The standby's status, written once the guest runs there: it announced the guest's
     // address, learnt on the primary from the guest's own frames.
     let s = stats(&s_stats);
     assert_eq!(s["took_over"], true, "{tag}: {}", standby.stderr());
     assert_eq!(s["announced"], serde_json::json!([GUEST_IP]), "{tag}: {s}");
     println!(
-        "{tag}: the standby sent {} held frames at takeover",
-        s["held_frames_sent"]
+        "{tag}: the standby sent {} held frames and delivered {} logged input frames again at \
+         takeover",
+        s["held_frames_sent"], s["input_frames_delivered"]
     );
 }
 
 #[test]
 fn a_tcp_stream_survives_a_primary_sigkill() {
-    stream_survives("netkill", |primary| primary.child.0.kill().unwrap());
+    stream_survives("netkill", Client::Requests, |primary| {
+        primary.child.0.kill().unwrap()
+    });
 }
 
 #[test]
 fn a_tcp_stream_survives_a_frozen_primary() {
-    stream_survives("netstop", |primary| signal(primary.pid(), libc::SIGSTOP));
+    stream_survives("netstop", Client::Requests, |primary| {
+        signal(primary.pid(), libc::SIGSTOP)
+    });
+}
+
+#[test]
+fn a_bulk_stream_into_the_guest_survives_a_primary_sigkill() {
+    stream_survives("netinkill", Client::Stream(StreamWay::In), |primary| {
+        primary.child.0.kill().unwrap()
+    });
+}
+
+#[test]
+fn a_bulk_stream_out_of_the_guest_survives_a_primary_sigkill() {
+    stream_survives("netoutkill", Client::Stream(StreamWay::Out), |primary| {
+        primary.child.0.kill().unwrap()
+    });
 }
 
 #[test]

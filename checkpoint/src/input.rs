@@ -22,6 +22,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
+use netbuf::Received;
 use vmm::devices::virtio::net::FrameSource;
 
 /// Frames the primary queues for the standby at most; beyond, it stops logging for the rest
@@ -39,6 +40,8 @@ pub struct InputLog {
 struct LogShared {
     queue: Mutex<Queue>,
     ready: Condvar,
+    /// The count of delivered frames, for the frame gate to tag what the guest sends.
+    received: Received,
 }
 
 struct Queue {
@@ -66,8 +69,18 @@ impl InputLog {
                     bytes: 0,
                 }),
                 ready: Condvar::new(),
+                received: {
+                    let received = Received::default();
+                    received.set(delivered);
+                    received
+                },
             }),
         }
+    }
+
+    /// The count of delivered frames, shared (see [`netbuf::FrameGateSink`]).
+    pub fn received(&self) -> Received {
+        self.shared.received.clone()
     }
 
     fn lock(&self) -> MutexGuard<'_, Queue> {
@@ -121,6 +134,9 @@ impl InputLog {
     fn delivering(&self, frame: &[u8]) {
         let mut q = self.lock();
         q.delivered += 1;
+        // Before the frame is in the guest's memory: whatever the guest sends in answer is
+        // tagged with a count that includes it.
+        self.shared.received.add_one();
         if !q.recording {
             return;
         }

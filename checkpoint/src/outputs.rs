@@ -9,6 +9,7 @@ use std::time::Instant;
 use disk_sync::{EpochRecorder, EpochWrites};
 
 use crate::input::InputLog;
+use netbuf::acks::EarlyAcks;
 use netbuf::{ConsoleChunk, Frame, FrameGateSink, Gate, GuestAddresses, Held, Ipv4, Mode};
 use serde::{Deserialize, Serialize};
 use vmm::Vmm;
@@ -80,9 +81,15 @@ impl Outputs {
         self.input.as_ref().map_or(0, InputLog::delivered)
     }
 
-    /// The standby holds every frame the guest received before the `through`-th.
-    pub fn input_held(&self, through: u64) {
-        let _ = through;
+    /// The standby holds every frame the guest received before the `through`-th: the
+    /// guest's pure acknowledgements of them leave now (see [`netbuf::acks`]); whether any
+    /// did.
+    pub fn input_held(&self, through: u64) -> bool {
+        let Some(net) = &self.net else {
+            return false;
+        };
+        let picker = EarlyAcks::new(through);
+        net.gate.release_early(|frame| picker.pick(frame))
     }
 
     /// When the running epoch's first console bytes or frames came, if any wait for it to end.
@@ -176,6 +183,11 @@ impl Outputs {
         input_from: u64,
     ) -> Self {
         let addresses = GuestAddresses::default();
+        let log = InputLog::new(input_from);
+        let input = vmm
+            .wrap_net_source(|source| log.wrap(source))
+            .then_some(log);
+        let received = input.as_ref().map(InputLog::received).unwrap_or_default();
         let mut net = None;
         vmm.wrap_net_sink(|tap| {
             let gate = Gate::new(Box::new(tap), 0, mode);
@@ -186,6 +198,7 @@ impl Outputs {
             Box::new(FrameGateSink {
                 gate,
                 addresses,
+                received,
                 limit: frame_limit,
             })
         });
@@ -194,10 +207,6 @@ impl Outputs {
             let waker = control.waker();
             net.gate.set_on_release(Box::new(move || waker.wake()));
         }
-        let log = InputLog::new(input_from);
-        let input = vmm
-            .wrap_net_source(|source| log.wrap(source))
-            .then_some(log);
         Self {
             console,
             net,

@@ -6,11 +6,14 @@
 //! traits that `vmm` defines ([`ConsoleGateSink`], [`FrameGateSink`]); the checkpointer seals
 //! the running epoch at each checkpoint (the [`Held`] output travels inside the checkpoint, so
 //! that a standby that takes over can release it again) and releases sealed epochs as
-//! acknowledgements arrive.
+//! acknowledgements arrive. The guest's pure TCP acknowledgements of input its standby
+//! already holds may leave sooner ([`acks`]).
 
+pub mod acks;
 mod announce;
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -55,20 +58,44 @@ impl Release<ConsoleChunk> for Box<dyn ConsoleSink> {
 
 /// One Ethernet frame the guest transmitted.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Frame(pub Vec<u8>);
+pub struct Frame {
+    pub bytes: Vec<u8>,
+    /// Frames the guest had received when it sent this one (see [`Received`]).
+    pub input: u64,
+}
 
 impl Output for Frame {
     fn units(&self) -> u64 {
         1
     }
     fn held_bytes(&self) -> usize {
-        self.0.len()
+        self.bytes.len()
     }
 }
 
 impl Release<Frame> for Box<dyn FrameSink> {
     fn release(&mut self, item: &Frame) {
-        self.send_frame(&item.0);
+        self.send_frame(&item.bytes);
+    }
+}
+
+/// How many frames the guest has received, as whoever delivers them counts; clones share it.
+#[derive(Clone, Debug, Default)]
+pub struct Received(Arc<AtomicU64>);
+
+impl Received {
+    /// Another frame is about to reach the guest.
+    pub fn add_one(&self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Counting from `n`.
+    pub fn set(&self, n: u64) {
+        self.0.store(n, Ordering::SeqCst);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
     }
 }
 
@@ -261,6 +288,51 @@ impl<T: Output> Gate<T> {
         any
     }
 
+    /// Releases at once, in order, the held items that `pick` chooses (it sees every held
+    /// item, oldest first, so that it can keep each item behind those it must follow);
+    /// whether any left. Only while protected and not holding back for a swap.
+    pub fn release_early(&self, mut pick: impl FnMut(&T) -> bool) -> bool {
+        let mut st = self.lock();
+        if st.mode != Mode::Held || st.held_back {
+            return false;
+        }
+        let GateState {
+            sealed,
+            running,
+            running_since,
+            out,
+            held,
+            released,
+            ..
+        } = &mut *st;
+        let mut any = false;
+        for items in sealed
+            .iter_mut()
+            .map(|(_, items)| items)
+            .chain(std::iter::once(&mut *running))
+        {
+            items.retain(|item| {
+                if !pick(item) {
+                    return true;
+                }
+                out.release(item);
+                *held -= item.held_bytes();
+                *released += item.units();
+                any = true;
+                false
+            });
+        }
+        if running.is_empty() {
+            // Nothing of the running epoch waits for it to end any more.
+            *running_since = None;
+        }
+        drop(st);
+        if any {
+            self.released_held();
+        }
+        any
+    }
+
     /// Goes unprotected: releases everything held, in order, and passes later output through.
     pub fn open(&self) {
         let mut st = self.lock();
@@ -340,18 +412,23 @@ impl ConsoleSink for ConsoleGateSink {
 pub const FRAME_HOLD_LIMIT: usize = 8 << 20;
 
 /// The network side of a gate: hand it to the virtio-net device as its TX sink. It learns the
-/// guest's IPv4 addresses from what it sends (for a takeover's announcements) and has no room
-/// while the gate holds `limit` bytes or more.
+/// guest's IPv4 addresses from what it sends (for a takeover's announcements), tags each frame
+/// with the guest's count of received frames, and has no room while the gate holds `limit`
+/// bytes or more.
 pub struct FrameGateSink {
     pub gate: Gate<Frame>,
     pub addresses: GuestAddresses,
+    pub received: Received,
     pub limit: usize,
 }
 
 impl FrameSink for FrameGateSink {
     fn send_frame(&mut self, frame: &[u8]) {
         self.addresses.learn(frame);
-        self.gate.push(Frame(frame.to_vec()));
+        self.gate.push(Frame {
+            bytes: frame.to_vec(),
+            input: self.received.get(),
+        });
     }
 
     fn has_room(&self) -> bool {
@@ -471,12 +548,13 @@ mod tests {
         assert_eq!(gate.held_bytes(), 0);
     }
 
+    /// Where released frames go in tests: a list of their bytes.
     #[derive(Clone, Default)]
-    struct Frames(Arc<Mutex<Vec<Vec<u8>>>>);
+    pub(crate) struct Frames(pub(crate) Arc<Mutex<Vec<Vec<u8>>>>);
 
     impl Release<Frame> for Frames {
         fn release(&mut self, item: &Frame) {
-            self.0.lock().unwrap().push(item.0.clone());
+            self.0.lock().unwrap().push(item.bytes.clone());
         }
     }
 
@@ -492,6 +570,7 @@ mod tests {
         let mut sink = FrameGateSink {
             gate: gate.clone(),
             addresses: GuestAddresses::default(),
+            received: Received::default(),
             limit: 100,
         };
         sink.send_frame(&[1; 60]);

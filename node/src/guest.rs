@@ -268,7 +268,7 @@ impl StandbyHost {
             // A swap's old primary kept back the frames it had not released when the swap
             // began: they leave from here, the guest's new place.
             for frame in &held.frames.items {
-                tap.send_frame(&frame.0);
+                tap.send_frame(&frame.bytes);
             }
             announce(tap.downgrade(), *mac, &held.addresses)?;
         }

@@ -246,7 +246,9 @@ fn kv_round_trips(
 fn kv_stream_rate(mode: Mode, way: StreamWay, chunks: u64) -> Result<f64, Error> {
     let bench = Bench::new("kvstream")?;
     let _nodes = bench.kv(mode, Load::Light)?;
-    let (seconds, bytes) = bench.topo.in_client(move || kv_stream(way, chunks))?;
+    let (seconds, bytes) = bench
+        .topo
+        .in_client(move || kv_stream(way, chunks, &AtomicU64::new(0)))?;
     Ok(bytes as f64 / (1 << 20) as f64 / seconds)
 }
 

@@ -52,10 +52,21 @@ const MAX_LINE: usize = 32;
 const MAX_PENDING_OUT: usize = 64 * 1024;
 /// Largest `in` or `out` stream request.
 const MAX_STREAM: u64 = 64 * 1024;
-/// TCP windows of 2 MiB (with window scaling): under output commit a stream moves at most
-/// one window per checkpoint round trip (a few ms with adaptive epochs), so a 16 KiB window
-/// capped a replicated stream at about 0.3 MiB/s and 256 KiB at about 70 MiB/s.
+/// TCP windows of up to 2 MiB (with window scaling): under output commit a stream moves at
+/// most one window per checkpoint round trip (a few ms with adaptive epochs), so a 16 KiB
+/// window capped a replicated stream at about 0.3 MiB/s and 256 KiB at about 70 MiB/s.
 const SOCKET_BUFFER: usize = 2048 * 1024;
+/// The smallest socket buffer, for a small guest with many sockets.
+const MIN_SOCKET_BUFFER: usize = 64 * 1024;
+
+/// Each socket's receive and send buffer: [`SOCKET_BUFFER`], or less so that all of them
+/// take at most a quarter of the guest's memory.
+fn socket_buffer(mem_size: u64, sockets: usize) -> usize {
+    let share = usize::try_from(mem_size / 4).unwrap_or(usize::MAX) / (2 * sockets.max(1));
+    let size = share.clamp(MIN_SOCKET_BUFFER, SOCKET_BUFFER);
+    // A power of two: smoltcp scales its window by a shift.
+    1 << size.ilog2()
+}
 
 struct Params {
     ip: Ipv4Addr,
@@ -369,9 +380,10 @@ fn main(ctx: &Ctx) {
 
     let mut sockets = SocketSet::new(Vec::new());
     let mut conns: Vec<(SocketHandle, Conn)> = Vec::new();
+    let buffer = socket_buffer(ctx.boot_info().mem_size, p.sockets);
     for _ in 0..p.sockets {
-        let rx = tcp::SocketBuffer::new(vec![0; SOCKET_BUFFER]);
-        let tx = tcp::SocketBuffer::new(vec![0; SOCKET_BUFFER]);
+        let rx = tcp::SocketBuffer::new(vec![0; buffer]);
+        let tx = tcp::SocketBuffer::new(vec![0; buffer]);
         conns.push((sockets.add(tcp::Socket::new(rx, tx)), Conn::default()));
     }
 
