@@ -451,7 +451,7 @@ pub(super) fn rows(quick: bool) -> Result<Vec<Row>, Error> {
         format!("journal writes ({records} records of 512 B, a flush per 16)"),
         "journal_ratio",
         "records/s",
-        "-",
+        ">= 0.9",
         |mode| journal_rate(mode, records),
     )?);
 
