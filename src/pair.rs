@@ -59,6 +59,8 @@ struct PrimaryStats {
     wire_bytes: u64,
     page_bytes: u64,
     unprotected_at: Option<u64>,
+    /// The most memory this process has held resident so far (VmHWM), MiB.
+    peak_rss_mib: Option<f64>,
 }
 
 /// How often a running primary rewrites its `--stats-json`.
@@ -86,6 +88,9 @@ struct StandbyStats {
     input_frames_delivered: Option<usize>,
     /// The guest's IPv4 addresses this node announced at takeover.
     announced: Vec<String>,
+    /// The most memory this process has held resident (VmHWM), MiB, when the stats were
+    /// written.
+    peak_rss_mib: Option<f64>,
 }
 
 /// `t` in microseconds since the Unix epoch (the stats' wall-clock times).
@@ -237,7 +242,22 @@ fn primary_stats(outcome: String, r: &PrimaryReport) -> PrimaryStats {
         wire_bytes: r.wire_bytes,
         page_bytes: r.page_bytes,
         unprotected_at: r.unprotected_at,
+        peak_rss_mib: peak_rss_mib(),
     }
+}
+
+/// This process's peak resident memory (VmHWM in /proc/self/status), MiB.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib / 1024.0)
 }
 
 pub fn standby(args: &StandbyArgs) -> Result<ExitCode, Error> {
@@ -260,6 +280,7 @@ pub fn standby(args: &StandbyArgs) -> Result<ExitCode, Error> {
         held_frames_sent: None,
         input_frames_delivered: None,
         announced: Vec::new(),
+        peak_rss_mib: None,
     };
     let disk = host.take_disk();
     let result = match standby::serve(&listener, &host.local, disk, &StandbyWatch::default())? {
@@ -295,6 +316,7 @@ pub fn standby(args: &StandbyArgs) -> Result<ExitCode, Error> {
                     stats.resumed_unix_us = Some(unix_us(SystemTime::now()));
                     // The takeover is on record while the guest runs on (written again at exit).
                     stats.outcome = "running".into();
+                    stats.peak_rss_mib = peak_rss_mib();
                     write_json(args.host.stats_json.as_deref(), &stats)?;
                     guest.vmm.wait()
                 }
@@ -307,6 +329,7 @@ pub fn standby(args: &StandbyArgs) -> Result<ExitCode, Error> {
             Ok(exit_status(outcome))
         }
     };
+    stats.peak_rss_mib = peak_rss_mib();
     write_json(args.host.stats_json.as_deref(), &stats)?;
     result
 }

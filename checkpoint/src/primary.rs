@@ -14,7 +14,7 @@ use crossbeam_channel::{bounded, Receiver};
 use tracing::{debug, error, info, info_span, warn};
 use vmm::cast::{saturating_u64, usize_to_u64};
 use vmm::devices::GuestMemory;
-use vmm::memory::DirtyLog;
+use vmm::memory::{DirtyLog, Residency};
 use vmm::{VmOutcome, Vmm};
 
 use crate::hot::HotPages;
@@ -244,6 +244,9 @@ const BATCH_PAGES: usize = 256;
 /// Pre-copy stops once a round finds fewer dirty pages than this (or after `PRECOPY_ROUNDS`).
 const PRECOPY_DONE_PAGES: usize = 4096;
 const PRECOPY_ROUNDS: usize = 5;
+/// Pages the pre-copy stages at a time (16 MiB): with the sender's queue, a few such batches
+/// are all the primary holds, whatever the guest's size.
+const PRECOPY_BATCH_PAGES: usize = 4096;
 
 /// Role state shared by the epoch loop, the sender and the control thread.
 struct Shared {
@@ -867,26 +870,57 @@ impl EpochLoop<'_> {
         Ok(sent)
     }
 
-    /// Pre-copy: all of memory, then what the running guest dirtied meanwhile, a few rounds.
-    /// Returns the dirty log of the last round's harvest.
+    /// Pre-copy: all of memory but its zero pages (the standby's memory is fresh), then what
+    /// the running guest dirtied meanwhile, a few rounds, each in batches of
+    /// [`PRECOPY_BATCH_PAGES`]. Returns what the first checkpoint must still carry: the dirty
+    /// log of the last round's harvest, and, if the round stopped early (the guest ended, the
+    /// standby went), the pages it had not reached.
     fn precopy(&self) -> Result<DirtyLog, PrimaryError> {
         let vmm = self.vmm;
         let _span = info_span!("precopy").entered();
         let mut log = DirtyLog::all(vmm.memory());
+        let mut residency = Residency::open();
         for round in 0..PRECOPY_ROUNDS {
-            let pages = StagedPages::copy(vmm.memory(), &log, true)?;
-            info!(round, pages = pages.gpas.len(), "pre-copy round");
-            self.watch.lock().precopy_pages += pages.gpas.len();
-            let round_out = Outgoing {
-                epoch: 0,
-                pages,
-                state: None,
-                disk: EpochWrites::new(),
+            let (mut sent, mut looked) = (0, 0);
+            // The last page the round took: pages go in ascending order.
+            let reached = std::cell::Cell::new(None);
+            let went = {
+                let mut pages = log.pages().inspect(|&gpa| reached.set(Some(gpa)));
+                loop {
+                    let mut batch = self.spare.try_recv().unwrap_or_default();
+                    let taken = batch.copy_running(
+                        vmm.memory(),
+                        &mut pages,
+                        PRECOPY_BATCH_PAGES,
+                        (round == 0).then_some(&mut residency),
+                    )?;
+                    if taken == 0 {
+                        break true;
+                    }
+                    looked += taken;
+                    if batch.gpas.is_empty() {
+                        continue;
+                    }
+                    sent += batch.gpas.len();
+                    self.watch.lock().precopy_pages += batch.gpas.len();
+                    let out = Outgoing {
+                        epoch: 0,
+                        pages: batch,
+                        state: None,
+                        disk: EpochWrites::new(),
+                    };
+                    if self.out.send(out).is_err() || vmm.outcome().is_some() {
+                        break false;
+                    }
+                }
             };
-            if self.out.send(round_out).is_err() || vmm.outcome().is_some() {
+            info!(round, pages = sent, zero = looked - sent, "pre-copy round");
+            let rest = (!went).then(|| log.select(|gpa| reached.get().is_none_or(|r| gpa > r)));
+            log = vmm.harvest_dirty()?;
+            if let Some(rest) = rest {
+                log.union_with(&rest);
                 break;
             }
-            log = vmm.harvest_dirty()?;
             if log.count() < PRECOPY_DONE_PAGES {
                 break;
             }
@@ -1019,7 +1053,7 @@ impl EpochLoop<'_> {
         let copy_start = Instant::now();
         let harvest = copy_start - start - stopped;
         let mut pages = self.spare.try_recv().unwrap_or_default();
-        pages.copy_from(vmm.memory(), &log, false)?;
+        pages.copy_from(vmm.memory(), &log)?;
         let copy_time = copy_start.elapsed();
         let save_start = Instant::now();
         let bytes = pages.bytes().len() + self.outputs.running_bytes();
@@ -1186,10 +1220,8 @@ fn send_loop(
             }
             return;
         }
-        if unit.state.is_some() {
-            // Pre-copy buffers (all of memory) are dropped; checkpoint buffers are reused.
-            let _ = spare.try_send(unit.pages);
-        }
+        // Staging buffers go back to be copied into again (pre-copy batches too).
+        let _ = spare.try_send(unit.pages);
     }
 }
 

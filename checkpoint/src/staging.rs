@@ -7,7 +7,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm::builder::VmmState;
 use vmm::cast::usize_to_u64;
 use vmm::devices::GuestMemory;
-use vmm::memory::DirtyLog;
+use vmm::memory::{DirtyLog, Residency};
 use vmm::VmOutcome;
 
 use crate::outputs::HeldOutput;
@@ -136,25 +136,54 @@ pub struct StagedPages {
 }
 
 impl StagedPages {
-    /// Copies the pages `log` names into a new buffer.
-    pub fn copy(memory: &GuestMemory, log: &DirtyLog, running: bool) -> Result<Self, StagingError> {
-        let mut pages = Self::default();
-        pages.copy_from(memory, log, running)?;
-        Ok(pages)
-    }
-
-    /// Copies the pages `log` names, replacing what this buffer held. The buffer never
-    /// shrinks: a steady dirty set lands in memory that is already faulted in, so the copy in
-    /// the pause is a plain memcpy, split over several threads when the set is large (the
-    /// vCPUs are paused, so their cores are free). While the guest runs (pre-copy) pass
-    /// `running`: the copy then goes through vm-memory's volatile accessors, since the guest
-    /// may write the pages meanwhile (those pages show up dirty again in the next harvest).
-    pub fn copy_from(
+    /// Copies, while the guest runs (pre-copy), the next pages `pages` yields until this
+    /// buffer holds `max` of them, replacing what it held, through vm-memory's volatile
+    /// accessors, since the guest may write the pages meanwhile (those pages show up dirty
+    /// again in the next harvest); with `zeros`, pages that are
+    /// all zero are passed over, those the host never backed without even being read (a
+    /// fresh standby's memory is zero already, so memory the guest never touched costs
+    /// neither node anything). Returns how many pages it took from `pages`, kept or skipped:
+    /// 0 once `pages` is exhausted.
+    pub fn copy_running(
         &mut self,
         memory: &GuestMemory,
-        log: &DirtyLog,
-        running: bool,
-    ) -> Result<(), StagingError> {
+        pages: &mut impl Iterator<Item = u64>,
+        max: usize,
+        mut zeros: Option<&mut Residency>,
+    ) -> Result<usize, StagingError> {
+        self.gpas.clear();
+        if self.data.len() < max * PAGE_SIZE {
+            self.data.resize(max * PAGE_SIZE, 0);
+        }
+        let mut taken = 0;
+        while self.gpas.len() < max {
+            let Some(gpa) = pages.next() else {
+                break;
+            };
+            taken += 1;
+            if let Some(residency) = zeros.as_deref_mut() {
+                if residency.never_backed(memory, gpa) {
+                    continue;
+                }
+            }
+            let at = self.gpas.len() * PAGE_SIZE;
+            let dst = &mut self.data[at..at + PAGE_SIZE];
+            memory
+                .read_slice(dst, GuestAddress(gpa))
+                .map_err(|_| StagingError::NotRam(gpa))?;
+            if zeros.is_some() && is_zero(dst) {
+                continue;
+            }
+            self.gpas.push(gpa);
+        }
+        Ok(taken)
+    }
+
+    /// Copies the pages `log` names while the guest is paused, replacing what this buffer
+    /// held. The buffer never shrinks: a steady dirty set lands in memory that is already
+    /// faulted in, so the copy in the pause is a plain memcpy, split over several threads
+    /// when the set is large (the vCPUs are paused, so their cores are free).
+    pub fn copy_from(&mut self, memory: &GuestMemory, log: &DirtyLog) -> Result<(), StagingError> {
         self.gpas.clear();
         self.gpas.extend(log.pages());
         let len = self.gpas.len() * PAGE_SIZE;
@@ -162,14 +191,6 @@ impl StagedPages {
             self.data.resize(len, 0);
         }
         let (gpas, data) = (&self.gpas[..], &mut self.data[..len]);
-        if running {
-            for (&gpa, dst) in gpas.iter().zip(data.chunks_exact_mut(PAGE_SIZE)) {
-                memory
-                    .read_slice(dst, GuestAddress(gpa))
-                    .map_err(|_| StagingError::NotRam(gpa))?;
-            }
-            return Ok(());
-        }
         let threads = if gpas.len() < PARALLEL_COPY_PAGES {
             1
         } else {
@@ -232,6 +253,16 @@ fn copy_paused(memory: &GuestMemory, gpas: &[u64], data: &mut [u8]) -> Result<()
         unsafe { std::ptr::copy_nonoverlapping(src, dst.as_mut_ptr(), PAGE_SIZE) };
     }
     Ok(())
+}
+
+/// Whether `page` holds only zero bytes.
+fn is_zero(page: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: every bit pattern is a valid u64; align_to only reinterprets the aligned
+        // middle of the slice.
+        unsafe { page.align_to::<u64>() }
+    };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
 }
 
 /// The host address of the guest page at `gpa`, checked to lie wholly in RAM.
@@ -305,17 +336,65 @@ mod tests {
             bits[page / 64] |= 1 << (page % 64);
         }
         log.add_region(GuestAddress(0), 64 << 20, bits);
-        for running in [false, true] {
-            let staged = StagedPages::copy(&src, &log, running).unwrap();
-            assert_eq!(staged.gpas.len(), 4);
+        let mut paused = StagedPages::default();
+        paused.copy_from(&src, &log).unwrap();
+        // Running, in batches of 3 pages: the first batch ends at the third page.
+        let (mut running, mut pages) = (StagedPages::default(), log.pages());
+        let mut batches = Vec::new();
+        while running.copy_running(&src, &mut pages, 3, None).unwrap() > 0 {
+            batches.push((running.gpas.clone(), running.bytes().to_vec()));
+        }
+        assert_eq!(batches.len(), 2);
+        assert_eq!(paused.gpas.len(), 4);
+        let images = [
+            vec![(paused.gpas.clone(), paused.bytes().to_vec())],
+            batches,
+        ];
+        for (i, staged) in images.iter().enumerate() {
             let dst = create_guest_memory(64 << 20).unwrap();
-            StagedPages::apply(&dst, &staged.gpas, staged.bytes()).unwrap();
+            for (gpas, bytes) in staged {
+                StagedPages::apply(&dst, gpas, bytes).unwrap();
+            }
             let mut a = vec![0u8; 64 << 20];
             let mut b = vec![0u8; 64 << 20];
             src.read_slice(&mut a, GuestAddress(0)).unwrap();
             dst.read_slice(&mut b, GuestAddress(0)).unwrap();
-            assert!(a == b, "images differ (running={running})");
+            assert!(a == b, "images differ (copy {i})");
         }
+    }
+
+    #[test]
+    fn a_first_copy_skips_pages_the_guest_never_wrote() {
+        let src = create_guest_memory(64 << 20).unwrap();
+        src.write_slice(&[7; 4096], GuestAddress(8 << 20)).unwrap();
+        // A page written back to zero is zero all the same: a fresh standby has it.
+        src.write_slice(&[0; 4096], GuestAddress(9 << 20)).unwrap();
+        let log = DirtyLog::all(&src);
+        let (mut staged, mut pages) = (StagedPages::default(), log.pages());
+        let mut residency = Residency::open();
+        assert!(
+            !residency.never_backed(&src, 8 << 20),
+            "a written page is backed"
+        );
+        assert!(
+            residency.never_backed(&src, 10 << 20),
+            "an untouched page is not"
+        );
+        let mut kept = Vec::new();
+        let mut taken = 0;
+        loop {
+            let n = staged
+                .copy_running(&src, &mut pages, 1024, Some(&mut residency))
+                .unwrap();
+            if n == 0 {
+                break;
+            }
+            taken += n;
+            kept.extend_from_slice(&staged.gpas);
+        }
+        assert_eq!(taken, (64 << 20) / 4096, "every page looked at");
+        assert_eq!(kept, vec![8 << 20]);
+        assert_eq!(staged.bytes().len(), 0, "the last call found nothing");
     }
 
     #[test]
@@ -334,7 +413,7 @@ mod tests {
         let mut log = DirtyLog::default();
         log.add_region(GuestAddress(0), 64 << 20, bits);
         let mut staged = StagedPages::default();
-        staged.copy_from(&src, &log, false).unwrap();
+        staged.copy_from(&src, &log).unwrap();
         assert_eq!(staged.gpas.len(), pages);
         for (i, page) in staged.bytes().chunks_exact(4096).enumerate() {
             assert!(page.iter().all(|&b| b == fill(i)), "page {i}");
@@ -344,7 +423,7 @@ mod tests {
         let mut bits = vec![0u64; (64 << 20) / 4096 / 64];
         bits[0] = 0b10;
         few.add_region(GuestAddress(0), 64 << 20, bits);
-        staged.copy_from(&src, &few, false).unwrap();
+        staged.copy_from(&src, &few).unwrap();
         assert_eq!(staged.bytes(), &[1u8; 4096][..]);
     }
 

@@ -218,8 +218,25 @@ pub fn serve(
         "primary connected; standing by"
     );
     let memory = memory::create_guest_memory(config.vm.mem_size)?;
-    // Built now, so that a takeover only loads the checkpoint into it.
-    let shell = Vmm::prepare(&config.vm, memory.clone(), &local.kvm_path)?;
+    // Built now, so that a takeover only loads the checkpoint into it. That takes a while for
+    // a large guest (KVM sizes its tables for all of memory): heartbeats meanwhile, so that
+    // the primary does not take a standby that is getting ready for a dead one.
+    let beats = Sender::new(&control).map_err(LinkError::Io)?;
+    let shell = std::thread::scope(|s| {
+        let building = s.spawn(|| Vmm::prepare(&config.vm, memory.clone(), &local.kvm_path));
+        let mut last_beat = Instant::now();
+        while !building.is_finished() {
+            if last_beat.elapsed() >= config.heartbeat_interval() {
+                last_beat = Instant::now();
+                // A failed heartbeat shows up as a closed connection once standing by.
+                let _ = beats.send(&Message::Heartbeat { received: 0 });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        building
+            .join()
+            .map_err(|_| StandbyError::Thread(std::io::Error::other("VM builder panicked")))
+    })??;
     let begin = Begin {
         config,
         link: Link {

@@ -1,5 +1,8 @@
 //! Guest RAM: its layout around the MMIO hole and its creation with a VMM-side dirty bitmap.
 
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
 use guest_abi::{HIGH_RAM_START, LOW_RAM_END};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
@@ -79,6 +82,78 @@ pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemory, MemoryError> {
         size: mem_size,
         source,
     })
+}
+
+/// Which guest pages the host never backed: neither in RAM nor swapped out, so they read as
+/// zero (guest RAM is private anonymous memory). From /proc/self/pagemap, a window of
+/// entries at a time, so that a first copy of a large guest passes over what it never
+/// touched without reading it.
+pub struct Residency {
+    /// None when the pagemap cannot be read: every page then counts as backed.
+    pagemap: Option<File>,
+    /// Host page number of `entries[0]`.
+    first: u64,
+    entries: Vec<u64>,
+}
+
+/// Pagemap entries read at a time (32 KiB, 16 MiB of guest memory).
+const PAGEMAP_WINDOW: usize = 4096;
+const PAGEMAP_PRESENT: u64 = 1 << 63;
+const PAGEMAP_SWAPPED: u64 = 1 << 62;
+
+impl Residency {
+    pub fn open() -> Self {
+        Self {
+            pagemap: File::open("/proc/self/pagemap").ok(),
+            first: 0,
+            entries: Vec::new(),
+        }
+    }
+
+    /// Whether the page at `gpa` of `memory` was never backed (false when unsure).
+    pub fn never_backed(&mut self, memory: &GuestMemory, gpa: u64) -> bool {
+        let Some(host) = memory
+            .get_host_address(GuestAddress(gpa))
+            .ok()
+            .map(|p| usize_to_u64(p as usize))
+        else {
+            return false;
+        };
+        let page = host / PAGE_SIZE;
+        let cached = page
+            .checked_sub(self.first)
+            .map(u64_to_usize)
+            .filter(|&i| i < self.entries.len());
+        let index = match cached {
+            Some(i) => i,
+            None => {
+                if !self.load(page) {
+                    return false;
+                }
+                0
+            }
+        };
+        self.entries[index] & (PAGEMAP_PRESENT | PAGEMAP_SWAPPED) == 0
+    }
+
+    /// Reads the window of entries from host page `page` on.
+    fn load(&mut self, page: u64) -> bool {
+        let Some(file) = &self.pagemap else {
+            return false;
+        };
+        let mut raw = vec![0u8; PAGEMAP_WINDOW * 8];
+        let Ok(n) = file.read_at(&mut raw, page * 8) else {
+            return false;
+        };
+        self.first = page;
+        self.entries = raw[..n - n % 8]
+            .as_chunks::<8>()
+            .0
+            .iter()
+            .map(|e| u64::from_le_bytes(*e))
+            .collect();
+        !self.entries.is_empty()
+    }
 }
 
 /// The pages written in one interval: a bitmap (one bit per 4 KiB page) per RAM region.
