@@ -542,6 +542,135 @@ fn failover_rows(reps: usize, rows: &mut Vec<Row>) -> Result<(), Error> {
     result
 }
 
+/// Guest memory and grid side of the large-guest rows: an 8 GiB guest whose stencil has two
+/// grids of 16384 x 16384 f64, 4 GiB in use (the memory-path issue's figure).
+const LARGE_MEM: &str = "8G";
+const LARGE_N: u64 = 16384;
+
+/// A node's `--stats-json`.
+fn stats_of(path: &Path) -> Result<serde_json::Value, Error> {
+    Ok(serde_json::from_slice(&std::fs::read(path)?)?)
+}
+
+/// A large guest protected from its start, run to its end: how long until its first
+/// checkpoint is acknowledged, what each node holds resident at most, and what protection
+/// costs it.
+fn large_guest_rows(steps: u64, rows: &mut Vec<Row>) -> Result<(), Error> {
+    let dir = std::env::temp_dir().join(format!("ftvmm-bench-large-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let result = (|| -> Result<(), Error> {
+        let exe = std::env::current_exe()?;
+        let addr = TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string();
+        let (p_stats, s_stats) = (dir.join("p.json"), dir.join("s.json"));
+        let mut standby = Node(
+            Command::new(&exe)
+                .args(["standby", "--listen", &addr, "--stats-json"])
+                .arg(&s_stats)
+                .arg(format!("--console=file:{}", dir.join("s.out").display()))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+        );
+        let start = Instant::now();
+        let mut primary = Node(
+            Command::new(&exe)
+                .args([
+                    "primary",
+                    "--peer",
+                    &addr,
+                    "--mem",
+                    LARGE_MEM,
+                    "--stats-json",
+                ])
+                .arg(&p_stats)
+                .arg(format!("--console=file:{}", dir.join("p.out").display()))
+                .args(["--payload", "builtin:stencil", "--"])
+                .args([
+                    format!("n={LARGE_N}"),
+                    format!("steps={steps}"),
+                    "report=0".into(),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+        );
+        // The stats are rewritten every 250 ms: the first that shows an acknowledgement.
+        let protected = loop {
+            let acked = stats_of(&p_stats).ok().and_then(|j| j["acked"].as_u64());
+            if acked.is_some_and(|a| a >= 1) {
+                break start.elapsed();
+            }
+            if primary.0.try_wait()?.is_some() || start.elapsed() > Duration::from_secs(300) {
+                return Err("the large guest was never protected".into());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        wait_exit(&mut primary.0, Duration::from_secs(600))?;
+        let ran = start.elapsed();
+        wait_exit(&mut standby.0, Duration::from_secs(60))?;
+        let (p, s) = (stats_of(&p_stats)?, stats_of(&s_stats)?);
+        if p["protected"] != true {
+            return Err(format!("the large guest lost its standby: {}", p["lost_reason"]).into());
+        }
+        let mib = |j: &serde_json::Value| j["peak_rss_mib"].as_f64().unwrap_or(f64::NAN);
+        let in_use = (2 * LARGE_N * LARGE_N * 8) as f64 / MIB;
+        let held_s = p["held_ms"].as_f64().unwrap_or(0.0) / 1e3;
+        let what = format!(
+            "{} GiB guest, {in_use:.0} MiB in use (stencil {LARGE_N}x{LARGE_N}, \
+             steps={steps}), protected from its start",
+            LARGE_MEM.trim_end_matches('G')
+        );
+        rows.push(Row::new(
+            format!(
+                "{what}: time to the first acknowledged checkpoint (stats polled every 250 ms)"
+            ),
+            Figure::new(
+                "large_time_to_protection_s",
+                protected.as_secs_f64(),
+                "s",
+                2,
+            ),
+            "-",
+        ));
+        rows.push(Row::new(
+            format!(
+                "same: standby peak resident memory {:.0} MiB / guest memory in use",
+                mib(&s)
+            ),
+            Figure::ratio("large_standby_rss_over_in_use", mib(&s) / in_use),
+            "<= 1.1",
+        ));
+        rows.push(Row::new(
+            format!(
+                "same: primary peak resident memory {:.0} MiB beyond the guest's in use (its \
+                 staging and its own)",
+                mib(&p)
+            ),
+            Figure::new("large_primary_extra_mib", mib(&p) - in_use, "MiB", 0),
+            "bounded",
+        ));
+        rows.push(Row {
+            what: format!(
+                "same: pause per epoch p50 / p99 ({} epochs; the guest waited for its standby \
+                 {held_s:.1} s of {:.1} s)",
+                p["epochs"],
+                ran.as_secs_f64()
+            ),
+            figures: ["p50", "p99"]
+                .into_iter()
+                .map(|q| {
+                    let us = p[format!("pause_us_{q}")].as_f64().unwrap_or(f64::NAN);
+                    Figure::new(format!("large_pause_{q}_us"), us, "us", 0)
+                })
+                .collect(),
+            target: "-",
+        });
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
 /// All replication rows.
 pub(super) fn rows(quick: bool) -> Result<Vec<Row>, Error> {
     let (seconds, reps) = if quick { (0.6, 1) } else { (2.5, 5) };
@@ -560,5 +689,6 @@ pub(super) fn rows(quick: bool) -> Result<Vec<Row>, Error> {
     let run = stencil_run(n, steps_for(n, seconds), setup)?;
     pause_rows(n, epoch_ms, &run.report.ok_or("no report")?, &mut rows);
     failover_rows(if quick { 2 } else { 5 }, &mut rows)?;
+    large_guest_rows(if quick { 1 } else { 4 }, &mut rows)?;
     Ok(rows)
 }
