@@ -4,6 +4,7 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -85,6 +86,8 @@ pub struct Sender {
     writer: Arc<Mutex<TcpStream>>,
     /// Outside the writer's lock, so that a writer blocked on a full socket can be cut loose.
     handle: Arc<TcpStream>,
+    /// Frames written whole, by every clone.
+    sent: Arc<AtomicU64>,
 }
 
 impl Sender {
@@ -92,7 +95,13 @@ impl Sender {
         Ok(Self {
             writer: Arc::new(Mutex::new(stream.try_clone()?)),
             handle: Arc::new(stream.try_clone()?),
+            sent: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// Frames written whole so far (what a peer that has read them all reports).
+    pub fn frames_sent(&self) -> u64 {
+        self.sent.load(Ordering::SeqCst)
     }
 
     pub fn send(&self, msg: &Message) -> io::Result<()> {
@@ -102,7 +111,9 @@ impl Sender {
     pub fn send_frame(&self, frame: &[u8]) -> io::Result<()> {
         use io::Write;
         let mut s = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        s.write_all(frame)
+        s.write_all(frame)?;
+        self.sent.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
 
     /// Ends the connection both ways; a thread blocked writing on it returns with an error.

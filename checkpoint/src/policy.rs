@@ -448,9 +448,13 @@ pub struct Done {
 /// Under pressure, any epoch keeps it while the guest still dirties that fast and output
 /// ended an epoch within [`TALK`] before (holding the guest delays its answers, which then
 /// need not come within [`ANSWER`]). A computation that prints its progress now and then
-/// answers nobody and keeps its long epochs, however fast it dirties.
+/// answers nobody and keeps its long epochs, however fast it dirties. Nor is a guest whose
+/// epoch dirtied fewer pages than the smallest reply budget: holding it at the budget would
+/// never stop it, and the rate measured from such small checkpoints is their fixed round trip
+/// more than the pair's speed (a program printing lines, each epoch a few dozen pages, would
+/// otherwise look pressed and get one checkpoint in flight for nothing).
 pub fn pressed(limits: &Limits, recent: &Recent, done: &Done) -> bool {
-    if limits.min >= limits.max {
+    if limits.min >= limits.max || done.pages < MIN_REPLY_BUDGET {
         return false;
     }
     let rate = u128::from(recent.ship_rate.unwrap_or(DEFAULT_SHIP_RATE));
@@ -866,6 +870,28 @@ mod tests {
             &fixed,
             &under,
             &done(EpochEnd::Output, 4096, 0, true)
+        ));
+        // 68 pages in a 2 ms epoch at a rate measured from checkpoints that small: fast by
+        // the rate, but below any reply budget.
+        let slow = Recent {
+            ship_rate: Some(10 << 20),
+            ..r
+        };
+        let small = Done {
+            length: 2 * MS,
+            ..done(EpochEnd::Output, 68, 0, true)
+        };
+        assert!(
+            !pressed(&l, &slow, &small),
+            "prints lines, dirties a few pages"
+        );
+        assert!(pressed(
+            &l,
+            &slow,
+            &Done {
+                pages: MIN_REPLY_BUDGET,
+                ..small
+            }
         ));
     }
 

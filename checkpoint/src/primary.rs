@@ -1559,6 +1559,11 @@ fn control_turns(
             ));
             return;
         }
+        if precopy && standby_received >= data.frames_sent() {
+            // It has read all there is: a pre-copy busy passing over zero pages is not the
+            // standby's delay.
+            progress_at = Instant::now();
+        }
         if precopy && progress_at.elapsed() > config.ack_timeout() {
             lost(format!(
                 "it read nothing of the pre-copy for the acknowledgement timeout of {} ms",
