@@ -584,6 +584,10 @@ fn a_swap_while_the_standby_syncs_is_refused() {
     pair.start("a");
     pair.start("b");
     pair.wait_vm("b", "calc", LIMIT, "syncing", |s| s.role == Role::Syncing);
+    // a learns its peer's role from the peer's next word: the swap is asked once a knows.
+    pair.wait_vm("a", "calc", LIMIT, "its peer syncing", |s| {
+        s.why.as_deref() == Some("peer syncing")
+    });
     let config = pair.config_path.display().to_string();
     let out = common::ftvmm(&["swap", "calc", "--config", &config, "--name", "a"], LIMIT);
     let err = common::one_error_line(&out);
