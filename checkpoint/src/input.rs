@@ -40,13 +40,12 @@ pub struct InputLog {
 struct LogShared {
     queue: Mutex<Queue>,
     ready: Condvar,
-    /// The count of delivered frames, for the frame gate to tag what the guest sends.
+    /// Frames delivered to the guest so far (the number the next one gets), shared with the
+    /// frame gate, which tags what the guest sends with it.
     received: Received,
 }
 
 struct Queue {
-    /// Frames delivered to the guest so far: the number the next one gets.
-    delivered: u64,
     /// Frames are queued for the standby.
     recording: bool,
     /// Number of the first queued frame.
@@ -62,7 +61,6 @@ impl InputLog {
         Self {
             shared: Arc::new(LogShared {
                 queue: Mutex::new(Queue {
-                    delivered,
                     recording: false,
                     first: delivered,
                     frames: Vec::new(),
@@ -90,14 +88,14 @@ impl InputLog {
     /// Frames delivered to the guest so far (read while it is paused: what its checkpoint
     /// has received).
     pub fn delivered(&self) -> u64 {
-        self.lock().delivered
+        self.shared.received.get()
     }
 
     /// Queues frames for the standby from now on (`on`), or no longer.
     pub fn record(&self, on: bool) {
         let mut q = self.lock();
         q.recording = on;
-        q.first = q.delivered;
+        q.first = self.delivered();
         q.frames.clear();
         q.bytes = 0;
         drop(q);
@@ -132,10 +130,10 @@ impl InputLog {
     }
 
     fn delivering(&self, frame: &[u8]) {
+        // Under the queue's lock, so that queued frames keep consecutive numbers; before the
+        // frame is in the guest's memory, so that whatever the guest sends in answer is tagged
+        // with a count that includes it.
         let mut q = self.lock();
-        q.delivered += 1;
-        // Before the frame is in the guest's memory: whatever the guest sends in answer is
-        // tagged with a count that includes it.
         self.shared.received.add_one();
         if !q.recording {
             return;

@@ -537,13 +537,7 @@ impl Vmm {
         &self,
         wrap: impl FnOnce(Box<dyn FrameSink>) -> Box<dyn FrameSink>,
     ) -> bool {
-        match &self.net {
-            Some(net) => {
-                lock(net).device_mut().wrap_sink(wrap);
-                true
-            }
-            None => false,
-        }
+        self.with_net(|net| net.wrap_sink(wrap))
     }
 
     /// Puts `wrap` in front of where the NIC's received frames come from (its tap); false if
@@ -552,9 +546,14 @@ impl Vmm {
         &self,
         wrap: impl FnOnce(Box<dyn FrameSource>) -> Box<dyn FrameSource>,
     ) -> bool {
+        self.with_net(|net| net.wrap_source(wrap))
+    }
+
+    /// Runs `f` on the NIC's device; false if the VM has none.
+    fn with_net(&self, f: impl FnOnce(&mut Net)) -> bool {
         match &self.net {
             Some(net) => {
-                lock(net).device_mut().wrap_source(wrap);
+                f(lock(net).device_mut());
                 true
             }
             None => false,
