@@ -24,7 +24,7 @@ use crate::outputs::Outputs;
 use crate::policy::{
     self, EpochEnd, Hold, Limits, Next, Observation, Recent, ShipMeter, TrackingMeter,
 };
-use crate::staging::{self, CheckpointState, StagedPages, StagingError};
+use crate::staging::{self, CheckpointState, Retention, StagedPages, StagingError};
 use crate::wire::{self, EpochDigest, FrameReader, Message, WireError, PAGE_SIZE};
 use disk_sync::resync::{self, ResyncSource};
 use disk_sync::{EpochRecorder, EpochWrites};
@@ -238,6 +238,10 @@ impl Watch {
 
 /// Disk blocks per Resync frame (1 MiB).
 const RESYNC_RUN_BLOCKS: u64 = 16;
+/// Resync frames read and packed ahead of the one on the link.
+const RESYNC_AHEAD: usize = 4;
+/// Resync frames sent as they are after one that did not compress, before trying again.
+const RESYNC_UNPACKED_RUNS: u32 = 15;
 
 /// Pages per Pages frame: big enough to compress well, small enough to pipeline.
 const BATCH_PAGES: usize = 256;
@@ -788,8 +792,11 @@ impl EpochLoop<'_> {
     /// Resyncs the disk blocks that may differ between the nodes (those `recorder`'s bitmap
     /// marks and those the standby `need`s) from `image`, while the guest runs: first all of
     /// them, then once more those the guest wrote meanwhile, when from that moment on every
-    /// write is recorded in the first epoch too. On a thread of low CPU and I/O priority, so
-    /// that the guest's own I/O goes first.
+    /// write is recorded in the first epoch too. One thread reads and packs the blocks, at
+    /// the lowest I/O priority so that the guest's own I/O goes first, a few frames ahead of
+    /// the one that writes them to the link. Both run at the guest's CPU priority: a resync
+    /// costs little CPU (lz4 only while it pays), and at a lower one it dragged on for as
+    /// long as the guest kept a core busy, leaving the guest unprotected the longer.
     fn resync(
         &self,
         recorder: &EpochRecorder,
@@ -806,26 +813,47 @@ impl EpochLoop<'_> {
         let bytes = image.bytes_of(&blocks);
         info!(blocks = blocks.len(), bytes, "resync of the disk begins");
         self.watch.lock().resync_total = bytes;
-        let sent = std::thread::scope(|s| {
-            let sending = s.spawn(|| -> Result<u64, PrimaryError> {
-                link::yield_to_guest();
+        let (frames_tx, frames_rx) = bounded::<(u64, Vec<u8>)>(RESYNC_AHEAD);
+        let (read, sent) = std::thread::scope(|s| {
+            let reading = s.spawn(move || -> Result<(), PrimaryError> {
                 link::lower_io_priority();
-                self.data.send(&Message::ResyncPlan { bytes })?;
-                let mut sent = self.send_blocks(image, &blocks)?;
+                let mut packing = ResyncPacking::default();
+                packing.read(image, &blocks, &frames_tx, self.shared)?;
                 let again = recorder.start_recording();
                 info!(
                     blocks = again.len(),
                     "resync: blocks the guest wrote meanwhile"
                 );
-                sent += self.send_blocks(image, &again)?;
-                self.data.send(&Message::ResyncEnd)?;
-                Ok(sent)
+                packing.read(image, &again, &frames_tx, self.shared)?;
+                info!(
+                    packed = packing.packed,
+                    as_is = packing.as_is,
+                    "resync: frames lz4-compressed and sent as they are"
+                );
+                Ok(())
             });
-            sending.join().unwrap_or_else(|_| {
+            let sending = (|| -> Result<u64, PrimaryError> {
+                self.data.send(&Message::ResyncPlan { bytes })?;
+                let mut sent = 0;
+                for (len, frame) in frames_rx {
+                    self.data.send_frame(&frame)?;
+                    sent += len;
+                    self.watch.lock().resync_sent += len;
+                }
+                Ok(sent)
+            })();
+            let read = reading.join().unwrap_or_else(|_| {
                 Err(PrimaryError::Thread(std::io::Error::other(
                     "resync panicked",
                 )))
-            })
+            });
+            (read, sending)
+        });
+        // The reader stops when the sender does; the sender's error says why.
+        let sent = sent.and_then(|sent| read.map(|()| sent));
+        let sent = sent.and_then(|sent| {
+            self.data.send(&Message::ResyncEnd)?;
+            Ok(sent)
         });
         match sent {
             Ok(sent) => {
@@ -846,28 +874,6 @@ impl EpochLoop<'_> {
             }
             Err(e) => Err(e),
         }
-    }
-
-    /// Sends `blocks` of `image` in runs of up to `RESYNC_RUN_BLOCKS`; returns the bytes sent.
-    fn send_blocks(
-        &self,
-        image: &ResyncSource,
-        blocks: &BTreeSet<u64>,
-    ) -> Result<u64, PrimaryError> {
-        let mut sent = 0;
-        for (first, count) in resync::runs(blocks, RESYNC_RUN_BLOCKS) {
-            if !self.shared.lock().protected {
-                return Err(PrimaryError::Io(std::io::Error::other(
-                    "the standby was lost",
-                )));
-            }
-            let (offset, data) = image.read_run(first, count)?;
-            let len = usize_to_u64(data.len());
-            self.data.send(&Message::Resync { offset, data })?;
-            sent += len;
-            self.watch.lock().resync_sent += len;
-        }
-        Ok(sent)
     }
 
     /// Pre-copy: all of memory but its zero pages (the standby's memory is fresh), then what
@@ -1152,6 +1158,54 @@ impl EpochLoop<'_> {
     }
 }
 
+/// Reads resync runs and packs them into frames, lz4-compressed while that pays: after a run
+/// that does not compress (an image of compressed or encrypted data), the next
+/// [`RESYNC_UNPACKED_RUNS`] go as they are, so that such an image costs the sender about a
+/// sixteenth of the compression, and a link faster than lz4 is not slowed by it.
+#[derive(Default)]
+struct ResyncPacking {
+    /// Runs still to send as they are.
+    skip: u32,
+    packed: u64,
+    as_is: u64,
+}
+
+impl ResyncPacking {
+    /// Reads `blocks` of `image` in runs of up to [`RESYNC_RUN_BLOCKS`] and hands each frame,
+    /// with its bytes of blocks, to `frames`; stops when the standby is lost.
+    fn read(
+        &mut self,
+        image: &ResyncSource,
+        blocks: &BTreeSet<u64>,
+        frames: &crossbeam_channel::Sender<(u64, Vec<u8>)>,
+        shared: &Shared,
+    ) -> Result<(), PrimaryError> {
+        let lost = || PrimaryError::Io(std::io::Error::other("the standby was lost"));
+        for (first, count) in resync::runs(blocks, RESYNC_RUN_BLOCKS) {
+            if !shared.lock().protected {
+                return Err(lost());
+            }
+            let (offset, data) = image.read_run(first, count)?;
+            let compress = self.skip == 0;
+            let (frame, packed) = wire::encode_resync(offset, &data, compress);
+            if packed {
+                self.packed += 1;
+            } else {
+                self.as_is += 1;
+                self.skip = if compress {
+                    RESYNC_UNPACKED_RUNS
+                } else {
+                    self.skip - 1
+                };
+            }
+            frames
+                .send((usize_to_u64(data.len()), frame))
+                .map_err(|_| lost())?;
+        }
+        Ok(())
+    }
+}
+
 fn wait_role_change(shared: &Shared, limit: Duration) {
     let deadline = Instant::now() + limit;
     drop(shared.wait_while(deadline, |role| role.protected && !role.deposed));
@@ -1168,7 +1222,8 @@ fn send_loop(
     workers: usize,
 ) {
     link::yield_to_guest();
-    for unit in input {
+    let mut retention = Retention::default();
+    for mut unit in input {
         // The epoch loop may be waiting for room to seal an epoch with output waiting.
         shared.poke();
         let frames = compress(&unit, workers);
@@ -1220,7 +1275,11 @@ fn send_loop(
             }
             return;
         }
-        // Staging buffers go back to be copied into again (pre-copy batches too).
+        // Staging buffers go back to be copied into again (pre-copy batches too, at their
+        // size until epochs take them).
+        if unit.state.is_some() {
+            retention.epoch(&mut unit.pages);
+        }
         let _ = spare.try_send(unit.pages);
     }
 }

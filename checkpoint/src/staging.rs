@@ -1,6 +1,8 @@
 //! An epoch's checkpoint as it leaves the VM: the dirty pages copied aside while the guest is
 //! paused, and the VM state with the output its epoch holds.
 
+use std::collections::VecDeque;
+
 use disk_sync::{DiskOp, EpochWrites};
 use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
@@ -15,6 +17,12 @@ use crate::wire::{self, PAGE_SIZE};
 
 /// Dirty sets from this many pages (8 MiB) up are copied by several threads in the pause.
 const PARALLEL_COPY_PAGES: usize = 2048;
+
+/// Epochs whose largest dirty set a staging buffer keeps room for (about a second of 40 ms
+/// epochs).
+const RETAINED_EPOCHS: usize = 25;
+/// Room beyond that which a buffer may keep rather than be reallocated smaller (1 MiB).
+const RETAINED_SLACK: usize = 256 * PAGE_SIZE;
 
 /// Everything of an epoch but its pages: VM state and the output not yet released.
 #[derive(Debug, Serialize, Deserialize)]
@@ -212,6 +220,15 @@ impl StagedPages {
         })
     }
 
+    /// Gives back to the system the room beyond `bytes` (and the slack), so that a pre-copy's
+    /// large batches or a burst's do not stay resident once epochs no longer need them.
+    fn trim(&mut self, bytes: usize) {
+        if self.data.len() > bytes + RETAINED_SLACK {
+            self.data.truncate(bytes);
+            self.data.shrink_to_fit();
+        }
+    }
+
     /// The staged pages' bytes, in the order of `gpas`.
     pub fn bytes(&self) -> &[u8] {
         &self.data[..self.gpas.len() * PAGE_SIZE]
@@ -240,6 +257,27 @@ impl StagedPages {
             unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst, PAGE_SIZE) };
         }
         Ok(())
+    }
+}
+
+/// How much room staging buffers keep when they go back to be copied into again: as much as
+/// the largest dirty set of the last [`RETAINED_EPOCHS`] epochs. A steady dirty set is then
+/// copied in the pause into memory already faulted in, while memory that only a pre-copy or
+/// a burst needed goes back to the system (an idle guest's primary holds no 16 MiB batch).
+#[derive(Debug, Default)]
+pub struct Retention {
+    recent: VecDeque<usize>,
+}
+
+impl Retention {
+    /// Records the dirty set of the epoch `pages` staged and trims `pages` to what recent
+    /// epochs needed.
+    pub fn epoch(&mut self, pages: &mut StagedPages) {
+        if self.recent.len() == RETAINED_EPOCHS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(pages.bytes().len());
+        pages.trim(self.recent.iter().copied().max().unwrap_or(0));
     }
 }
 
@@ -321,6 +359,41 @@ mod tests {
             );
         }
         assert!(decode_disk(&[9]).is_err(), "unknown kind");
+    }
+
+    #[test]
+    fn staging_buffers_keep_room_for_recent_epochs_only() {
+        let staged = |pages: usize| StagedPages {
+            gpas: vec![0; pages],
+            data: vec![0; 4096 * PAGE_SIZE],
+        };
+        let mut retention = Retention::default();
+        // A pre-copy batch's 16 MiB come back as an idle epoch's: trimmed to that epoch.
+        let mut idle = staged(2);
+        retention.epoch(&mut idle);
+        assert_eq!(idle.data.len(), 2 * PAGE_SIZE);
+        // A 4096-page epoch among small ones keeps its room while it is recent.
+        let mut burst = staged(4096);
+        retention.epoch(&mut burst);
+        for _ in 1..RETAINED_EPOCHS {
+            let mut small = staged(1);
+            retention.epoch(&mut small);
+            assert_eq!(small.data.len(), 4096 * PAGE_SIZE);
+        }
+        let mut later = staged(1);
+        retention.epoch(&mut later);
+        assert_eq!(
+            later.data.len(),
+            PAGE_SIZE,
+            "the burst is out of the window"
+        );
+        // Within the slack a buffer is left as it is.
+        let mut near = StagedPages {
+            gpas: vec![0; 1],
+            data: vec![0; PAGE_SIZE + RETAINED_SLACK],
+        };
+        retention.epoch(&mut near);
+        assert_eq!(near.data.len(), PAGE_SIZE + RETAINED_SLACK);
     }
 
     #[test]

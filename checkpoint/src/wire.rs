@@ -13,7 +13,7 @@ use std::io::{self, Read, Write};
 use vmm::cast::{u64_to_usize, usize_to_u64};
 
 /// Version spoken by this build; a `Hello` of any other version is refused.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 /// Largest payload a frame may declare; bigger lengths are refused before allocating.
 pub const MAX_PAYLOAD: usize = 64 << 20;
 /// Guest page size: `Pages` carry whole pages at page-aligned guest-physical addresses.
@@ -134,7 +134,8 @@ pub enum Message {
     ResyncPlan {
         bytes: u64,
     },
-    /// Disk blocks from the running node's image, at byte `offset` (block-aligned).
+    /// Disk blocks from the running node's image, at byte `offset` (block-aligned), lz4-
+    /// compressed on the wire or, where that does not pay, as they are (see [`encode_resync`]).
     Resync {
         offset: u64,
         data: Vec<u8>,
@@ -338,11 +339,7 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             f.extend_from_slice(&bytes.to_le_bytes());
             RESYNC_PLAN
         }
-        Message::Resync { offset, data } => {
-            f.extend_from_slice(&offset.to_le_bytes());
-            f.extend_from_slice(&lz4_flex::block::compress_prepend_size(data));
-            RESYNC
-        }
+        Message::Resync { offset, data } => return encode_resync(*offset, data, true).0,
         Message::ResyncEnd => RESYNC_END,
         Message::Synced { runs } => {
             put_runs(&mut f, runs);
@@ -400,6 +397,9 @@ impl<'a> Fields<'a> {
         let (head, rest) = self.buf.split_first_chunk().ok_or_else(|| self.short())?;
         self.buf = rest;
         Ok(*head)
+    }
+    fn u8(&mut self) -> Result<u8, WireError> {
+        self.array().map(u8::from_le_bytes)
     }
     fn u32(&mut self) -> Result<u32, WireError> {
         self.array().map(u32::from_le_bytes)
@@ -483,6 +483,39 @@ fn decode_pages(f: &mut Fields) -> Result<Message, WireError> {
 /// Largest run of disk blocks a `Resync` frame carries, decompressed.
 pub const MAX_RESYNC_BYTES: usize = 4 << 20;
 
+/// How a `Resync` frame carries its blocks.
+const RESYNC_AS_IS: u8 = 0;
+const RESYNC_LZ4: u8 = 1;
+
+/// A complete `Resync` frame for the blocks `data` at `offset`: `offset`, the bytes' count,
+/// their packing and then the bytes, lz4-compressed if `compress` and that saves at least an
+/// eighth of them, else as they are. Returns the frame and whether it is compressed.
+pub fn encode_resync(offset: u64, data: &[u8], compress: bool) -> (Vec<u8>, bool) {
+    let start = HEADER_LEN + 8 + 4 + 1;
+    let bound = if compress {
+        lz4_flex::block::get_maximum_output_size(data.len())
+    } else {
+        data.len()
+    };
+    let mut f = vec![0u8; start + bound.max(data.len())];
+    f[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&offset.to_le_bytes());
+    f[HEADER_LEN + 8..HEADER_LEN + 12].copy_from_slice(&len_field(data.len()));
+    let packed = compress
+        .then(|| lz4_flex::block::compress_into(data, &mut f[start..]).ok())
+        .flatten()
+        .filter(|&n| n <= data.len() - data.len() / 8);
+    let (packing, len) = match packed {
+        Some(n) => (RESYNC_LZ4, n),
+        None => {
+            f[start..start + data.len()].copy_from_slice(data);
+            (RESYNC_AS_IS, data.len())
+        }
+    };
+    f[start - 1] = packing;
+    f.truncate(start + len);
+    (seal(RESYNC, f), packing == RESYNC_LZ4)
+}
+
 fn decode_resync(f: &mut Fields) -> Result<Message, WireError> {
     let offset = f.u64()?;
     let declared = u64_to_usize(u64::from(f.u32()?));
@@ -491,13 +524,28 @@ fn decode_resync(f: &mut Fields) -> Result<Message, WireError> {
             "Resync declares {declared} bytes, above {MAX_RESYNC_BYTES}"
         )));
     }
-    let mut data = vec![0u8; declared];
-    match lz4_flex::block::decompress_into(f.rest(), &mut data) {
-        Ok(n) if n == declared => Ok(Message::Resync { offset, data }),
-        Ok(n) => Err(malformed(format!(
-            "Resync decompressed to {n} bytes, expected {declared}"
+    let packing = f.u8()?;
+    let rest = f.rest();
+    match packing {
+        RESYNC_AS_IS if rest.len() == declared => Ok(Message::Resync {
+            offset,
+            data: rest.to_vec(),
+        }),
+        RESYNC_AS_IS => Err(malformed(format!(
+            "Resync carries {} bytes, declared {declared}",
+            rest.len()
         ))),
-        Err(e) => Err(malformed(format!("Resync data does not decompress: {e}"))),
+        RESYNC_LZ4 => {
+            let mut data = vec![0u8; declared];
+            match lz4_flex::block::decompress_into(rest, &mut data) {
+                Ok(n) if n == declared => Ok(Message::Resync { offset, data }),
+                Ok(n) => Err(malformed(format!(
+                    "Resync decompressed to {n} bytes, expected {declared}"
+                ))),
+                Err(e) => Err(malformed(format!("Resync data does not decompress: {e}"))),
+            }
+        }
+        other => Err(malformed(format!("Resync packing {other} is unknown"))),
     }
 }
 
@@ -862,6 +910,10 @@ mod tests {
                 offset: 64 << 10,
                 data: noise(11, 65536),
             },
+            Message::Resync {
+                offset: 1 << 40,
+                data: vec![7; 65536],
+            },
             Message::ResyncEnd,
             Message::Synced { runs: vec![(5, 1)] },
             Message::Handover { epoch: 77 },
@@ -964,10 +1016,10 @@ mod tests {
         let text =
             format!("protocol version mismatch: this node speaks {ours}, the peer speaks {next}");
         assert_eq!(err.to_string(), text);
-        let foreign = encode(&hello(7, Channel::Data, b""));
+        let foreign = encode(&hello(5, Channel::Data, b""));
         assert!(matches!(
             read_one(&foreign),
-            Err(WireError::Version { ours: o, theirs: 7 }) if o == ours
+            Err(WireError::Version { ours: o, theirs: 5 }) if o == ours
         ));
     }
 
@@ -1040,6 +1092,21 @@ mod tests {
     }
 
     #[test]
+    fn resync_blocks_are_compressed_only_where_that_pays() {
+        let (zeros, noisy) = (vec![0u8; 1 << 20], noise(3, 1 << 20));
+        let (frame, packed) = encode_resync(0, &zeros, true);
+        assert!(packed && frame.len() < 8192, "{} bytes", frame.len());
+        let (frame, packed) = encode_resync(0, &noisy, true);
+        assert!(!packed && frame.len() == HEADER_LEN + 13 + noisy.len());
+        let (frame, packed) = encode_resync(65536, &zeros, false);
+        assert!(!packed);
+        match read_one(&frame) {
+            Ok(Message::Resync { offset, data }) => assert!(offset == 65536 && data == zeros),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn malicious_pages_are_malformed() {
         let page = noise(5, PAGE_SIZE);
         let one = lz4_flex::block::compress_prepend_size(&page);
@@ -1088,6 +1155,22 @@ mod tests {
         );
         let huge = [&0u64.to_le_bytes()[..], &u32::MAX.to_le_bytes()].concat();
         assert_malformed(RESYNC, &huge, "declares 4294967295 bytes");
+        let resync = |declared: u32, packing: u8, rest: &[u8]| {
+            [
+                &0u64.to_le_bytes()[..],
+                &declared.to_le_bytes(),
+                &[packing],
+                rest,
+            ]
+            .concat()
+        };
+        assert_malformed(
+            RESYNC,
+            &resync(4, 0, &[1, 2, 3]),
+            "carries 3 bytes, declared 4",
+        );
+        assert_malformed(RESYNC, &resync(4, 2, &[1, 2, 3, 4]), "packing 2 is unknown");
+        assert_malformed(RESYNC, &resync(4, 1, &[0xff; 3]), "does not decompress");
         // A count of frames beyond the payload is refused before allocating.
         assert_malformed(INPUT, &huge, "Input declares 4294967295 frames in 0 bytes");
         let cut = [
