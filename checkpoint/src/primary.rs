@@ -240,8 +240,6 @@ impl Watch {
 const RESYNC_RUN_BLOCKS: u64 = 16;
 /// Resync frames read and packed ahead of the one on the link.
 const RESYNC_AHEAD: usize = 4;
-/// Resync frames sent as they are after one that did not compress, before trying again.
-const RESYNC_UNPACKED_RUNS: u32 = 15;
 
 /// Pages per Pages frame: big enough to compress well, small enough to pipeline.
 const BATCH_PAGES: usize = 256;
@@ -817,18 +815,31 @@ impl EpochLoop<'_> {
         let (read, sent) = std::thread::scope(|s| {
             let reading = s.spawn(move || -> Result<(), PrimaryError> {
                 link::lower_io_priority();
-                let mut packing = ResyncPacking::default();
-                packing.read(image, &blocks, &frames_tx, self.shared)?;
+                let packing = wire::Packing::default();
+                let mut pace = Pace::new(self.config.resync_max_mib_s);
+                read_resync(
+                    image,
+                    &blocks,
+                    (&packing, &mut pace),
+                    &frames_tx,
+                    self.shared,
+                )?;
                 let again = recorder.start_recording();
                 info!(
                     blocks = again.len(),
                     "resync: blocks the guest wrote meanwhile"
                 );
-                packing.read(image, &again, &frames_tx, self.shared)?;
+                read_resync(
+                    image,
+                    &again,
+                    (&packing, &mut pace),
+                    &frames_tx,
+                    self.shared,
+                )?;
+                let (packed, as_is) = packing.counts();
                 info!(
-                    packed = packing.packed,
-                    as_is = packing.as_is,
-                    "resync: frames lz4-compressed and sent as they are"
+                    packed,
+                    as_is, "resync: frames lz4-compressed and sent as they are"
                 );
                 Ok(())
             });
@@ -1158,52 +1169,59 @@ impl EpochLoop<'_> {
     }
 }
 
-/// Reads resync runs and packs them into frames, lz4-compressed while that pays: after a run
-/// that does not compress (an image of compressed or encrypted data), the next
-/// [`RESYNC_UNPACKED_RUNS`] go as they are, so that such an image costs the sender about a
-/// sixteenth of the compression, and a link faster than lz4 is not slowed by it.
-#[derive(Default)]
-struct ResyncPacking {
-    /// Runs still to send as they are.
-    skip: u32,
-    packed: u64,
-    as_is: u64,
+/// Holds a stream of bytes to at most a rate (the pair's `resync_max_mib_s`), so that a resync
+/// leaves a shared link the rest.
+struct Pace {
+    start: Instant,
+    bytes: u64,
+    /// Bytes per second; 0: unlimited.
+    limit: u64,
 }
 
-impl ResyncPacking {
-    /// Reads `blocks` of `image` in runs of up to [`RESYNC_RUN_BLOCKS`] and hands each frame,
-    /// with its bytes of blocks, to `frames`; stops when the standby is lost.
-    fn read(
-        &mut self,
-        image: &ResyncSource,
-        blocks: &BTreeSet<u64>,
-        frames: &crossbeam_channel::Sender<(u64, Vec<u8>)>,
-        shared: &Shared,
-    ) -> Result<(), PrimaryError> {
-        let lost = || PrimaryError::Io(std::io::Error::other("the standby was lost"));
-        for (first, count) in resync::runs(blocks, RESYNC_RUN_BLOCKS) {
-            if !shared.lock().protected {
-                return Err(lost());
-            }
-            let (offset, data) = image.read_run(first, count)?;
-            let compress = self.skip == 0;
-            let (frame, packed) = wire::encode_resync(offset, &data, compress);
-            if packed {
-                self.packed += 1;
-            } else {
-                self.as_is += 1;
-                self.skip = if compress {
-                    RESYNC_UNPACKED_RUNS
-                } else {
-                    self.skip - 1
-                };
-            }
-            frames
-                .send((usize_to_u64(data.len()), frame))
-                .map_err(|_| lost())?;
+impl Pace {
+    fn new(mib_s: u64) -> Self {
+        Self {
+            start: Instant::now(),
+            bytes: 0,
+            limit: mib_s.saturating_mul(1 << 20),
         }
-        Ok(())
     }
+
+    /// Waits until `bytes` more are within the rate.
+    fn take(&mut self, bytes: u64) {
+        self.bytes += bytes;
+        if self.limit > 0 {
+            let due = self.start + Duration::from_secs_f64(self.bytes as f64 / self.limit as f64);
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        }
+    }
+}
+
+/// Reads `blocks` of `image` in runs of up to [`RESYNC_RUN_BLOCKS`] at `pace`, and hands each
+/// frame, packed as `packing` says, with its bytes of blocks, to `frames`; stops when the
+/// standby is lost.
+fn read_resync(
+    image: &ResyncSource,
+    blocks: &BTreeSet<u64>,
+    (packing, pace): (&wire::Packing, &mut Pace),
+    frames: &crossbeam_channel::Sender<(u64, Vec<u8>)>,
+    shared: &Shared,
+) -> Result<(), PrimaryError> {
+    let lost = || PrimaryError::Io(std::io::Error::other("the standby was lost"));
+    for (first, count) in resync::runs(blocks, RESYNC_RUN_BLOCKS) {
+        if !shared.lock().protected {
+            return Err(lost());
+        }
+        let (offset, data) = image.read_run(first, count)?;
+        pace.take(usize_to_u64(data.len()));
+        let compress = packing.compress();
+        let (frame, packed) = wire::encode_resync(offset, &data, compress);
+        packing.record(compress, packed);
+        frames
+            .send((usize_to_u64(data.len()), frame))
+            .map_err(|_| lost())?;
+    }
+    Ok(())
 }
 
 fn wait_role_change(shared: &Shared, limit: Duration) {
@@ -1223,10 +1241,11 @@ fn send_loop(
 ) {
     link::yield_to_guest();
     let mut retention = Retention::default();
+    let packing = wire::Packing::default();
     for mut unit in input {
         // The epoch loop may be waiting for room to seal an epoch with output waiting.
         shared.poke();
-        let frames = compress(&unit, workers);
+        let frames = compress(&unit, workers, &packing);
         let mut digest = EpochDigest::new();
         let mut wire_bytes = 0u64;
         let mut send = |frame: &[u8]| -> std::io::Result<()> {
@@ -1284,8 +1303,9 @@ fn send_loop(
     }
 }
 
-/// The Pages frames of `unit`, compressed by up to `workers` threads, in batch order.
-fn compress(unit: &Outgoing, workers: usize) -> Vec<Vec<u8>> {
+/// The Pages frames of `unit`, packed by up to `workers` threads as `packing` says, in batch
+/// order.
+fn compress(unit: &Outgoing, workers: usize, packing: &wire::Packing) -> Vec<Vec<u8>> {
     let batches: Vec<(usize, &[u64])> = unit
         .pages
         .gpas
@@ -1295,7 +1315,10 @@ fn compress(unit: &Outgoing, workers: usize) -> Vec<Vec<u8>> {
         .collect();
     let encode = |(start, gpas): &(usize, &[u64])| {
         let bytes = &unit.pages.bytes()[start * PAGE_SIZE..(start + gpas.len()) * PAGE_SIZE];
-        wire::encode_pages(unit.epoch, gpas, bytes)
+        let compress = packing.compress();
+        let (frame, packed) = wire::encode_pages(unit.epoch, gpas, bytes, compress);
+        packing.record(compress, packed);
+        frame
     };
     if batches.len() < 2 || workers < 2 {
         return batches.iter().map(encode).collect();
@@ -1641,5 +1664,23 @@ fn control_turns(
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pace_holds_a_stream_to_its_rate() {
+        let mut pace = Pace::new(64);
+        for _ in 0..16 {
+            pace.take(1 << 20);
+        }
+        // 16 MiB at 64 MiB/s: not before a quarter of a second (sleeps never end early).
+        assert!(pace.start.elapsed() >= Duration::from_millis(250));
+        let mut unlimited = Pace::new(0);
+        unlimited.take(u64::MAX / 2);
+        assert!(unlimited.start.elapsed() < Duration::from_secs(1));
     }
 }

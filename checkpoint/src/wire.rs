@@ -9,6 +9,7 @@
 //! [`MAX_PAYLOAD`] (or `4 * MAX_PAYLOAD` for decompressed pages whose count was already checked).
 
 use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use vmm::cast::{u64_to_usize, usize_to_u64};
 
@@ -255,19 +256,129 @@ fn seal(kind: u8, mut f: Vec<u8>) -> Vec<u8> {
 
 /// A complete `Pages` frame. Separate from [`encode`] so that worker threads can compress
 /// batches in parallel while the sender writes the ready frames in order. `data` must hold
-/// exactly `gpas.len()` pages, at most 65536 per batch.
-pub fn encode_pages(epoch: u64, gpas: &[u64], data: &[u8]) -> Vec<u8> {
+/// exactly `gpas.len()` pages, at most 65536 per batch; it is lz4-compressed if `compress` and
+/// that pays (see [`put_packed`]). Returns the frame and whether it is compressed.
+pub fn encode_pages(epoch: u64, gpas: &[u64], data: &[u8], compress: bool) -> (Vec<u8>, bool) {
     debug_assert_eq!(data.len(), gpas.len() * PAGE_SIZE);
-    let packed = lz4_flex::block::compress_prepend_size(data);
-    let mut f = Vec::with_capacity(HEADER_LEN + 12 + gpas.len() * 8 + packed.len());
+    let mut f = Vec::with_capacity(HEADER_LEN + 12 + gpas.len() * 8 + data.len() + 5);
     f.resize(HEADER_LEN, 0);
     f.extend_from_slice(&epoch.to_le_bytes());
     f.extend_from_slice(&len_field(gpas.len()));
     for gpa in gpas {
         f.extend_from_slice(&gpa.to_le_bytes());
     }
-    f.extend_from_slice(&packed);
-    seal(PAGES, f)
+    let packed = put_packed(&mut f, data, compress);
+    (seal(PAGES, f), packed)
+}
+
+/// Frames sent as they are, without trying lz4, after one that did not compress.
+const UNPACKED_AFTER_MISS: u32 = 15;
+
+/// When a sender tries lz4: always while it pays; after a frame that did not compress (an
+/// image of compressed or encrypted data, pages of doubles) the next [`UNPACKED_AFTER_MISS`]
+/// go as they are, so that such data costs about a sixteenth of the compression, and a link
+/// faster than lz4 is not slowed by it. Shared by the threads that pack one stream.
+#[derive(Debug, Default)]
+pub struct Packing {
+    /// Frames still to send as they are.
+    skip: AtomicU32,
+    packed: AtomicU64,
+    as_is: AtomicU64,
+}
+
+impl Packing {
+    /// Whether to try lz4 on the next frame.
+    pub fn compress(&self) -> bool {
+        self.skip.load(Ordering::Relaxed) == 0
+    }
+
+    /// Records how a frame went: `tried` lz4, and whether it was `packed`.
+    pub fn record(&self, tried: bool, packed: bool) {
+        if packed {
+            self.packed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.as_is.fetch_add(1, Ordering::Relaxed);
+        if tried {
+            self.skip.store(UNPACKED_AFTER_MISS, Ordering::Relaxed);
+        } else {
+            let _ = self
+                .skip
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        }
+    }
+
+    /// Frames sent lz4-compressed and as they are.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.packed.load(Ordering::Relaxed),
+            self.as_is.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// How a frame's bulk bytes travel (see [`put_packed`]).
+const AS_IS: u8 = 0;
+const LZ4: u8 = 1;
+
+/// Appends `data` as a frame's last field: its length, how it is packed, then an lz4 block if
+/// `compress` and that saves at least an eighth of the bytes, else the bytes as they are (a
+/// page of doubles or an encrypted block barely compresses, and lz4 then only costs CPU on
+/// both nodes). Returns whether it is compressed.
+fn put_packed(f: &mut Vec<u8>, data: &[u8], compress: bool) -> bool {
+    f.extend_from_slice(&len_field(data.len()));
+    let start = f.len() + 1;
+    let bound = if compress {
+        lz4_flex::block::get_maximum_output_size(data.len())
+    } else {
+        0
+    };
+    f.resize(start + bound.max(data.len()), 0);
+    let packed = compress
+        .then(|| lz4_flex::block::compress_into(data, &mut f[start..]).ok())
+        .flatten()
+        .filter(|&n| n <= data.len() - data.len() / 8);
+    let (packing, len) = match packed {
+        Some(n) => (LZ4, n),
+        None => {
+            f[start..start + data.len()].copy_from_slice(data);
+            (AS_IS, data.len())
+        }
+    };
+    f[start - 1] = packing;
+    f.truncate(start + len);
+    packing == LZ4
+}
+
+/// The bytes [`put_packed`] wrote, `what` naming them in errors; their declared length is
+/// handed to `check` before anything is allocated.
+fn take_packed(
+    f: &mut Fields,
+    what: &str,
+    check: impl FnOnce(usize) -> Result<(), WireError>,
+) -> Result<Vec<u8>, WireError> {
+    let declared = u64_to_usize(u64::from(f.u32()?));
+    check(declared)?;
+    let packing = f.u8()?;
+    let rest = f.rest();
+    match packing {
+        AS_IS if rest.len() == declared => Ok(rest.to_vec()),
+        AS_IS => Err(malformed(format!(
+            "{what} carries {} bytes, declared {declared}",
+            rest.len()
+        ))),
+        LZ4 => {
+            let mut data = vec![0u8; declared];
+            match lz4_flex::block::decompress_into(rest, &mut data) {
+                Ok(n) if n == declared => Ok(data),
+                Ok(n) => Err(malformed(format!(
+                    "{what} decompressed to {n} bytes, expected {declared}"
+                ))),
+                Err(e) => Err(malformed(format!("{what} data does not decompress: {e}"))),
+            }
+        }
+        other => Err(malformed(format!("{what} packing {other} is unknown"))),
+    }
 }
 
 /// A complete frame for `msg`.
@@ -294,7 +405,7 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             put_blob(&mut f, reason.as_bytes());
             REFUSE
         }
-        Message::Pages { epoch, gpas, data } => return encode_pages(*epoch, gpas, data),
+        Message::Pages { epoch, gpas, data } => return encode_pages(*epoch, gpas, data, true).0,
         Message::State { epoch, bytes } => {
             f.extend_from_slice(&epoch.to_le_bytes());
             put_blob(&mut f, bytes);
@@ -464,89 +575,43 @@ fn decode_pages(f: &mut Fields) -> Result<Message, WireError> {
             "Pages batch of {count} pages exceeds {MAX_PAGES_BYTES} bytes"
         )));
     }
-    let declared = f.u32()? as usize;
-    if declared != expected {
-        return Err(malformed(format!(
-            "Pages declares {declared} decompressed bytes for {count} pages ({expected} bytes)"
-        )));
-    }
-    let mut data = vec![0u8; expected];
-    match lz4_flex::block::decompress_into(f.rest(), &mut data) {
-        Ok(n) if n == expected => Ok(Message::Pages { epoch, gpas, data }),
-        Ok(n) => Err(malformed(format!(
-            "Pages decompressed to {n} bytes, expected {expected}"
-        ))),
-        Err(e) => Err(malformed(format!("Pages data does not decompress: {e}"))),
-    }
+    let data = take_packed(f, "Pages", |declared| {
+        if declared == expected {
+            Ok(())
+        } else {
+            Err(malformed(format!(
+                "Pages declares {declared} decompressed bytes for {count} pages ({expected} bytes)"
+            )))
+        }
+    })?;
+    Ok(Message::Pages { epoch, gpas, data })
 }
 
 /// Largest run of disk blocks a `Resync` frame carries, decompressed.
 pub const MAX_RESYNC_BYTES: usize = 4 << 20;
 
-/// How a `Resync` frame carries its blocks.
-const RESYNC_AS_IS: u8 = 0;
-const RESYNC_LZ4: u8 = 1;
-
-/// A complete `Resync` frame for the blocks `data` at `offset`: `offset`, the bytes' count,
-/// their packing and then the bytes, lz4-compressed if `compress` and that saves at least an
-/// eighth of them, else as they are. Returns the frame and whether it is compressed.
+/// A complete `Resync` frame for the blocks `data` at `offset`, lz4-compressed if `compress`
+/// and that pays (see [`put_packed`]). Returns the frame and whether it is compressed.
 pub fn encode_resync(offset: u64, data: &[u8], compress: bool) -> (Vec<u8>, bool) {
-    let start = HEADER_LEN + 8 + 4 + 1;
-    let bound = if compress {
-        lz4_flex::block::get_maximum_output_size(data.len())
-    } else {
-        data.len()
-    };
-    let mut f = vec![0u8; start + bound.max(data.len())];
-    f[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&offset.to_le_bytes());
-    f[HEADER_LEN + 8..HEADER_LEN + 12].copy_from_slice(&len_field(data.len()));
-    let packed = compress
-        .then(|| lz4_flex::block::compress_into(data, &mut f[start..]).ok())
-        .flatten()
-        .filter(|&n| n <= data.len() - data.len() / 8);
-    let (packing, len) = match packed {
-        Some(n) => (RESYNC_LZ4, n),
-        None => {
-            f[start..start + data.len()].copy_from_slice(data);
-            (RESYNC_AS_IS, data.len())
-        }
-    };
-    f[start - 1] = packing;
-    f.truncate(start + len);
-    (seal(RESYNC, f), packing == RESYNC_LZ4)
+    let mut f = Vec::with_capacity(HEADER_LEN + 13 + data.len());
+    f.resize(HEADER_LEN, 0);
+    f.extend_from_slice(&offset.to_le_bytes());
+    let packed = put_packed(&mut f, data, compress);
+    (seal(RESYNC, f), packed)
 }
 
 fn decode_resync(f: &mut Fields) -> Result<Message, WireError> {
     let offset = f.u64()?;
-    let declared = u64_to_usize(u64::from(f.u32()?));
-    if declared > MAX_RESYNC_BYTES {
-        return Err(malformed(format!(
-            "Resync declares {declared} bytes, above {MAX_RESYNC_BYTES}"
-        )));
-    }
-    let packing = f.u8()?;
-    let rest = f.rest();
-    match packing {
-        RESYNC_AS_IS if rest.len() == declared => Ok(Message::Resync {
-            offset,
-            data: rest.to_vec(),
-        }),
-        RESYNC_AS_IS => Err(malformed(format!(
-            "Resync carries {} bytes, declared {declared}",
-            rest.len()
-        ))),
-        RESYNC_LZ4 => {
-            let mut data = vec![0u8; declared];
-            match lz4_flex::block::decompress_into(rest, &mut data) {
-                Ok(n) if n == declared => Ok(Message::Resync { offset, data }),
-                Ok(n) => Err(malformed(format!(
-                    "Resync decompressed to {n} bytes, expected {declared}"
-                ))),
-                Err(e) => Err(malformed(format!("Resync data does not decompress: {e}"))),
-            }
+    let data = take_packed(f, "Resync", |declared| {
+        if declared <= MAX_RESYNC_BYTES {
+            Ok(())
+        } else {
+            Err(malformed(format!(
+                "Resync declares {declared} bytes, above {MAX_RESYNC_BYTES}"
+            )))
         }
-        other => Err(malformed(format!("Resync packing {other} is unknown"))),
-    }
+    })?;
+    Ok(Message::Resync { offset, data })
 }
 
 /// Decodes a payload whose CRC has already been checked.
@@ -955,7 +1020,8 @@ mod tests {
         assert!(matches!(r.read_message(), Err(WireError::Closed)));
 
         let (gpas, data) = batch();
-        let f = encode_pages(4, &gpas, &data);
+        let (f, packed) = encode_pages(4, &gpas, &data, true);
+        assert!(packed);
         assert_eq!(f, encode(&msgs[5]));
         assert!(f.len() < data.len() / 2, "{} bytes for 300 pages", f.len());
     }
@@ -1076,10 +1142,17 @@ mod tests {
         assert!(idles > msgs.len() * 2, "only {idles} idle returns");
     }
 
+    /// A Pages payload whose data is `packed`: an lz4 block after its u32 length.
     fn pages_payload(count: u32, gpas: &[u64], packed: &[u8]) -> Vec<u8> {
         let gpas = gpas.iter().flat_map(|g| g.to_le_bytes());
         let head = 5u64.to_le_bytes().into_iter().chain(count.to_le_bytes());
-        head.chain(gpas).chain(packed.iter().copied()).collect()
+        let (size, block) = packed.split_at(4.min(packed.len()));
+        let data = size
+            .iter()
+            .copied()
+            .chain([LZ4])
+            .chain(block.iter().copied());
+        head.chain(gpas).chain(data).collect()
     }
 
     fn assert_malformed(kind: u8, payload: &[u8], needle: &str) {
@@ -1092,8 +1165,29 @@ mod tests {
     }
 
     #[test]
-    fn resync_blocks_are_compressed_only_where_that_pays() {
+    fn a_miss_sends_the_next_frames_as_they_are() {
+        let packing = Packing::default();
+        packing.record(true, true);
+        assert!(packing.compress());
+        packing.record(true, false);
+        for _ in 0..UNPACKED_AFTER_MISS {
+            assert!(!packing.compress());
+            packing.record(false, false);
+        }
+        assert!(packing.compress(), "tries again");
+        assert_eq!(packing.counts(), (1, 1 + u64::from(UNPACKED_AFTER_MISS)));
+    }
+
+    #[test]
+    fn bulk_bytes_are_compressed_only_where_that_pays() {
         let (zeros, noisy) = (vec![0u8; 1 << 20], noise(3, 1 << 20));
+        let gpas: Vec<u64> = (0..256).map(|i| i * 4096).collect();
+        let (frame, packed) = encode_pages(3, &gpas, &noisy, true);
+        assert!(!packed);
+        match read_one(&frame) {
+            Ok(Message::Pages { epoch, data, .. }) => assert!(epoch == 3 && data == noisy),
+            other => panic!("{other:?}"),
+        }
         let (frame, packed) = encode_resync(0, &zeros, true);
         assert!(packed && frame.len() < 8192, "{} bytes", frame.len());
         let (frame, packed) = encode_resync(0, &noisy, true);
