@@ -191,38 +191,98 @@ struct Conn {
     sink_size: u64,
 }
 
-/// Reply bytes waiting for send-buffer room, in a ring: a partial send drops bytes from the
-/// front without moving the rest (a `String` drained from its front moved up to 64 KiB per
-/// send, and under replication every page it rewrote was checkpointed again: twelve dirty
-/// bytes per byte a stream sent).
+/// Replies waiting for send-buffer room, in order: text (a ring of bytes) and the bodies of
+/// `out` requests, which are written straight into the socket's send buffer when it has room
+/// (as a server sends a file from its cache) rather than staged first. Under replication
+/// every page a guest writes is checkpointed: a body staged in a buffer, then copied into the
+/// socket's, then into a frame, is dirtied three times. And a partial send drops bytes from
+/// the front without moving the rest (a `String` drained from its front moved up to 64 KiB
+/// per send: twelve dirty bytes per byte a stream sent).
 #[derive(Default)]
-struct Replies(VecDeque<u8>);
+struct Replies {
+    text: VecDeque<u8>,
+    /// In order: a run of `text` bytes, or an `out` body of so many `x` then a newline.
+    pieces: VecDeque<Piece>,
+    len: usize,
+}
+
+enum Piece {
+    Text(usize),
+    Body(usize),
+}
 
 impl Replies {
     fn push_str(&mut self, s: &str) {
-        self.0.extend(s.as_bytes());
+        self.text.extend(s.as_bytes());
+        self.len += s.len();
+        match self.pieces.back_mut() {
+            Some(Piece::Text(n)) => *n += s.len(),
+            _ => self.pieces.push_back(Piece::Text(s.len())),
+        }
+    }
+
+    /// An `out` reply of `n` bytes: `n - 1` times `x`, then a newline.
+    fn push_body(&mut self, n: usize) {
+        self.len += n;
+        self.pieces.push_back(Piece::Body(n));
     }
 
     fn len(&self) -> usize {
-        self.0.len()
+        self.len
     }
 
     fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.len == 0
     }
 
     fn clear(&mut self) {
-        self.0.clear();
+        *self = Self::default();
     }
 
-    /// Hands the socket what its send buffer takes.
-    fn send(&mut self, socket: &mut tcp::Socket) {
-        let (front, back) = self.0.as_slices();
-        let mut sent = socket.send_slice(front).unwrap_or(0);
-        if sent == front.len() && !back.is_empty() {
-            sent += socket.send_slice(back).unwrap_or(0);
+    /// Fills `buf` from the front of the replies; returns how many bytes it took.
+    fn fill(&mut self, buf: &mut [u8]) -> usize {
+        let mut at = 0;
+        while at < buf.len() {
+            let Some(piece) = self.pieces.front_mut() else {
+                break;
+            };
+            let room = &mut buf[at..];
+            let taken = match piece {
+                Piece::Text(n) => {
+                    let k = (*n).min(room.len());
+                    for (dst, src) in room[..k].iter_mut().zip(self.text.drain(..k)) {
+                        *dst = src;
+                    }
+                    *n -= k;
+                    k
+                }
+                Piece::Body(n) => {
+                    let k = (*n).min(room.len());
+                    room[..k].fill(b'x');
+                    *n -= k;
+                    if *n == 0 {
+                        room[k - 1] = b'\n';
+                    }
+                    k
+                }
+            };
+            if matches!(piece, Piece::Text(0) | Piece::Body(0)) {
+                self.pieces.pop_front();
+            }
+            at += taken;
+            self.len -= taken;
         }
-        self.0.drain(..sent);
+        at
+    }
+
+    /// Hands the socket what its send buffer takes (its free space may wrap: twice).
+    fn send(&mut self, socket: &mut tcp::Socket) {
+        for _ in 0..2 {
+            match socket.send(|buf| (self.fill(buf), ())) {
+                Ok(()) if !self.is_empty() && socket.can_send() => continue,
+                _ => break,
+            }
+        }
     }
 }
 
@@ -278,9 +338,7 @@ impl Conn {
                 }
                 Request::Out(n) => {
                     // n <= MAX_STREAM: it fits.
-                    let len = usize::try_from(n - 1).unwrap_or(0);
-                    self.out.0.extend(core::iter::repeat_n(b'x', len));
-                    self.out.push_str("\n");
+                    self.out.push_body(usize::try_from(n).unwrap_or(0));
                 }
                 Request::Add(k) => {
                     if let Some(log) = service.log.as_mut() {
