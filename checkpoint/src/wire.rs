@@ -347,6 +347,8 @@ fn put_packed(f: &mut Vec<u8>, data: &[u8], compress: bool) -> bool {
     };
     f[start - 1] = packing;
     f.truncate(start + len);
+    // Room was made for lz4's worst case: a frame waiting to be sent holds only its bytes.
+    f.shrink_to_fit();
     packing == LZ4
 }
 
