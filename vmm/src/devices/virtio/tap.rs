@@ -54,6 +54,12 @@ pub enum TapError {
     },
 }
 
+/// Frames the kernel queues for the VMM on a tap. While a checkpoint pauses the guest the NIC
+/// reads nothing, and the default 1000 frames (1.5 MB) overflowed within a 4 ms pause of a
+/// stream into the guest: 100-300 frames dropped per 256 MiB, each loss a TCP recovery that
+/// halved the sender's window. 8192 hold some 12 MB, a 30 ms pause at 400 MiB/s.
+const TAP_QUEUE_FRAMES: i32 = 8192;
+
 /// An open tap device.
 #[derive(Debug)]
 pub struct Tap {
@@ -162,6 +168,7 @@ impl Tap {
         Ok(tap)
     }
 
+    /// Brings the tap up, with a queue of [`TAP_QUEUE_FRAMES`].
     fn bring_up(&self) -> Result<(), TapError> {
         let err = |source| TapError::Up {
             name: self.name.clone(),
@@ -173,7 +180,11 @@ impl Tap {
         // SAFETY: SIOCGIFFLAGS filled the `ifru_flags` member of the union.
         let flags = unsafe { req.ifr_ifru.ifru_flags };
         req.ifr_ifru.ifru_flags = flags | ifr_flags(libc::IFF_UP | libc::IFF_RUNNING);
-        ifreq_ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &mut req).map_err(err)
+        ifreq_ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &mut req).map_err(err)?;
+        let mut req = ifreq_for(&self.name)?;
+        // `ifr_qlen` shares the union's int with the interface index.
+        req.ifr_ifru.ifru_ifindex = TAP_QUEUE_FRAMES;
+        ifreq_ioctl(sock.as_raw_fd(), libc::SIOCSIFTXQLEN, &mut req).map_err(err)
     }
 
     /// Adds the tap to the existing bridge `bridge`.
@@ -311,6 +322,12 @@ mod tests {
         let flags = std::fs::read_to_string(format!("/sys/class/net/{name}/flags")).unwrap();
         let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).unwrap();
         assert_ne!(flags & libc::IFF_UP as u32, 0, "tap is up");
+        let queue = std::fs::read_to_string(format!("/sys/class/net/{name}/tx_queue_len")).unwrap();
+        assert_eq!(
+            queue.trim(),
+            TAP_QUEUE_FRAMES.to_string(),
+            "tap queue length"
+        );
 
         // Nothing queued: nonblocking read.
         let mut buf = [0u8; 2048];
