@@ -817,25 +817,13 @@ impl EpochLoop<'_> {
                 link::lower_io_priority();
                 let packing = wire::Packing::default();
                 let mut pace = Pace::new(self.config.resync_max_mib_s);
-                read_resync(
-                    image,
-                    &blocks,
-                    (&packing, &mut pace),
-                    &frames_tx,
-                    self.shared,
-                )?;
+                read_resync(image, &blocks, &packing, &mut pace, &frames_tx, self.shared)?;
                 let again = recorder.start_recording();
                 info!(
                     blocks = again.len(),
                     "resync: blocks the guest wrote meanwhile"
                 );
-                read_resync(
-                    image,
-                    &again,
-                    (&packing, &mut pace),
-                    &frames_tx,
-                    self.shared,
-                )?;
+                read_resync(image, &again, &packing, &mut pace, &frames_tx, self.shared)?;
                 let (packed, as_is) = packing.counts();
                 info!(
                     packed,
@@ -1203,7 +1191,8 @@ impl Pace {
 fn read_resync(
     image: &ResyncSource,
     blocks: &BTreeSet<u64>,
-    (packing, pace): (&wire::Packing, &mut Pace),
+    packing: &wire::Packing,
+    pace: &mut Pace,
     frames: &crossbeam_channel::Sender<(u64, Vec<u8>)>,
     shared: &Shared,
 ) -> Result<(), PrimaryError> {
@@ -1214,9 +1203,7 @@ fn read_resync(
         }
         let (offset, data) = image.read_run(first, count)?;
         pace.take(usize_to_u64(data.len()));
-        let compress = packing.compress();
-        let (frame, packed) = wire::encode_resync(offset, &data, compress);
-        packing.record(compress, packed);
+        let frame = packing.pack(|compress| wire::encode_resync(offset, &data, compress));
         frames
             .send((usize_to_u64(data.len()), frame))
             .map_err(|_| lost())?;
@@ -1315,10 +1302,7 @@ fn compress(unit: &Outgoing, workers: usize, packing: &wire::Packing) -> Vec<Vec
         .collect();
     let encode = |(start, gpas): &(usize, &[u64])| {
         let bytes = &unit.pages.bytes()[start * PAGE_SIZE..(start + gpas.len()) * PAGE_SIZE];
-        let compress = packing.compress();
-        let (frame, packed) = wire::encode_pages(unit.epoch, gpas, bytes, compress);
-        packing.record(compress, packed);
-        frame
+        packing.pack(|compress| wire::encode_pages(unit.epoch, gpas, bytes, compress))
     };
     if batches.len() < 2 || workers < 2 {
         return batches.iter().map(encode).collect();

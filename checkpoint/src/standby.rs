@@ -618,7 +618,8 @@ impl Receiver {
                         if let Some(w) = writer.take() {
                             let (target, result) = w.finish(false);
                             committed.resync = Some(target);
-                            self.disk_failed(&mut committed, &pending, result);
+                            let e = result.err().unwrap_or_else(|| "the writer stopped".into());
+                            self.disk_failed(&mut committed, &pending, e);
                         }
                         break;
                     }
@@ -627,8 +628,8 @@ impl Receiver {
                     if let Some(w) = writer.take() {
                         let (target, result) = w.finish(true);
                         committed.resync = Some(target);
-                        if result.is_err() {
-                            self.disk_failed(&mut committed, &pending, result);
+                        if let Err(e) = result {
+                            self.disk_failed(&mut committed, &pending, e);
                             break;
                         }
                     }
@@ -721,17 +722,8 @@ impl Receiver {
         committed
     }
 
-    /// Refuses the pending epoch because this node's disk failed (`result`'s error), and
-    /// records why.
-    fn disk_failed(
-        &self,
-        committed: &mut Committed,
-        pending: &Pending,
-        result: Result<(), String>,
-    ) {
-        let e = result
-            .err()
-            .unwrap_or_else(|| "the resync writer stopped".into());
+    /// Refuses the pending epoch because this node's disk failed with `e`, and records why.
+    fn disk_failed(&self, committed: &mut Committed, pending: &Pending, e: String) {
         let reason = format!("standby disk: {e}");
         self.reject(committed, pending, reason.clone());
         committed.disk_failed = Some(reason);

@@ -260,8 +260,7 @@ fn seal(kind: u8, mut f: Vec<u8>) -> Vec<u8> {
 /// that pays (see [`put_packed`]). Returns the frame and whether it is compressed.
 pub fn encode_pages(epoch: u64, gpas: &[u64], data: &[u8], compress: bool) -> (Vec<u8>, bool) {
     debug_assert_eq!(data.len(), gpas.len() * PAGE_SIZE);
-    let mut f = Vec::with_capacity(HEADER_LEN + 12 + gpas.len() * 8 + data.len() + 5);
-    f.resize(HEADER_LEN, 0);
+    let mut f = vec![0; HEADER_LEN];
     f.extend_from_slice(&epoch.to_le_bytes());
     f.extend_from_slice(&len_field(gpas.len()));
     for gpa in gpas {
@@ -287,13 +286,22 @@ pub struct Packing {
 }
 
 impl Packing {
+    /// Packs one frame with `encode`, told whether to try lz4 and saying whether the frame is
+    /// compressed (as [`encode_pages`] and [`encode_resync`] do), and records how it went.
+    pub fn pack(&self, encode: impl FnOnce(bool) -> (Vec<u8>, bool)) -> Vec<u8> {
+        let tried = self.compress();
+        let (frame, packed) = encode(tried);
+        self.record(tried, packed);
+        frame
+    }
+
     /// Whether to try lz4 on the next frame.
-    pub fn compress(&self) -> bool {
+    fn compress(&self) -> bool {
         self.skip.load(Ordering::Relaxed) == 0
     }
 
     /// Records how a frame went: `tried` lz4, and whether it was `packed`.
-    pub fn record(&self, tried: bool, packed: bool) {
+    fn record(&self, tried: bool, packed: bool) {
         if packed {
             self.packed.fetch_add(1, Ordering::Relaxed);
             return;
@@ -595,8 +603,7 @@ pub const MAX_RESYNC_BYTES: usize = 4 << 20;
 /// A complete `Resync` frame for the blocks `data` at `offset`, lz4-compressed if `compress`
 /// and that pays (see [`put_packed`]). Returns the frame and whether it is compressed.
 pub fn encode_resync(offset: u64, data: &[u8], compress: bool) -> (Vec<u8>, bool) {
-    let mut f = Vec::with_capacity(HEADER_LEN + 13 + data.len());
-    f.resize(HEADER_LEN, 0);
+    let mut f = vec![0; HEADER_LEN];
     f.extend_from_slice(&offset.to_le_bytes());
     let packed = put_packed(&mut f, data, compress);
     (seal(RESYNC, f), packed)

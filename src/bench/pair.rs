@@ -265,7 +265,10 @@ fn resync_rows(rows: &mut Vec<Row>, quick: bool) -> Result<(), Error> {
     let alone_rate = (committed(&b_console) - alone_from) as f64 / start.elapsed().as_secs_f64();
     // The baseline runs just before a returns, under the load the resync meets (b's guest
     // writing its journal alone), on about the bytes the resync will send; the mean of two.
-    let first = acked_at_kill / 128 * 65536;
+    // The blocks of the records written from the last one a had acknowledged (64 KiB blocks
+    // of 128 records).
+    let first_block = acked_at_kill / 128;
+    let first = first_block * 65536;
     let volume = committed(&b_console).div_ceil(128) * 65536 - first;
     let copy = pair.dir.join("copy.img");
     let mut plain = 0.0;
@@ -286,9 +289,7 @@ fn resync_rows(rows: &mut Vec<Row>, quick: bool) -> Result<(), Error> {
     // What the resync sent in all: the plan, and the blocks written while it ran.
     let total: u64 = logged(&log, "resync of the disk sent", "sent").unwrap_or(0);
     let secs: f64 = logged(&log, "resync of the disk sent", "secs").unwrap_or(f64::NAN);
-    // The blocks of the records written from the last one a had acknowledged to the resync's
-    // start (64 KiB blocks of 128 records).
-    let first_block = acked_at_kill / 128;
+    // Those blocks up to the resync's start.
     let last_block = written_when_synced.div_ceil(128);
     let changed = (last_block - first_block) as f64 * 65536.0;
     let rate = total as f64 / MIB / secs;
