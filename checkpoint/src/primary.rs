@@ -1016,6 +1016,8 @@ impl EpochLoop<'_> {
     ) -> Result<(Outgoing, Option<VmOutcome>), PrimaryError> {
         let vmm = self.vmm;
         let why = ending.why;
+        // The pause's copy threads, spawned meanwhile, are urgent too.
+        let urgent = link::Urgent::raise();
         let start = Instant::now();
         if let GuestRun::Running = guest {
             vmm.pause();
@@ -1097,6 +1099,7 @@ impl EpochLoop<'_> {
             }
         }
         let pause = start.elapsed();
+        drop(urgent);
         let dirty = pages.gpas.len();
         recent.pause = pause;
         self.set_recent(recent);
