@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use checkpoint::delta::{self, PageForm};
 use checkpoint::wire::{self, Channel, FrameReader, Message, HEADER_LEN, PROTOCOL_VERSION};
 use common::*;
 
@@ -360,6 +361,8 @@ enum Fault {
 }
 
 const EPOCH_END: u8 = 6;
+const PAGES: u8 = 4;
+const PAGE_DELTAS: u8 = 22;
 
 /// A TCP forwarder on loopback between primary and standby that injects one `Fault` into the
 /// data connection (told apart from the control connection by its Hello's channel).
@@ -398,6 +401,39 @@ impl Drop for Proxy {
         for s in self.held.lock().unwrap().drain(..) {
             let _ = s.shutdown(Shutdown::Both);
         }
+    }
+}
+
+/// The pages the standby holds, from the Pages and PageDeltas frames relayed to it (a page
+/// never sent is zero, as a fresh standby's memory is).
+#[derive(Default)]
+struct Mirror(std::collections::HashMap<u64, Vec<u8>>);
+
+impl Mirror {
+    /// Takes in a batch of pages, resolving its deltas; returns its addresses and pages.
+    fn pages(&mut self, msg: Message) -> (Vec<u64>, Vec<u8>) {
+        let (gpas, forms, mut data) = match msg {
+            Message::Pages { gpas, data, .. } => (gpas, vec![], data),
+            Message::PageDeltas {
+                gpas, forms, data, ..
+            } => (gpas, forms, data),
+            other => panic!("not pages: {other:?}"),
+        };
+        let page_size = wire::PAGE_SIZE;
+        for (i, (gpa, body)) in gpas
+            .iter()
+            .zip(data.chunks_exact_mut(page_size))
+            .enumerate()
+        {
+            let held = self.0.entry(*gpa).or_insert_with(|| vec![0; page_size]);
+            if forms.get(i) == Some(&PageForm::Delta) {
+                let mut plain = vec![0; page_size];
+                delta::decode_delta(held, body, &mut plain);
+                body.copy_from_slice(&plain);
+            }
+            held.copy_from_slice(body);
+        }
+        (gpas, data)
     }
 }
 
@@ -445,8 +481,16 @@ fn relay(
     let mut ends = 0u64;
     let mut fired = false;
     let mut digest = wire::EpochDigest::new();
+    // The pages as the standby holds them, to digest the pages of deltas by.
+    let mut mirror = Mirror::default();
     while let Some(mut frame) = read_frame(&mut from_primary)? {
         let kind = frame[4];
+        if fault == Fault::BadState && ends < after && [PAGES, PAGE_DELTAS].contains(&kind) {
+            let msg = FrameReader::new(&frame[..])
+                .read_message()
+                .expect("a frame from the primary");
+            mirror.pages(msg);
+        }
         if fault == Fault::BadState && ends == after {
             let msg = FrameReader::new(&frame[..])
                 .read_message()
@@ -455,6 +499,11 @@ fn relay(
                 Message::Pages { epoch, gpas, data } => {
                     digest.add_pages(&gpas, &data);
                     Message::Pages { epoch, gpas, data }
+                }
+                deltas @ Message::PageDeltas { .. } => {
+                    let (gpas, data) = mirror.pages(deltas.clone());
+                    digest.add_pages(&gpas, &data);
+                    deltas
                 }
                 Message::Disk { epoch, bytes } => {
                     digest.add_state(&bytes);

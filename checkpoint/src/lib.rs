@@ -2,6 +2,7 @@
 //! them to the standby and resumes; the standby stages each epoch, verifies it whole and commits
 //! it atomically, so it always holds exactly one complete checkpoint to take over from.
 
+pub mod delta;
 pub mod hot;
 pub mod input;
 pub mod link;

@@ -12,11 +12,12 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver};
 use tracing::{debug, error, info, info_span, warn};
-use vmm::cast::{saturating_u64, usize_to_u64};
+use vmm::cast::{saturating_u64, u64_to_usize, usize_to_u64};
 use vmm::devices::GuestMemory;
 use vmm::memory::{DirtyLog, Residency};
 use vmm::{VmOutcome, Vmm};
 
+use crate::delta::{self, PageCache};
 use crate::hot::HotPages;
 use crate::input::InputLog;
 use crate::link::{self, Link, PeerConfig, PrimaryLink, Sender, SilenceClock, TICK};
@@ -389,11 +390,15 @@ pub fn protect(
     let (out_tx, out_rx) = bounded::<Outgoing>(1);
     // Staging buffers go back from the sender to the epoch loop, to be copied into again.
     let (spare_tx, spare_rx) = bounded::<StagedPages>(2);
+    // What this standby holds of each page, for delta compression: new for every connection,
+    // so that a delta's base is always a page this standby received; a guest smaller than the
+    // cache bounds it.
+    let cache = PageCache::new(delta::CACHE_BYTES.min(u64_to_usize(config.vm.mem_size)));
     let sender = {
         let (shared, data, watch) = (shared.clone(), data.clone(), watch.clone());
         std::thread::Builder::new()
             .name("ckpt-send".into())
-            .spawn(move || send_loop(out_rx, spare_tx, data, shared, watch, workers))
+            .spawn(move || send_loop(out_rx, spare_tx, data, shared, watch, workers, &cache))
             .map_err(PrimaryError::Thread)?
     };
     let controller = {
@@ -1228,6 +1233,7 @@ fn send_loop(
     shared: Arc<Shared>,
     watch: Watch,
     workers: usize,
+    cache: &PageCache,
 ) {
     link::yield_to_guest();
     let mut retention = Retention::default();
@@ -1235,7 +1241,7 @@ fn send_loop(
     for mut unit in input {
         // The epoch loop may be waiting for room to seal an epoch with output waiting.
         shared.poke();
-        let frames = compress(&unit, workers, &packing);
+        let frames = compress(&unit, workers, &packing, cache);
         let mut digest = EpochDigest::new();
         let mut wire_bytes = 0u64;
         let mut send = |frame: &[u8]| -> std::io::Result<()> {
@@ -1293,9 +1299,16 @@ fn send_loop(
     }
 }
 
-/// The Pages frames of `unit`, packed by up to `workers` threads as `packing` says, in batch
-/// order.
-fn compress(unit: &Outgoing, workers: usize, packing: &wire::Packing) -> Vec<Vec<u8>> {
+/// The Pages frames of `unit`, its pages encoded against `cache` and packed by up to `workers`
+/// threads as `packing` says, in batch order. The cache's slots are locked one page at a time,
+/// and a unit names each page once (a dirty log, a pre-copy batch), so the workers never wait
+/// for each other and each page's base is what the standby holds before this unit.
+fn compress(
+    unit: &Outgoing,
+    workers: usize,
+    packing: &wire::Packing,
+    cache: &PageCache,
+) -> Vec<Vec<u8>> {
     let batches: Vec<(usize, &[u64])> = unit
         .pages
         .gpas
@@ -1305,7 +1318,7 @@ fn compress(unit: &Outgoing, workers: usize, packing: &wire::Packing) -> Vec<Vec
         .collect();
     let encode = |(start, gpas): &(usize, &[u64])| {
         let bytes = &unit.pages.bytes()[start * PAGE_SIZE..(start + gpas.len()) * PAGE_SIZE];
-        packing.pack(|compress| wire::encode_pages(unit.epoch, gpas, bytes, compress))
+        packing.pack(|compress| delta::encode_batch(cache, unit.epoch, gpas, bytes, compress))
     };
     if batches.len() < 2 || workers < 2 {
         return batches.iter().map(encode).collect();

@@ -17,6 +17,7 @@ use vmm::devices::GuestMemory;
 use vmm::memory::{self, MemoryError};
 use vmm::{VmShell, Vmm};
 
+use crate::delta;
 use crate::input::ReceivedInput;
 use crate::link::{Link, LinkError, Listener, PeerConfig, Sender, SilenceClock};
 use crate::staging::{self, CheckpointState, StagedPages, StagingError};
@@ -650,6 +651,24 @@ impl Receiver {
                     pending.digest.add_pages(&gpas, &data);
                     pending.batches.push((gpas, data));
                 }
+                // Deltas are resolved as they come, against the committed memory: the base the
+                // primary encoded each against is the page as this node last received it,
+                // committed already (epochs commit in order, here, before the next epoch's
+                // frames are read; each page comes once per epoch). The digest then covers the
+                // pages themselves, as the primary's does.
+                Message::PageDeltas {
+                    epoch,
+                    gpas,
+                    forms,
+                    mut data,
+                } if epoch == pending.epoch => {
+                    if let Err(e) = delta::resolve(&committed.memory, &gpas, &forms, &mut data) {
+                        self.reject(&committed, &pending, e.to_string());
+                        break;
+                    }
+                    pending.digest.add_pages(&gpas, &data);
+                    pending.batches.push((gpas, data));
+                }
                 Message::State { epoch, bytes } if epoch == pending.epoch => {
                     pending.digest.add_state(&bytes);
                     pending.state = Some(bytes);
@@ -704,6 +723,7 @@ impl Receiver {
                 other => {
                     let what = match &other {
                         Message::Pages { epoch, .. }
+                        | Message::PageDeltas { epoch, .. }
                         | Message::State { epoch, .. }
                         | Message::Disk { epoch, .. }
                         | Message::EpochEnd { epoch, .. } => format!("a frame of epoch {epoch}"),

@@ -13,8 +13,10 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use vmm::cast::{u64_to_usize, usize_to_u64};
 
+use crate::delta::PageForm;
+
 /// Version spoken by this build; a `Hello` of any other version is refused.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 /// Largest payload a frame may declare; bigger lengths are refused before allocating.
 pub const MAX_PAYLOAD: usize = 64 << 20;
 /// Guest page size: `Pages` carry whole pages at page-aligned guest-physical addresses.
@@ -89,6 +91,14 @@ pub enum Message {
     Pages {
         epoch: u64,
         gpas: Vec<u64>,
+        data: Vec<u8>,
+    },
+    /// A batch of guest pages of which some travel as deltas against the copy the standby
+    /// holds (see [`crate::delta`]): `forms` says how each of `data`'s pages does.
+    PageDeltas {
+        epoch: u64,
+        gpas: Vec<u64>,
+        forms: Vec<PageForm>,
         data: Vec<u8>,
     },
     /// The epoch's VM state, opaque bytes serialised by the caller.
@@ -195,8 +205,9 @@ const HANDOVER: u8 = 18;
 const SWAP_BEGINS: u8 = 19;
 const INPUT: u8 = 20;
 const INPUT_ACK: u8 = 21;
+const PAGE_DELTAS: u8 = 22;
 /// Names of the kinds above, for error messages.
-const KIND_NAMES: [&str; 22] = [
+const KIND_NAMES: [&str; 23] = [
     "",
     "Hello",
     "Welcome",
@@ -219,6 +230,7 @@ const KIND_NAMES: [&str; 22] = [
     "SwapBegins",
     "Input",
     "InputAck",
+    "PageDeltas",
 ];
 
 /// `len` as a `u32` LE length field. Lengths inside a frame stay within [`MAX_PAYLOAD`]; one
@@ -260,14 +272,35 @@ fn seal(kind: u8, mut f: Vec<u8>) -> Vec<u8> {
 /// that pays (see [`put_packed`]). Returns the frame and whether it is compressed.
 pub fn encode_pages(epoch: u64, gpas: &[u64], data: &[u8], compress: bool) -> (Vec<u8>, bool) {
     debug_assert_eq!(data.len(), gpas.len() * PAGE_SIZE);
+    let mut f = batch_head(epoch, gpas);
+    let packed = put_packed(&mut f, data, compress);
+    (seal(PAGES, f), packed)
+}
+
+/// A complete `PageDeltas` frame: as [`encode_pages`], with a form byte per page between the
+/// addresses and the data, and lz4 always tried (a batch of deltas is made to compress).
+pub fn encode_page_deltas(
+    epoch: u64,
+    gpas: &[u64],
+    forms: &[PageForm],
+    data: &[u8],
+) -> (Vec<u8>, bool) {
+    debug_assert_eq!(forms.len(), gpas.len());
+    let mut f = batch_head(epoch, gpas);
+    f.extend(forms.iter().map(|form| form.byte()));
+    let packed = put_packed(&mut f, data, true);
+    (seal(PAGE_DELTAS, f), packed)
+}
+
+/// A frame's header room, then the epoch, the page count and the addresses of a batch.
+fn batch_head(epoch: u64, gpas: &[u64]) -> Vec<u8> {
     let mut f = vec![0; HEADER_LEN];
     f.extend_from_slice(&epoch.to_le_bytes());
     f.extend_from_slice(&len_field(gpas.len()));
     for gpa in gpas {
         f.extend_from_slice(&gpa.to_le_bytes());
     }
-    let packed = put_packed(&mut f, data, compress);
-    (seal(PAGES, f), packed)
+    f
 }
 
 /// Frames sent as they are, without trying lz4, after one that did not compress.
@@ -416,6 +449,12 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             REFUSE
         }
         Message::Pages { epoch, gpas, data } => return encode_pages(*epoch, gpas, data, true).0,
+        Message::PageDeltas {
+            epoch,
+            gpas,
+            forms,
+            data,
+        } => return encode_page_deltas(*epoch, gpas, forms, data).0,
         Message::State { epoch, bytes } => {
             f.extend_from_slice(&epoch.to_le_bytes());
             put_blob(&mut f, bytes);
@@ -565,7 +604,17 @@ impl<'a> Fields<'a> {
     }
 }
 
-fn decode_pages(f: &mut Fields) -> Result<Message, WireError> {
+/// A batch's epoch, addresses, page forms (`PageDeltas` only, `with_forms`) and pages, as
+/// [`encode_pages`] and [`encode_page_deltas`] wrote them.
+struct Batch {
+    epoch: u64,
+    gpas: Vec<u64>,
+    forms: Vec<PageForm>,
+    data: Vec<u8>,
+}
+
+fn decode_batch(f: &mut Fields, with_forms: bool) -> Result<Batch, WireError> {
+    let what = f.msg;
     let epoch = f.u64()?;
     let count = f.u32()? as usize;
     // The gpas must be present in the payload, which bounds `count` before allocating.
@@ -577,24 +626,42 @@ fn decode_pages(f: &mut Fields) -> Result<Message, WireError> {
         .map(|b| u64::from_le_bytes(*b))
         .collect();
     if let Some(gpa) = gpas.iter().find(|&&g| g % usize_to_u64(PAGE_SIZE) != 0) {
-        return Err(malformed(format!("Pages gpa {gpa:#x} is not page aligned")));
+        return Err(malformed(format!(
+            "{what} gpa {gpa:#x} is not page aligned"
+        )));
     }
     let expected = count.saturating_mul(PAGE_SIZE);
     if expected > MAX_PAGES_BYTES {
         return Err(malformed(format!(
-            "Pages batch of {count} pages exceeds {MAX_PAGES_BYTES} bytes"
+            "{what} batch of {count} pages exceeds {MAX_PAGES_BYTES} bytes"
         )));
     }
-    let data = take_packed(f, "Pages", |declared| {
+    let forms = if with_forms {
+        f.take(count)?
+            .iter()
+            .map(|&b| {
+                PageForm::from_byte(b)
+                    .ok_or_else(|| malformed(format!("{what} page form {b} is unknown")))
+            })
+            .collect::<Result<Vec<_>, _>>()?
+    } else {
+        Vec::new()
+    };
+    let data = take_packed(f, what, |declared| {
         if declared == expected {
             Ok(())
         } else {
             Err(malformed(format!(
-                "Pages declares {declared} decompressed bytes for {count} pages ({expected} bytes)"
+                "{what} declares {declared} decompressed bytes for {count} pages ({expected} bytes)"
             )))
         }
     })?;
-    Ok(Message::Pages { epoch, gpas, data })
+    Ok(Batch {
+        epoch,
+        gpas,
+        forms,
+        data,
+    })
 }
 
 /// Largest run of disk blocks a `Resync` frame carries, decompressed.
@@ -661,7 +728,26 @@ fn decode(kind: u8, payload: &[u8]) -> Result<Message, WireError> {
                 .map_err(|_| malformed("Refuse reason is not UTF-8"))?;
             Message::Refuse { reason }
         }
-        PAGES => decode_pages(&mut f)?,
+        PAGES => {
+            let Batch {
+                epoch, gpas, data, ..
+            } = decode_batch(&mut f, false)?;
+            Message::Pages { epoch, gpas, data }
+        }
+        PAGE_DELTAS => {
+            let Batch {
+                epoch,
+                gpas,
+                forms,
+                data,
+            } = decode_batch(&mut f, true)?;
+            Message::PageDeltas {
+                epoch,
+                gpas,
+                forms,
+                data,
+            }
+        }
         STATE => Message::State {
             epoch: f.u64()?,
             bytes: f.blob()?,
@@ -952,6 +1038,12 @@ mod tests {
                 gpas,
                 data,
             },
+            Message::PageDeltas {
+                epoch: 4,
+                gpas: vec![0x1000, 0x3000, 0x2000],
+                forms: vec![PageForm::Delta, PageForm::Whole, PageForm::Delta],
+                data: [vec![0; PAGE_SIZE], noise(14, PAGE_SIZE), vec![9; PAGE_SIZE]].concat(),
+            },
             Message::State {
                 epoch: 4,
                 bytes: noise(9, 5000),
@@ -1060,7 +1152,7 @@ mod tests {
 
     #[test]
     fn truncation_is_closed_at_zero_and_truncated_inside() {
-        let good = encode(&all_messages()[8]);
+        let good = encode(&all_messages()[9]);
         for cut in 0..good.len() {
             let need = if cut < HEADER_LEN {
                 HEADER_LEN
@@ -1242,6 +1334,59 @@ mod tests {
     }
 
     #[test]
+    fn malicious_page_deltas_are_malformed() {
+        let page = vec![0u8; PAGE_SIZE];
+        let block = lz4_flex::block::compress(&page);
+        // Epoch, count, gpas, forms, declared length, packing, data.
+        let payload = |count: u32, gpas: &[u64], forms: &[u8], declared: u32, data: &[u8]| {
+            let gpas: Vec<u8> = gpas.iter().flat_map(|g| g.to_le_bytes()).collect();
+            [
+                &5u64.to_le_bytes()[..],
+                &count.to_le_bytes(),
+                &gpas,
+                forms,
+                &declared.to_le_bytes(),
+                &[LZ4],
+                data,
+            ]
+            .concat()
+        };
+        let good = payload(1, &[0x1000], &[1], 4096, &block);
+        match read_one(&frame(PAGE_DELTAS, &good)) {
+            Ok(Message::PageDeltas { forms, data, .. }) => {
+                assert!(forms == [PageForm::Delta] && data == page)
+            }
+            other => panic!("{other:?}"),
+        }
+        let cases: [(Vec<u8>, &str); 5] = [
+            (
+                payload(1, &[0x1000], &[2], 4096, &block),
+                "PageDeltas page form 2 is unknown",
+            ),
+            (
+                payload(1, &[0x1001], &[1], 4096, &block),
+                "PageDeltas gpa 0x1001 is not page aligned",
+            ),
+            (
+                payload(2, &[0x1000, 0x2000], &[1, 0], 4096, &block),
+                "PageDeltas declares 4096 decompressed bytes for 2 pages",
+            ),
+            (
+                payload(1, &[0x1000], &[1], 4096, &block[..block.len() - 1]),
+                "PageDeltas data does not decompress",
+            ),
+            // The forms of 3 pages would run past the payload.
+            (
+                [&5u64.to_le_bytes()[..], &3u32.to_le_bytes(), &[0; 24], &[1]].concat(),
+                "PageDeltas payload is too short",
+            ),
+        ];
+        for (payload, needle) in cases {
+            assert_malformed(PAGE_DELTAS, &payload, needle);
+        }
+    }
+
+    #[test]
     fn other_bad_payloads_are_refused() {
         assert_malformed(ACK, &[1, 2, 3], "Ack payload is too short");
         assert_malformed(ACK, &[0; 9], "1 bytes after the end of Ack");
@@ -1288,7 +1433,7 @@ mod tests {
             &[5, 0, 0, 0, 10, 0, 0, 2, 7],
             "not a multiple of 4",
         );
-        for kind in [0, 22, 200] {
+        for kind in [0, 23, 200] {
             let got = read_one(&frame(kind, &[]));
             assert!(
                 matches!(got, Err(WireError::UnknownKind(k)) if k == kind),

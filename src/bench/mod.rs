@@ -5,6 +5,7 @@
 //! Prints a Markdown table; `--json` also writes every figure under its stable id.
 
 mod guest_io;
+mod page_streams;
 mod pair;
 mod replication;
 

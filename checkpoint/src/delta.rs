@@ -1,0 +1,497 @@
+//! Delta compression of dirty pages: a page the standby already holds goes as its XOR against
+//! that copy, byte planes shuffled so that lz4 finds the bytes that did not change, kept by a
+//! bounded cache on the primary of what it last sent of each page.
+//!
+//! Why this scheme (measured on the stencil's page streams by `ftvmm bench`, the
+//! `wire_per_dirty_*` rows): a page of doubles barely compresses as it is, but an update of a
+//! double keeps its sign, exponent and top mantissa bits, so the XOR against the last copy has
+//! zero high bytes in every 8-byte word. Gathered into 8 planes (byte k of every word, as
+//! blosc's shuffle does) those zero bytes form long runs that lz4 takes whole, where the XOR
+//! as it is interleaves them with the changed low bytes (Remus's XOR + run length encoding
+//! and QEMU's XBZRLE only skip runs of unchanged bytes, and a double rarely keeps a whole
+//! 4-byte word or a long run of bytes). The shuffle keeps a delta at exactly a page, so a
+//! batch's decompressed size is still its page count times the page size.
+
+use std::sync::{Mutex, MutexGuard};
+
+use vm_memory::{Bytes, GuestAddress};
+use vmm::devices::GuestMemory;
+
+use crate::wire::{self, PAGE_SIZE};
+
+/// Why a delta could not be resolved against the standby's memory.
+#[derive(Debug, thiserror::Error)]
+pub enum DeltaError {
+    #[error("delta for page {0:#x}, which is not guest RAM")]
+    NotRam(u64),
+}
+
+/// How one page of a batch travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageForm {
+    /// The page's bytes as they are.
+    Whole,
+    /// The page XOR the copy the standby holds, in byte planes (see [`encode_delta`]).
+    Delta,
+}
+
+impl PageForm {
+    /// The byte that stands for this form on the wire.
+    pub fn byte(self) -> u8 {
+        match self {
+            PageForm::Whole => 0,
+            PageForm::Delta => 1,
+        }
+    }
+
+    /// The form a wire byte stands for, if any.
+    pub fn from_byte(byte: u8) -> Option<Self> {
+        match byte {
+            0 => Some(PageForm::Whole),
+            1 => Some(PageForm::Delta),
+            _ => None,
+        }
+    }
+}
+
+/// 8-byte words per page: each plane of a delta holds one byte of each.
+const WORDS: usize = PAGE_SIZE / 8;
+
+/// Writes into `out` the XOR of the pages `base` and `page` as 8 planes: plane k (bytes
+/// `k * WORDS ..`) holds byte k (little-endian) of each 8-byte word, in word order.
+pub fn encode_delta(base: &[u8], page: &[u8], out: &mut [u8]) {
+    let (base, page) = (words(base), words(page));
+    let planes = planes_mut(out);
+    for (i, (b, p)) in base.iter().zip(page).enumerate() {
+        let x = (u64::from_ne_bytes(*b) ^ u64::from_ne_bytes(*p)).to_le_bytes();
+        for (plane, byte) in planes.iter_mut().zip(x) {
+            plane[i] = byte;
+        }
+    }
+}
+
+/// Writes into `out` the page that `delta` (from [`encode_delta`]) turns `base` into.
+pub fn decode_delta(base: &[u8], delta: &[u8], out: &mut [u8]) {
+    let planes = planes(delta);
+    let (base, out) = (words(base), out.as_chunks_mut::<8>().0);
+    for (i, (b, o)) in base.iter().zip(out).enumerate() {
+        let x = u64::from_le_bytes(planes.map(|plane| plane[i]));
+        *o = (u64::from_ne_bytes(*b) ^ x).to_ne_bytes();
+    }
+}
+
+/// A page as its 8-byte words.
+fn words(page: &[u8]) -> &[[u8; 8]; WORDS] {
+    let (words, _) = page.as_chunks::<8>();
+    words
+        .first_chunk::<WORDS>()
+        .unwrap_or_else(|| panic!("a page of {} bytes", page.len()))
+}
+
+fn planes(delta: &[u8]) -> [&[u8; WORDS]; 8] {
+    let (planes, _) = delta.as_chunks::<WORDS>();
+    std::array::from_fn(|k| &planes[k])
+}
+
+fn planes_mut(out: &mut [u8]) -> &mut [[u8; WORDS]] {
+    let (planes, _) = out.as_chunks_mut::<WORDS>();
+    assert_eq!(planes.len(), 8, "a delta is a page");
+    planes
+}
+
+/// Turns the delta pages of a received batch into the pages they stand for, in place, against
+/// the copies in `memory` (the standby's committed image, which is what the primary's cache
+/// holds for every page it sends as a delta: epochs commit in order, each before the next
+/// one's pages are read).
+pub fn resolve(
+    memory: &GuestMemory,
+    gpas: &[u64],
+    forms: &[PageForm],
+    data: &mut [u8],
+) -> Result<(), DeltaError> {
+    let mut base = vec![0u8; PAGE_SIZE];
+    let mut plain = vec![0u8; PAGE_SIZE];
+    let pages = gpas.iter().zip(forms).zip(data.chunks_exact_mut(PAGE_SIZE));
+    for ((&gpa, form), body) in pages {
+        if *form == PageForm::Delta {
+            memory
+                .read_slice(&mut base, GuestAddress(gpa))
+                .map_err(|_| DeltaError::NotRam(gpa))?;
+            decode_delta(&base, body, &mut plain);
+            body.copy_from_slice(&plain);
+        }
+    }
+    Ok(())
+}
+
+/// Bytes of pages the primary's cache holds at most (XBZRLE's default cache size in QEMU):
+/// enough for the working set of a guest that rewrites tens of MiB per epoch, a small part of
+/// a large guest's primary. Pages are held only once sent in an epoch, so an idle guest's
+/// cache holds the few pages it dirties.
+pub const CACHE_BYTES: usize = 64 << 20;
+
+/// One page's place in the cache.
+#[derive(Default)]
+struct Slot {
+    gpa: u64,
+    /// The epoch that last sent this page.
+    sent: u64,
+    /// What was last sent of page `gpa`; None: the slot is free.
+    page: Option<Box<[u8]>>,
+}
+
+/// What the primary last sent of each of up to `capacity` pages, for one standby connection
+/// (a new connection starts with a new, empty cache, so a delta's base is always a page that
+/// standby received). Direct-mapped by page number, as XBZRLE's cache is indexed by address:
+/// a contiguous working set up to the capacity never evicts itself, and a lookup is one
+/// lock of one slot, so the sender's workers share the cache without contention (an epoch
+/// names each page once). A page whose slot holds another page takes it over only when that
+/// page was not sent in this or the previous epoch, so that a working set larger than the
+/// cache keeps a part of itself instead of evicting everything in turn.
+pub struct PageCache {
+    slots: Box<[Mutex<Slot>]>,
+}
+
+impl PageCache {
+    /// A cache of at most `bytes` of pages (0: none, every page goes whole). Pages are only
+    /// allocated as they are cached.
+    pub fn new(bytes: usize) -> Self {
+        let slots = (0..bytes / PAGE_SIZE).map(|_| Mutex::default()).collect();
+        Self { slots }
+    }
+
+    fn slot(&self, gpa: u64) -> Option<MutexGuard<'_, Slot>> {
+        let count = vmm::cast::usize_to_u64(self.slots.len());
+        let index = (gpa / vmm::cast::usize_to_u64(PAGE_SIZE)).checked_rem(count)?;
+        let slot = &self.slots[vmm::cast::u64_to_usize(index)];
+        Some(slot.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Records that `page` is sent as page `gpa` in `epoch`, handing `encode` the copy of it
+    /// the standby holds, if the cache has it, to encode the page against before it is
+    /// replaced. A page not cached is taken in if its slot is free or stale, unless `epoch` is
+    /// 0 (the pre-copy: most of memory, sent once).
+    pub fn send<R>(
+        &self,
+        epoch: u64,
+        gpa: u64,
+        page: &[u8],
+        encode: impl FnOnce(Option<&[u8]>) -> R,
+    ) -> R {
+        let Some(mut slot) = self.slot(gpa) else {
+            return encode(None);
+        };
+        let slot = &mut *slot;
+        let hit = slot.page.is_some() && slot.gpa == gpa;
+        let stale = slot.page.is_none() || slot.sent.saturating_add(1) < epoch;
+        if hit {
+            let result = encode(slot.page.as_deref());
+            if let Some(cached) = slot.page.as_deref_mut() {
+                cached.copy_from_slice(page);
+            }
+            slot.sent = epoch;
+            return result;
+        }
+        let result = encode(None);
+        if epoch > 0 && stale {
+            match slot.page.as_deref_mut() {
+                Some(cached) => cached.copy_from_slice(page),
+                None => slot.page = Some(page.into()),
+            }
+            slot.gpa = gpa;
+            slot.sent = epoch;
+        }
+        result
+    }
+
+    /// Encodes `page`, sent as page `gpa` in `epoch`: writes its delta into `out` and returns
+    /// [`PageForm::Delta`] when the cache holds the standby's copy and the delta has more zero
+    /// bytes than the page (what lz4 gains from most in either: a page that became zero, or
+    /// changed whole, goes as it is); else returns [`PageForm::Whole`], leaving `out` as it was.
+    pub fn encode(&self, epoch: u64, gpa: u64, page: &[u8], out: &mut [u8]) -> PageForm {
+        self.send(epoch, gpa, page, |base| {
+            let Some(base) = base else {
+                return PageForm::Whole;
+            };
+            encode_delta(base, page, out);
+            if zero_bytes(out) > zero_bytes(page) {
+                PageForm::Delta
+            } else {
+                PageForm::Whole
+            }
+        })
+    }
+
+    /// Bytes of pages the cache holds.
+    pub fn held_bytes(&self) -> usize {
+        let held = |slot: &Mutex<Slot>| {
+            let slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+            slot.page.as_ref().map_or(0, |p| p.len())
+        };
+        self.slots.iter().map(held).sum()
+    }
+}
+
+fn zero_bytes(bytes: &[u8]) -> usize {
+    bytes.iter().filter(|&&b| b == 0).count()
+}
+
+/// The frame for a batch of staged pages (`bytes` holds `gpas.len()` pages) sent in `epoch`:
+/// each page encoded against `cache`; a batch without deltas is a plain `Pages` frame, lz4-
+/// compressed if `compress` and that pays, one with deltas a `PageDeltas` frame, whose lz4 is
+/// always tried (it is what the shuffle is for). Returns the frame and whether it is
+/// compressed.
+pub fn encode_batch(
+    cache: &PageCache,
+    epoch: u64,
+    gpas: &[u64],
+    bytes: &[u8],
+    compress: bool,
+) -> (Vec<u8>, bool) {
+    let mut forms = Vec::with_capacity(gpas.len());
+    // The bodies, made from the staged pages only once a delta turns up.
+    let mut bodies: Option<Vec<u8>> = None;
+    let mut delta = vec![0u8; PAGE_SIZE];
+    for (i, (&gpa, page)) in gpas.iter().zip(bytes.chunks_exact(PAGE_SIZE)).enumerate() {
+        let form = cache.encode(epoch, gpa, page, &mut delta);
+        if form == PageForm::Delta {
+            let bodies = bodies.get_or_insert_with(|| bytes.to_vec());
+            bodies[i * PAGE_SIZE..(i + 1) * PAGE_SIZE].copy_from_slice(&delta);
+        }
+        forms.push(form);
+    }
+    match bodies {
+        Some(bodies) => wire::encode_page_deltas(epoch, gpas, &forms, &bodies),
+        None => wire::encode_pages(epoch, gpas, bytes, compress),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic pseudo-random bytes (xorshift64).
+    fn noise(seed: u64, n: usize) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x.to_le_bytes()[0]
+            })
+            .collect()
+    }
+
+    /// A page of doubles of random mantissas, as a computation writes them.
+    fn doubles(scale: f64) -> Vec<u8> {
+        let mantissas = noise(77, WORDS * 2);
+        mantissas
+            .chunks(2)
+            .flat_map(|m| {
+                let r = f64::from(u16::from_le_bytes([m[0], m[1]])) / 65536.0;
+                (scale * (1.0 + r) * (1.0 + r / 3.0)).to_le_bytes()
+            })
+            .collect()
+    }
+
+    fn test_memory() -> GuestMemory {
+        vmm::memory::create_guest_memory(64 << 20).unwrap()
+    }
+
+    fn round_trip(base: &[u8], page: &[u8]) -> Vec<u8> {
+        let mut delta = vec![0u8; PAGE_SIZE];
+        encode_delta(base, page, &mut delta);
+        let mut back = vec![0u8; PAGE_SIZE];
+        decode_delta(base, &delta, &mut back);
+        assert_eq!(back, page);
+        delta
+    }
+
+    #[test]
+    fn deltas_round_trip() {
+        let (zero, random) = (vec![0u8; PAGE_SIZE], noise(1, PAGE_SIZE));
+        let mut one_byte = random.clone();
+        one_byte[4000] ^= 0x10;
+        let cases = [
+            (&zero, &random),
+            (&random, &zero),
+            (&zero, &zero),
+            (&random, &random),
+            (&random, &one_byte),
+            (&random, &noise(2, PAGE_SIZE)),
+            (&doubles(1.0), &doubles(1.000_001)),
+        ];
+        for (base, page) in cases {
+            round_trip(base, page);
+        }
+        assert!(round_trip(&random, &random).iter().all(|&b| b == 0));
+        let one = round_trip(&random, &one_byte);
+        // Byte 4000 is byte 0 of word 500: plane 0, position 500.
+        assert_eq!(one.iter().filter(|&&b| b != 0).count(), 1);
+        assert_eq!(one[500], 0x10);
+        // Nearby doubles share their high bytes: the top planes are zero.
+        let near = round_trip(&doubles(1.0), &doubles(1.000_001));
+        assert!(near[6 * WORDS..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn a_cached_page_goes_as_a_delta_only_where_that_pays() {
+        let cache = PageCache::new(16 * PAGE_SIZE);
+        let mut out = vec![0u8; PAGE_SIZE];
+        let (a, b) = (doubles(1.0), doubles(1.000_001));
+        // The pre-copy caches nothing; an epoch's page goes whole the first time.
+        assert_eq!(cache.encode(0, 0x1000, &a, &mut out), PageForm::Whole);
+        assert_eq!(cache.held_bytes(), 0);
+        assert_eq!(cache.encode(1, 0x1000, &a, &mut out), PageForm::Whole);
+        assert_eq!(cache.held_bytes(), PAGE_SIZE);
+        assert_eq!(cache.encode(2, 0x1000, &b, &mut out), PageForm::Delta);
+        let mut back = vec![0u8; PAGE_SIZE];
+        decode_delta(&a, &out, &mut back);
+        assert_eq!(back, b);
+        // The cache now holds b: an unchanged page is an all-zero delta.
+        assert_eq!(cache.encode(3, 0x1000, &b, &mut out), PageForm::Delta);
+        assert!(out.iter().all(|&x| x == 0));
+        // A page that became zero, or changed whole, goes as it is.
+        let zero = vec![0u8; PAGE_SIZE];
+        assert_eq!(cache.encode(4, 0x1000, &zero, &mut out), PageForm::Whole);
+        assert_eq!(
+            cache.encode(5, 0x1000, &noise(3, PAGE_SIZE), &mut out),
+            PageForm::Whole
+        );
+        // ... and still replaces the cached copy.
+        let noisy = noise(3, PAGE_SIZE);
+        let mut one_byte = noisy.clone();
+        one_byte[7] ^= 1;
+        assert_eq!(
+            cache.encode(6, 0x1000, &one_byte, &mut out),
+            PageForm::Delta
+        );
+        decode_delta(&noisy, &out, &mut back);
+        assert_eq!(back, one_byte);
+    }
+
+    #[test]
+    fn a_slot_is_taken_over_only_from_a_stale_page() {
+        // Two slots: pages 0 and 2 share slot 0.
+        let cache = PageCache::new(2 * PAGE_SIZE);
+        let (page, mut out) = (doubles(2.0), vec![0u8; PAGE_SIZE]);
+        let (p0, p2) = (0, 2 * 0x1000);
+        cache.encode(1, p0, &page, &mut out);
+        // Page 0 was sent in this epoch or the last: page 2 does not evict it.
+        cache.encode(1, p2, &page, &mut out);
+        cache.encode(2, p2, &page, &mut out);
+        assert_eq!(cache.encode(2, p0, &page, &mut out), PageForm::Delta);
+        // Unsent for two epochs, page 0 gives way to page 2.
+        assert_eq!(cache.encode(4, p2, &page, &mut out), PageForm::Whole);
+        assert_eq!(cache.encode(5, p2, &page, &mut out), PageForm::Delta);
+        assert_eq!(cache.encode(5, p0, &page, &mut out), PageForm::Whole);
+        assert_eq!(cache.held_bytes(), PAGE_SIZE);
+        // A cache of no bytes holds nothing and sends everything whole.
+        let none = PageCache::new(0);
+        for epoch in 1..3 {
+            assert_eq!(none.encode(epoch, p0, &page, &mut out), PageForm::Whole);
+        }
+        assert_eq!(none.held_bytes(), 0);
+    }
+
+    #[test]
+    fn a_standby_resolves_deltas_against_its_memory() {
+        let memory = test_memory();
+        let (base, page) = (doubles(3.0), doubles(3.5));
+        memory.write_slice(&base, GuestAddress(0x2000)).unwrap();
+        let mut delta = vec![0u8; PAGE_SIZE];
+        encode_delta(&base, &page, &mut delta);
+        let whole = noise(4, PAGE_SIZE);
+        let mut data = [delta.clone(), whole.clone()].concat();
+        let forms = [PageForm::Delta, PageForm::Whole];
+        resolve(&memory, &[0x2000, 0x5000], &forms, &mut data).unwrap();
+        assert_eq!(data, [page, whole].concat());
+        // A delta for a page beyond memory has no base.
+        let got = resolve(&memory, &[1 << 40], &[PageForm::Delta], &mut delta);
+        assert!(
+            matches!(got, Err(DeltaError::NotRam(0x100_0000_0000))),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn a_batch_frame_decodes_to_its_pages_against_the_standby_copy() {
+        let cache = PageCache::new(64 * PAGE_SIZE);
+        let gpas: Vec<u64> = (0..8u64).map(|i| i << 12).collect();
+        let old: Vec<u8> = (0..8).flat_map(|i| doubles(1.0 + f64::from(i))).collect();
+        let new: Vec<u8> = (0..8)
+            .flat_map(|i| doubles((1.0 + f64::from(i)) * 1.000_001))
+            .collect();
+        let read = |frame: &[u8]| wire::FrameReader::new(frame).read_message().unwrap();
+        let (first, _) = encode_batch(&cache, 1, &gpas, &old, true);
+        assert!(matches!(read(&first), wire::Message::Pages { data, .. } if data == old));
+        let (second, packed) = encode_batch(&cache, 2, &gpas, &new, false);
+        assert!(packed, "deltas are compressed");
+        assert!(
+            second.len() * 2 < first.len(),
+            "{} / {}",
+            second.len(),
+            first.len()
+        );
+        let wire::Message::PageDeltas {
+            gpas: got,
+            forms,
+            mut data,
+            ..
+        } = read(&second)
+        else {
+            panic!("not deltas");
+        };
+        assert!(got == gpas && forms.iter().all(|&f| f == PageForm::Delta));
+        let memory = test_memory();
+        memory.write_slice(&old, GuestAddress(0)).unwrap();
+        resolve(&memory, &gpas, &forms, &mut data).unwrap();
+        assert_eq!(data, new);
+    }
+
+    #[test]
+    fn forms_have_one_byte_each() {
+        for form in [PageForm::Whole, PageForm::Delta] {
+            assert_eq!(PageForm::from_byte(form.byte()), Some(form));
+        }
+        assert_eq!(PageForm::from_byte(2), None);
+    }
+
+    /// Encode speed of a delta (XOR + shuffle) and of the whole batch path with lz4, printed
+    /// with `cargo test --release -p checkpoint delta_speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn delta_speed() {
+        let pages = 4096;
+        let bases: Vec<u8> = (0..pages).flat_map(|i| doubles(1.0 + i as f64)).collect();
+        let news: Vec<u8> = (0..pages)
+            .flat_map(|i| doubles((1.0 + i as f64) * 1.000_001))
+            .collect();
+        let mut out = vec![0u8; PAGE_SIZE];
+        let start = std::time::Instant::now();
+        for (b, n) in bases.chunks(PAGE_SIZE).zip(news.chunks(PAGE_SIZE)) {
+            encode_delta(b, n, &mut out);
+        }
+        let mib = (pages * PAGE_SIZE) as f64 / f64::from(1 << 20);
+        println!(
+            "xor + shuffle: {:.0} MiB/s",
+            mib / start.elapsed().as_secs_f64()
+        );
+        let cache = PageCache::new(pages * PAGE_SIZE);
+        let gpas: Vec<u64> = (0..pages as u64).map(|i| i << 12).collect();
+        for (g, b) in gpas.chunks(256).zip(bases.chunks(256 * PAGE_SIZE)) {
+            encode_batch(&cache, 1, g, b, true);
+        }
+        let start = std::time::Instant::now();
+        let mut wire = 0;
+        for (g, b) in gpas.chunks(256).zip(news.chunks(256 * PAGE_SIZE)) {
+            wire += encode_batch(&cache, 2, g, b, true).0.len();
+        }
+        println!(
+            "batches with the cache: {:.0} MiB/s, {:.3} wire bytes per byte",
+            mib / start.elapsed().as_secs_f64(),
+            wire as f64 / (pages * PAGE_SIZE) as f64
+        );
+    }
+}
