@@ -138,6 +138,9 @@ struct Slot {
     sent: u64,
     /// What was last sent of page `gpa`; None: the slot is free.
     page: Option<Box<[u8]>>,
+    /// Sends of page `gpa` still to go whole, uncached (see [`RESTING_SENDS`]): meanwhile
+    /// `page` is not what the standby holds.
+    resting: u8,
 }
 
 /// What the primary last sent of each of up to `capacity` pages, for one standby connection
@@ -151,6 +154,23 @@ struct Slot {
 pub struct PageCache {
     slots: Box<[Mutex<Slot>]>,
 }
+
+/// What a page says of whether deltas pay: its delta has at least an eighth of a page more
+/// zero bytes than the page itself (`Yes`), not (`No`: fresh data, whose delta is as random as
+/// the page), or nothing (`Unknown`: no copy cached yet, or a page mostly zero itself, such as
+/// a grid's cold region, which compresses either way).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Paid {
+    Yes,
+    No,
+    Unknown,
+}
+
+/// Sends for which a page whose delta did not pay (fresh data: a network stream's buffers, a
+/// random fill) goes whole without being cached or tried, as `wire::Packing` rests lz4 after
+/// a miss: caching and trying cost a copy, an XOR and two counts of the page on cores a busy
+/// guest leaves few of (they halved a replicated TCP stream here), for nothing.
+const RESTING_SENDS: u8 = 15;
 
 impl PageCache {
     /// A cache of at most `bytes` of pages (0: none, every page goes whole). Pages are only
@@ -184,6 +204,16 @@ impl PageCache {
         let slot = &mut *slot;
         let hit = slot.page.is_some() && slot.gpa == gpa;
         let stale = slot.page.is_none() || slot.sent.saturating_add(1) < epoch;
+        if hit && slot.resting > 0 {
+            slot.resting -= 1;
+            slot.sent = epoch;
+            if slot.resting == 0 {
+                if let Some(cached) = slot.page.as_deref_mut() {
+                    cached.copy_from_slice(page);
+                }
+            }
+            return encode(None);
+        }
         if hit {
             let result = encode(slot.page.as_deref());
             if let Some(cached) = slot.page.as_deref_mut() {
@@ -200,6 +230,7 @@ impl PageCache {
             }
             slot.gpa = gpa;
             slot.sent = epoch;
+            slot.resting = 0;
         }
         result
     }
@@ -209,17 +240,42 @@ impl PageCache {
     /// bytes than the page (what lz4 gains from most in either: a page that became zero, or
     /// changed whole, goes as it is); else returns [`PageForm::Whole`], leaving `out` as it was.
     pub fn encode(&self, epoch: u64, gpa: u64, page: &[u8], out: &mut [u8]) -> PageForm {
+        self.encode_cached(epoch, gpa, page, out).0
+    }
+
+    /// As [`Self::encode`], and what the page says of whether deltas pay (see [`Paid`]).
+    fn encode_cached(&self, epoch: u64, gpa: u64, page: &[u8], out: &mut [u8]) -> (PageForm, Paid) {
         self.send(epoch, gpa, page, |base| {
             let Some(base) = base else {
-                return PageForm::Whole;
+                return (PageForm::Whole, Paid::Unknown);
             };
             encode_delta(base, page, out);
-            if zero_bytes(out) > zero_bytes(page) {
+            let (delta_zeros, page_zeros) = (zero_bytes(out), zero_bytes(page));
+            let form = if delta_zeros > page_zeros {
                 PageForm::Delta
             } else {
                 PageForm::Whole
-            }
+            };
+            let paid = if page_zeros >= PAGE_SIZE / 2 {
+                Paid::Unknown
+            } else if delta_zeros >= page_zeros + PAGE_SIZE / 8 {
+                Paid::Yes
+            } else {
+                Paid::No
+            };
+            (form, paid)
         })
+    }
+
+    /// Puts page `gpa` to rest for its next [`RESTING_SENDS`] sends: they go whole, neither
+    /// tried nor cached, but for the last, which is cached again so that the send after it
+    /// tries a delta once more.
+    fn rest(&self, gpa: u64) {
+        if let Some(mut slot) = self.slot(gpa) {
+            if slot.gpa == gpa && slot.page.is_some() {
+                slot.resting = RESTING_SENDS;
+            }
+        }
     }
 
     /// Bytes of pages the cache holds.
@@ -236,11 +292,15 @@ fn zero_bytes(bytes: &[u8]) -> usize {
     bytes.iter().filter(|&&b| b == 0).count()
 }
 
+/// A batch whose pages are at least one in this many deltas tries lz4 even when
+/// `wire::Packing` rests it.
+const DELTA_BATCH_SHARE: usize = 8;
+
 /// The frame for a batch of staged pages (`bytes` holds `gpas.len()` pages) sent in `epoch`:
 /// each page encoded against `cache`; a batch without deltas is a plain `Pages` frame, lz4-
 /// compressed if `compress` and that pays, one with deltas a `PageDeltas` frame, whose lz4 is
-/// always tried (it is what the shuffle is for). Returns the frame and whether it is
-/// compressed.
+/// tried also when `compress` is not if [`DELTA_BATCH_SHARE`] says the batch is of deltas (lz4
+/// is what the byte planes are for). Returns the frame and whether it is compressed.
 pub fn encode_batch(
     cache: &PageCache,
     epoch: u64,
@@ -248,20 +308,29 @@ pub fn encode_batch(
     bytes: &[u8],
     compress: bool,
 ) -> (Vec<u8>, bool) {
+    let pages = gpas.iter().zip(bytes.chunks_exact(PAGE_SIZE));
     let mut forms = Vec::with_capacity(gpas.len());
     // The bodies, made from the staged pages only once a delta turns up.
     let mut bodies: Option<Vec<u8>> = None;
     let mut delta = vec![0u8; PAGE_SIZE];
-    for (i, (&gpa, page)) in gpas.iter().zip(bytes.chunks_exact(PAGE_SIZE)).enumerate() {
-        let form = cache.encode(epoch, gpa, page, &mut delta);
+    for (i, (&gpa, page)) in pages.enumerate() {
+        let (form, paid) = cache.encode_cached(epoch, gpa, page, &mut delta);
+        if paid == Paid::No {
+            cache.rest(gpa);
+        }
         if form == PageForm::Delta {
             let bodies = bodies.get_or_insert_with(|| bytes.to_vec());
             bodies[i * PAGE_SIZE..(i + 1) * PAGE_SIZE].copy_from_slice(&delta);
         }
         forms.push(form);
     }
+    // Not a batch of fresh data with a few deltas among it.
+    let deltas = forms.iter().filter(|&&f| f == PageForm::Delta).count();
     match bodies {
-        Some(bodies) => wire::encode_page_deltas(epoch, gpas, &forms, &bodies),
+        Some(bodies) => {
+            let compress = compress || deltas * DELTA_BATCH_SHARE >= gpas.len();
+            wire::encode_page_deltas(epoch, gpas, &forms, &bodies, compress)
+        }
         None => wire::encode_pages(epoch, gpas, bytes, compress),
     }
 }
@@ -369,6 +438,33 @@ mod tests {
         );
         decode_delta(&noisy, &out, &mut back);
         assert_eq!(back, one_byte);
+    }
+
+    #[test]
+    fn a_page_of_fresh_data_rests_then_is_cached_again_before_its_next_try() {
+        let cache = PageCache::new(64 * PAGE_SIZE);
+        let gpas: Vec<u64> = (0..4).map(|p| p * 0x1000).collect();
+        let fresh = |seed| noise(seed, 4 * PAGE_SIZE);
+        let is_deltas = |frame: &[u8]| {
+            matches!(
+                wire::FrameReader::new(frame).read_message(),
+                Ok(wire::Message::PageDeltas { .. })
+            )
+        };
+        // Epoch 1 caches the pages; fresh data over them in epoch 2 does not pay (whatever
+        // form each page took: a random delta may have a few more zero bytes).
+        encode_batch(&cache, 1, &gpas, &fresh(1), true);
+        encode_batch(&cache, 2, &gpas, &fresh(2), true);
+        // Resting, they go whole: unchanged pages tried would be all-zero deltas.
+        let kept = fresh(3);
+        let last_rest = 2 + u64::from(RESTING_SENDS);
+        for epoch in 3..=last_rest {
+            let (frame, _) = encode_batch(&cache, epoch, &gpas, &kept, true);
+            assert!(!is_deltas(&frame), "epoch {epoch} tried deltas");
+        }
+        // The last resting send cached them again: now they are deltas against that copy.
+        let (frame, _) = encode_batch(&cache, last_rest + 1, &gpas, &kept, true);
+        assert!(is_deltas(&frame));
     }
 
     #[test]

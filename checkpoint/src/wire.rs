@@ -278,17 +278,18 @@ pub fn encode_pages(epoch: u64, gpas: &[u64], data: &[u8], compress: bool) -> (V
 }
 
 /// A complete `PageDeltas` frame: as [`encode_pages`], with a form byte per page between the
-/// addresses and the data, and lz4 always tried (a batch of deltas is made to compress).
+/// addresses and the data, lz4-compressed if `compress` and that pays.
 pub fn encode_page_deltas(
     epoch: u64,
     gpas: &[u64],
     forms: &[PageForm],
     data: &[u8],
+    compress: bool,
 ) -> (Vec<u8>, bool) {
     debug_assert_eq!(forms.len(), gpas.len());
     let mut f = batch_head(epoch, gpas);
     f.extend(forms.iter().map(|form| form.byte()));
-    let packed = put_packed(&mut f, data, true);
+    let packed = put_packed(&mut f, data, compress);
     (seal(PAGE_DELTAS, f), packed)
 }
 
@@ -454,7 +455,7 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             gpas,
             forms,
             data,
-        } => return encode_page_deltas(*epoch, gpas, forms, data).0,
+        } => return encode_page_deltas(*epoch, gpas, forms, data, true).0,
         Message::State { epoch, bytes } => {
             f.extend_from_slice(&epoch.to_le_bytes());
             put_blob(&mut f, bytes);

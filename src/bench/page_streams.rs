@@ -120,7 +120,7 @@ impl Scheme {
                         cache.send(epoch, gpa, page, |base| xor_if_it_pays(base, page, body))
                     })
                     .collect();
-                wire::encode_page_deltas(epoch, gpas, &forms, &bodies)
+                wire::encode_page_deltas(epoch, gpas, &forms, &bodies, true)
                     .0
                     .len()
             }
