@@ -313,21 +313,22 @@ pub fn encode_batch(
     // The bodies, made from the staged pages only once a delta turns up.
     let mut bodies: Option<Vec<u8>> = None;
     let mut delta = vec![0u8; PAGE_SIZE];
+    let mut deltas = 0;
     for (i, (&gpa, page)) in pages.enumerate() {
         let (form, paid) = cache.encode_cached(epoch, gpa, page, &mut delta);
         if paid == Paid::No {
             cache.rest(gpa);
         }
         if form == PageForm::Delta {
+            deltas += 1;
             let bodies = bodies.get_or_insert_with(|| bytes.to_vec());
             bodies[i * PAGE_SIZE..(i + 1) * PAGE_SIZE].copy_from_slice(&delta);
         }
         forms.push(form);
     }
-    // Not a batch of fresh data with a few deltas among it.
-    let deltas = forms.iter().filter(|&&f| f == PageForm::Delta).count();
     match bodies {
         Some(bodies) => {
+            // Not for a batch of fresh data with a few deltas among it.
             let compress = compress || deltas * DELTA_BATCH_SHARE >= gpas.len();
             wire::encode_page_deltas(epoch, gpas, &forms, &bodies, compress)
         }
