@@ -686,6 +686,7 @@ impl EpochLoop<'_> {
 
         let limits = &self.limits;
         let mut tracking = Tracking::default();
+        let mut staged = self.staging_for(carried.as_ref().map_or(0, DirtyLog::count));
         let mut began = Instant::now();
         let mut guest = GuestRun::Running;
         loop {
@@ -695,6 +696,9 @@ impl EpochLoop<'_> {
                     return Ok(ended);
                 }
                 let obs = self.observe(began.elapsed());
+                // Room for the dirty set so far (the pages left writable may all be in it),
+                // made while the guest runs.
+                staged.make_room(obs.dirty_pages.unwrap_or(0) + tracking.hot.writable());
                 let ending = |why| Ending {
                     why,
                     length: obs.elapsed,
@@ -749,9 +753,17 @@ impl EpochLoop<'_> {
             epoch += 1;
             began = Instant::now();
             let span = info_span!("epoch", epoch).entered();
-            let (unit, ended) =
-                self.checkpoint(epoch, &ending, &mut guest, &mut tracking, &mut carried)?;
+            let (unit, ended) = self.checkpoint(
+                epoch,
+                &ending,
+                &mut guest,
+                &mut tracking,
+                &mut carried,
+                staged,
+            )?;
             drop(span);
+            // The next epoch's buffer is readied now, while the guest runs.
+            staged = self.staging_for(unit.pages.gpas.len());
             let handing_over = match (ending.why, &unit.state) {
                 (EpochEnd::Swap, Some(bytes)) => Some(CheckpointState::decode(bytes)?),
                 _ => None,
@@ -777,6 +789,14 @@ impl EpochLoop<'_> {
                 self.release(&mut guest);
             }
         }
+    }
+
+    /// A staging buffer for the next checkpoint, with room for about `pages` dirty pages: one
+    /// the sender gave back, or a new one, faulted in now rather than in the pause.
+    fn staging_for(&self, pages: usize) -> StagedPages {
+        let mut staged = self.spare.try_recv().unwrap_or_default();
+        staged.make_room(pages);
+        staged
     }
 
     /// Waits for checkpoint `epoch`'s acknowledgement; false if the standby was lost or took
@@ -1008,7 +1028,7 @@ impl EpochLoop<'_> {
     }
 
     /// Takes checkpoint `epoch`: pauses the guest (unless held already), harvests and copies
-    /// its dirty pages, saves the VM state and seals the epoch's output; lets the guest run on
+    /// its dirty pages into `pages` (readied while the guest ran), saves the VM state and seals the epoch's output; lets the guest run on
     /// unless the policy holds it. Returns what the sender ships, and the guest's outcome if
     /// this is its final checkpoint.
     fn checkpoint(
@@ -1018,6 +1038,7 @@ impl EpochLoop<'_> {
         guest: &mut GuestRun,
         tracking: &mut Tracking,
         carried: &mut Option<DirtyLog>,
+        mut pages: StagedPages,
     ) -> Result<(Outgoing, Option<VmOutcome>), PrimaryError> {
         let vmm = self.vmm;
         let why = ending.why;
@@ -1064,7 +1085,6 @@ impl EpochLoop<'_> {
         }
         let copy_start = Instant::now();
         let harvest = copy_start - start - stopped;
-        let mut pages = self.spare.try_recv().unwrap_or_default();
         pages.copy_from(vmm.memory(), &log)?;
         let copy_time = copy_start.elapsed();
         let save_start = Instant::now();

@@ -24,6 +24,13 @@ const RETAINED_EPOCHS: usize = 25;
 /// Room beyond that which a buffer may keep rather than be reallocated smaller (1 MiB).
 const RETAINED_SLACK: usize = 256 * PAGE_SIZE;
 
+/// The room a staging buffer is given for a dirty set of `bytes`: a quarter more, so that a
+/// dirty set still growing (a guest speeding up after pre-copy) lands in memory made ready
+/// while the guest ran rather than in fresh memory faulted in during the pause.
+fn room_for(bytes: usize) -> usize {
+    bytes + bytes / 4
+}
+
 /// Everything of an epoch but its pages: VM state and the output not yet released.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct CheckpointState {
@@ -220,6 +227,16 @@ impl StagedPages {
         })
     }
 
+    /// Makes room, zeroed and so faulted in now, for the next epoch if it dirties about `pages`
+    /// pages: called while the guest runs, it keeps the allocation's page faults (several
+    /// microseconds a page on this host) out of the next pause.
+    pub fn make_room(&mut self, pages: usize) {
+        let room = room_for(pages * PAGE_SIZE);
+        if self.data.len() < room {
+            self.data.resize(room, 0);
+        }
+    }
+
     /// Gives back to the system the room beyond `bytes` (and the slack), so that a pre-copy's
     /// large batches or a burst's do not stay resident once epochs no longer need them.
     fn trim(&mut self, bytes: usize) {
@@ -261,7 +278,7 @@ impl StagedPages {
 }
 
 /// How much room staging buffers keep when they go back to be copied into again: as much as
-/// the largest dirty set of the last [`RETAINED_EPOCHS`] epochs. A steady dirty set is then
+/// the largest dirty set of the last [`RETAINED_EPOCHS`] epochs, and a quarter more. A steady dirty set is then
 /// copied in the pause into memory already faulted in, while memory that only a pre-copy or
 /// a burst needed goes back to the system (an idle guest's primary holds no 16 MiB batch).
 #[derive(Debug, Default)]
@@ -270,14 +287,14 @@ pub struct Retention {
 }
 
 impl Retention {
-    /// Records the dirty set of the epoch `pages` staged and trims `pages` to what recent
-    /// epochs needed.
+    /// Records the dirty set of the epoch `pages` staged and trims `pages` to the room
+    /// (`make_room`'s) for what recent epochs needed.
     pub fn epoch(&mut self, pages: &mut StagedPages) {
         if self.recent.len() == RETAINED_EPOCHS {
             self.recent.pop_front();
         }
         self.recent.push_back(pages.bytes().len());
-        pages.trim(self.recent.iter().copied().max().unwrap_or(0));
+        pages.trim(room_for(self.recent.iter().copied().max().unwrap_or(0)));
     }
 }
 
@@ -371,7 +388,7 @@ mod tests {
         // A pre-copy batch's 16 MiB come back as an idle epoch's: trimmed to that epoch.
         let mut idle = staged(2);
         retention.epoch(&mut idle);
-        assert_eq!(idle.data.len(), 2 * PAGE_SIZE);
+        assert_eq!(idle.data.len(), room_for(2 * PAGE_SIZE));
         // A 4096-page epoch among small ones keeps its room while it is recent.
         let mut burst = staged(4096);
         retention.epoch(&mut burst);
@@ -384,7 +401,7 @@ mod tests {
         retention.epoch(&mut later);
         assert_eq!(
             later.data.len(),
-            PAGE_SIZE,
+            room_for(PAGE_SIZE),
             "the burst is out of the window"
         );
         // Within the slack a buffer is left as it is.
@@ -394,6 +411,28 @@ mod tests {
         };
         retention.epoch(&mut near);
         assert_eq!(near.data.len(), PAGE_SIZE + RETAINED_SLACK);
+    }
+
+    #[test]
+    fn room_made_while_the_guest_runs_takes_the_next_dirty_set_and_survives_retention() {
+        let memory = create_guest_memory(64 << 20).unwrap();
+        let mut pages = StagedPages::default();
+        pages.make_room(200);
+        let (room, at) = (pages.data.len(), pages.data.as_ptr());
+        assert!(room >= 250 * PAGE_SIZE, "a quarter more than asked");
+        let mut log = DirtyLog::all(&memory);
+        log = log.select(|gpa| gpa < 240 * 4096);
+        pages.copy_from(&memory, &log).unwrap();
+        assert_eq!(pages.gpas.len(), 240);
+        assert_eq!(
+            (pages.data.len(), pages.data.as_ptr()),
+            (room, at),
+            "the pause copied into the room made before it"
+        );
+        // Back from the sender after that epoch, the buffer keeps its room for the next.
+        Retention::default().epoch(&mut pages);
+        pages.make_room(240);
+        assert_eq!(pages.data.len(), room_for(240 * PAGE_SIZE));
     }
 
     #[test]
