@@ -157,9 +157,10 @@ pub struct PageCache {
 
 /// What a page says of whether deltas pay: its delta has at least an eighth of a page more
 /// zero bytes than the page itself (`Yes`), not (`No`: fresh data, whose delta is as random as
-/// the page), or nothing (`Unknown`: no copy cached yet, or a page mostly zero itself, such as
-/// a grid's cold region, which compresses either way).
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// the page; or a page that repeats one word, a fill, which lz4 takes whole as well as its
+/// delta, for less work on both nodes), or nothing (`Unknown`: no copy cached yet, or a page
+/// mostly zero itself, such as a grid's cold region, which compresses either way).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Paid {
     Yes,
     No,
@@ -249,8 +250,12 @@ impl PageCache {
             let Some(base) = base else {
                 return (PageForm::Whole, Paid::Unknown);
             };
+            let page_zeros = zero_bytes(page);
+            if page_zeros < PAGE_SIZE / 2 && repeats_itself(page) {
+                return (PageForm::Whole, Paid::No);
+            }
             encode_delta(base, page, out);
-            let (delta_zeros, page_zeros) = (zero_bytes(out), zero_bytes(page));
+            let delta_zeros = zero_bytes(out);
             let form = if delta_zeros > page_zeros {
                 PageForm::Delta
             } else {
@@ -290,6 +295,14 @@ impl PageCache {
 
 fn zero_bytes(bytes: &[u8]) -> usize {
     bytes.iter().filter(|&&b| b == 0).count()
+}
+
+/// Whether at least half of `page`'s 8-byte words repeat the word before them (a fill, or a
+/// network stream's buffers of one repeated byte): lz4 takes such a page whole in a few
+/// matches, so a delta would only add work.
+fn repeats_itself(page: &[u8]) -> bool {
+    let repeats = words(page).windows(2).filter(|w| w[0] == w[1]).count();
+    repeats >= WORDS / 2
 }
 
 /// A batch whose pages are at least one in this many deltas tries lz4 even when
@@ -466,6 +479,29 @@ mod tests {
         // The last resting send cached them again: now they are deltas against that copy.
         let (frame, _) = encode_batch(&cache, last_rest + 1, &gpas, &kept, true);
         assert!(is_deltas(&frame));
+    }
+
+    #[test]
+    fn a_page_that_repeats_one_word_goes_whole_and_rests() {
+        let cache = PageCache::new(16 * PAGE_SIZE);
+        let mut out = vec![0u8; PAGE_SIZE];
+        // A stream's buffer of one repeated byte, then the next bytes of that stream.
+        let (fill, next) = (vec![b'x'; PAGE_SIZE], vec![b'y'; PAGE_SIZE]);
+        assert!(repeats_itself(&fill) && !repeats_itself(&doubles(1.0)));
+        assert!(!repeats_itself(&noise(5, PAGE_SIZE)));
+        cache.encode(1, 0x1000, &fill, &mut out);
+        // Cached, its delta would be all zero, but lz4 takes the page whole as well.
+        assert_eq!(
+            cache.encode_cached(2, 0x1000, &next, &mut out),
+            (PageForm::Whole, Paid::No)
+        );
+        // A mostly zero page is no fill: it says nothing of deltas.
+        let mut sparse = vec![0u8; PAGE_SIZE];
+        sparse[..8].copy_from_slice(&1.5f64.to_le_bytes());
+        assert_eq!(
+            cache.encode_cached(3, 0x1000, &sparse, &mut out).1,
+            Paid::Unknown
+        );
     }
 
     #[test]
