@@ -16,7 +16,7 @@ use vmm::cast::{u64_to_usize, usize_to_u64};
 use crate::delta::PageForm;
 
 /// Version spoken by this build; a `Hello` of any other version is refused.
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
 /// Largest payload a frame may declare; bigger lengths are refused before allocating.
 pub const MAX_PAYLOAD: usize = 64 << 20;
 /// Guest page size: `Pages` carry whole pages at page-aligned guest-physical addresses.

@@ -251,7 +251,7 @@ pub(super) fn rows(
         what: format!(
             "wire bytes per dirty byte on the same page streams ({} epochs of the stencil, \
              {mib_per_epoch:.1} MiB dirty each): lz4 / XOR+RLE (Remus) / XBZRLE (QEMU) / \
-             XOR+lz4 / ftvmm (XOR, byte planes, lz4)",
+             XOR+lz4 / ftvmm (difference, byte planes, lz4)",
             epochs.len().saturating_sub(1)
         ),
         figures: Scheme::ALL
@@ -272,7 +272,7 @@ pub(super) fn rows(
     ));
     rows.push(Row::new(
         format!(
-            "ftvmm's encoder (cache, XOR, byte planes, lz4) on one thread, {mib_per_epoch:.1} \
+            "ftvmm's encoder (cache, difference, byte planes, lz4) on one thread, {mib_per_epoch:.1} \
              MiB/epoch"
         ),
         Figure::new(
