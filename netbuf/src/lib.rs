@@ -39,7 +39,7 @@ pub trait Release<T>: Send {
 
 /// A chunk of the guest's console byte stream.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ConsoleChunk(pub Vec<u8>);
+pub struct ConsoleChunk(#[serde(with = "serde_bytes")] pub Vec<u8>);
 
 impl Output for ConsoleChunk {
     fn units(&self) -> u64 {
@@ -59,6 +59,7 @@ impl Release<ConsoleChunk> for Box<dyn ConsoleSink> {
 /// One Ethernet frame the guest transmitted.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Frame {
+    #[serde(with = "serde_bytes")]
     pub bytes: Vec<u8>,
     /// Frames the guest had received when it sent this one (see [`Received`]).
     pub input: u64,
