@@ -214,8 +214,21 @@ impl PageCache {
         page: &[u8],
         encode: impl FnOnce(Option<&[u8]>) -> R,
     ) -> R {
+        self.send_or_rest(epoch, gpa, page, |base| (encode(base), false))
+    }
+
+    /// As [`Self::send`], with `encode` also saying whether the page rests from now on (see
+    /// [`RESTING_SENDS`]): for its next sends it goes whole, neither tried nor cached, but for
+    /// the last, which caches it again so that the send after it tries a delta once more.
+    fn send_or_rest<R>(
+        &self,
+        epoch: u64,
+        gpa: u64,
+        page: &[u8],
+        encode: impl FnOnce(Option<&[u8]>) -> (R, bool),
+    ) -> R {
         let Some(mut slot) = self.slot(gpa) else {
-            return encode(None);
+            return encode(None).0;
         };
         let slot = &mut *slot;
         let hit = slot.page.is_some() && slot.gpa == gpa;
@@ -228,17 +241,20 @@ impl PageCache {
                     cached.copy_from_slice(page);
                 }
             }
-            return encode(None);
+            return encode(None).0;
         }
         if hit {
-            let result = encode(slot.page.as_deref());
+            let (result, rests) = encode(slot.page.as_deref());
             if let Some(cached) = slot.page.as_deref_mut() {
                 cached.copy_from_slice(page);
             }
             slot.sent = epoch;
+            if rests {
+                slot.resting = RESTING_SENDS;
+            }
             return result;
         }
-        let result = encode(None);
+        let (result, _) = encode(None);
         if epoch > 0 && stale {
             match slot.page.as_deref_mut() {
                 Some(cached) => cached.copy_from_slice(page),
@@ -251,51 +267,43 @@ impl PageCache {
         result
     }
 
-    /// Encodes `page`, sent as page `gpa` in `epoch`: writes its delta into `out` and returns
-    /// [`PageForm::Delta`] when the cache holds the standby's copy and the delta has more zero
-    /// bytes than the page (what lz4 gains from most in either: a page that became zero, or
-    /// changed whole, goes as it is); else returns [`PageForm::Whole`], leaving `out` as it was.
-    pub fn encode(&self, epoch: u64, gpa: u64, page: &[u8], out: &mut [u8]) -> PageForm {
-        self.encode_cached(epoch, gpa, page, out).0
-    }
-
-    /// As [`Self::encode`], and what the page says of whether deltas pay (see [`Paid`]).
+    /// Encodes `page`, sent as page `gpa` in `epoch`, as [`Self::judge`] says (writing its
+    /// delta into `out` if it goes as one), and what the page says of whether deltas pay (see
+    /// [`Paid`]); a page whose delta did not pay rests.
     fn encode_cached(&self, epoch: u64, gpa: u64, page: &[u8], out: &mut [u8]) -> (PageForm, Paid) {
-        self.send(epoch, gpa, page, |base| {
-            let Some(base) = base else {
-                return (PageForm::Whole, Paid::Unknown);
-            };
-            let page_zeros = zero_bytes(page);
-            if page_zeros < PAGE_SIZE / 2 && repeats_itself(page) {
-                return (PageForm::Whole, Paid::No);
-            }
-            encode_delta(base, page, out);
-            let delta_zeros = zero_bytes(out);
-            let form = if delta_zeros > page_zeros {
-                PageForm::Delta
-            } else {
-                PageForm::Whole
-            };
-            let paid = if page_zeros >= PAGE_SIZE / 2 {
-                Paid::Unknown
-            } else if delta_zeros >= page_zeros + PAGE_SIZE / 8 {
-                Paid::Yes
-            } else {
-                Paid::No
-            };
-            (form, paid)
+        self.send_or_rest(epoch, gpa, page, |base| {
+            let judged = Self::judge(base, page, out);
+            (judged, judged.1 == Paid::No)
         })
     }
 
-    /// Puts page `gpa` to rest for its next [`RESTING_SENDS`] sends: they go whole, neither
-    /// tried nor cached, but for the last, which is cached again so that the send after it
-    /// tries a delta once more.
-    fn rest(&self, gpa: u64) {
-        if let Some(mut slot) = self.slot(gpa) {
-            if slot.gpa == gpa && slot.page.is_some() {
-                slot.resting = RESTING_SENDS;
-            }
+    /// How `page` goes against `base`, the standby's copy if cached: [`PageForm::Delta`],
+    /// its delta written into `out`, when the delta has more zero bytes than the page (what
+    /// lz4 gains from most in either: a page that became zero, or changed whole, goes as it
+    /// is), else [`PageForm::Whole`]; and whether deltas pay for it.
+    fn judge(base: Option<&[u8]>, page: &[u8], out: &mut [u8]) -> (PageForm, Paid) {
+        let Some(base) = base else {
+            return (PageForm::Whole, Paid::Unknown);
+        };
+        let page_zeros = zero_bytes(page);
+        if page_zeros < PAGE_SIZE / 2 && repeats_itself(page) {
+            return (PageForm::Whole, Paid::No);
         }
+        encode_delta(base, page, out);
+        let delta_zeros = zero_bytes(out);
+        let form = if delta_zeros > page_zeros {
+            PageForm::Delta
+        } else {
+            PageForm::Whole
+        };
+        let paid = if page_zeros >= PAGE_SIZE / 2 {
+            Paid::Unknown
+        } else if delta_zeros >= page_zeros + PAGE_SIZE / 8 {
+            Paid::Yes
+        } else {
+            Paid::No
+        };
+        (form, paid)
     }
 
     /// Bytes of pages the cache holds.
@@ -343,10 +351,7 @@ pub fn encode_batch(
     let mut delta = vec![0u8; PAGE_SIZE];
     let mut deltas = 0;
     for (i, (&gpa, page)) in pages.enumerate() {
-        let (form, paid) = cache.encode_cached(epoch, gpa, page, &mut delta);
-        if paid == Paid::No {
-            cache.rest(gpa);
-        }
+        let (form, _) = cache.encode_cached(epoch, gpa, page, &mut delta);
         if form == PageForm::Delta {
             deltas += 1;
             let bodies = bodies.get_or_insert_with(|| bytes.to_vec());
@@ -367,6 +372,14 @@ pub fn encode_batch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl PageCache {
+        /// Encodes `page` as the sender does, but never puts it to rest: the rules of `judge`
+        /// and of the cache alone.
+        fn encode(&self, epoch: u64, gpa: u64, page: &[u8], out: &mut [u8]) -> PageForm {
+            self.send(epoch, gpa, page, |base| Self::judge(base, page, out).0)
+        }
+    }
 
     /// Deterministic pseudo-random bytes (xorshift64).
     fn noise(seed: u64, n: usize) -> Vec<u8> {
@@ -522,8 +535,8 @@ mod tests {
         let mut sparse = vec![0u8; PAGE_SIZE];
         sparse[..8].copy_from_slice(&1.5f64.to_le_bytes());
         assert_eq!(
-            cache.encode_cached(3, 0x1000, &sparse, &mut out).1,
-            Paid::Unknown
+            PageCache::judge(Some(&fill), &sparse, &mut out),
+            (PageForm::Whole, Paid::Unknown)
         );
     }
 
