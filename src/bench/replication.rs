@@ -268,7 +268,7 @@ pub(super) fn adjacent_runs(
 }
 
 /// The median over repetitions of setup `a`'s speed over setup `b`'s.
-fn median_ratio(runs: &[Vec<Run>], a: usize, b: usize) -> f64 {
+pub(super) fn median_ratio(runs: &[Vec<Run>], a: usize, b: usize) -> f64 {
     median(
         runs.iter()
             .map(|r| r[a].steps_per_s / r[b].steps_per_s)

@@ -28,21 +28,23 @@ use checkpoint::policy::EpochBounds;
 use serde_json::json;
 
 use super::replication::{
-    adjacent_runs, median_speed, steady, steady_epochs, steady_speed, stencil_config, steps_for,
-    working_set_mib, Setup, MIB, PAGE,
+    adjacent_runs, median_ratio, median_speed, steady, steady_epochs, steady_speed, stencil_config,
+    steps_for, working_set_mib, Setup, MIB, PAGE,
 };
 use super::{median, Figure, Row};
 use crate::pair::quantile_us;
 use crate::run::Error;
 use qemu::{Qemu, Spec};
 
-/// Progress lines (after the first) that a measured stretch spans at least.
-const MIN_LINES: usize = 4;
+/// Progress lines that a measured stretch holds at least (speed from the first to the last).
+const MIN_LINES: usize = 3;
 /// The longest a measured stretch may take.
 const MEASURE_LIMIT: Duration = Duration::from_secs(40);
 
 /// Checkpoint periods measured, in ms: issue 20's 100 ms and ftvmm's default 40 ms.
 const PERIODS: [u64; 2] = [40, 100];
+/// A COLO period long enough for its slowed guest to dirty a 16 or 64 MiB working set.
+const FULL_PERIOD_MS: u64 = 1000;
 
 /// A directory for one section run's files, removed with everything in it when dropped.
 struct TempDir(PathBuf);
@@ -87,6 +89,8 @@ struct QemuRun {
     steps_per_s: f64,
     /// COLO only: how long the primary held the VM stopped at each checkpoint but the first.
     pauses: Vec<Duration>,
+    /// COLO only: the median time from one checkpoint's stop to the next's.
+    period: Duration,
     /// COLO only: the median of the pages the secondary flushed into its VM per checkpoint
     /// but the first: those the primary sent and those the secondary's own run dirtied.
     flushed_pages: f64,
@@ -143,12 +147,12 @@ impl Guest<'_> {
     /// [`MIN_LINES`] more progress lines (bounded: a guest slowed down a lot prints seldom),
     /// and returns its steps per second from the first progress line after the mark to the
     /// last.
-    fn measure(&self, serial: &Path) -> Result<f64, Error> {
+    fn measure(&self, serial: &Path, measured: Duration) -> Result<f64, Error> {
         let (mark, start) = (progress(serial).len(), Instant::now());
         let after = loop {
             std::thread::sleep(Duration::from_millis(20));
             let after = progress(serial).split_off(mark);
-            let enough = after.len() > MIN_LINES && start.elapsed() >= self.measured;
+            let enough = after.len() >= MIN_LINES && start.elapsed() >= measured;
             if enough || start.elapsed() > MEASURE_LIMIT {
                 break after;
             }
@@ -178,8 +182,9 @@ impl Guest<'_> {
         }
         self.wait_running(&vm, &serial)?;
         Ok(QemuRun {
-            steps_per_s: self.measure(&serial)?,
+            steps_per_s: self.measure(&serial, self.measured)?,
             pauses: Vec::new(),
+            period: Duration::ZERO,
             flushed_pages: 0.0,
         })
     }
@@ -190,6 +195,10 @@ impl Guest<'_> {
     /// state fails under PVM in the trampoline's far jump to 64-bit code, "emulation failure";
     /// from a CPL3 state it runs.)
     fn colo(&self, period_ms: u64, link: Link) -> Result<QemuRun, Error> {
+        // Long periods run longer: at least a fifth as many checkpoints as 40 ms would make.
+        let measured = self
+            .measured
+            .max(self.measured * u32::try_from(period_ms)? / 200);
         let uri = match link {
             Link::Unix => {
                 let path = self.dir.join("colo.sock");
@@ -231,7 +240,7 @@ impl Guest<'_> {
         self.wait_running(&primary, &serial)?;
         primary.qmp("migrate", json!({"uri": uri}))?;
         wait_status(&mut primary, "colo", Duration::from_secs(60))?;
-        let steps_per_s = self.measure(&serial)?;
+        let steps_per_s = self.measure(&serial, measured)?;
         // COLO must still be running: a secondary lost midway would leave the primary alone.
         let status = primary.qmp("query-migrate", json!({}))?;
         if status["status"] != "colo" {
@@ -239,13 +248,18 @@ impl Guest<'_> {
         }
         drop(primary);
         drop(secondary);
-        let pauses = stopped_intervals(&std::fs::read_to_string(&trace)?)?;
+        let stops = stopped_intervals(&read(&trace)?)?;
         // The first carries the end of the initial copy; the steady state follows.
-        let pauses = pauses.get(1..).unwrap_or(&[]).to_vec();
-        if pauses.len() < 3 {
-            return Err(format!("COLO made only {} checkpoints", pauses.len() + 1).into());
+        let stops = stops.get(1..).unwrap_or(&[]);
+        if stops.len() < 3 {
+            return Err(format!("COLO made only {} checkpoints", stops.len() + 1).into());
         }
-        let flushed: Vec<f64> = std::fs::read_to_string(&flushes)?
+        let pauses = stops.iter().map(|&(_, pause)| pause).collect();
+        let periods = stops
+            .windows(2)
+            .map(|w| (w[1].0 - w[0].0).as_secs_f64())
+            .collect();
+        let flushed: Vec<f64> = read(&flushes)?
             .lines()
             .filter_map(|l| {
                 l.split_once(":colo_flush_ram_cache_begin dirty_pages ")?
@@ -262,9 +276,14 @@ impl Guest<'_> {
         Ok(QemuRun {
             steps_per_s,
             pauses,
+            period: Duration::from_secs_f64(median(periods)),
             flushed_pages: median(flushed),
         })
     }
+}
+
+fn read(path: &Path) -> Result<String, Error> {
+    std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()).into())
 }
 
 /// Polls `query-migrate` until `want` (bounded); a failed migration is an error.
@@ -288,9 +307,10 @@ fn wait_status(vm: &mut Qemu, want: &str, limit: Duration) -> Result<(), Error> 
     }
 }
 
-/// The intervals between each `colo_vm_state_change Change 'run' => 'stop'` trace line and
-/// the next `'stop' => 'run'` (lines `PID@SECONDS.MICROS:event ...`, from `-msg timestamp=on`).
-fn stopped_intervals(trace: &str) -> Result<Vec<Duration>, Error> {
+/// When each `colo_vm_state_change Change 'run' => 'stop'` trace line came (since the epoch)
+/// and how long until the next `'stop' => 'run'` (lines `PID@SECONDS.MICROS:event ...`, from
+/// `-msg timestamp=on`).
+fn stopped_intervals(trace: &str) -> Result<Vec<(Duration, Duration)>, Error> {
     let mut stopped = None;
     let mut out = Vec::new();
     for line in trace.lines() {
@@ -306,7 +326,7 @@ fn stopped_intervals(trace: &str) -> Result<Vec<Duration>, Error> {
             stopped = Some(at);
         } else if event.contains("'stop' => 'run'") {
             if let Some(from) = stopped.take() {
-                out.push(at.saturating_sub(from));
+                out.push((from, at.saturating_sub(from)));
             }
         }
     }
@@ -317,18 +337,25 @@ fn ms(d: &[Duration], q: f64) -> f64 {
     quantile_us(d, q) as f64 / 1e3
 }
 
+/// How the section runs, for every size.
+struct Plan<'a> {
+    qemu: &'a Path,
+    dir: &'a Path,
+    /// ftvmm's runs last about this long unreplicated (as in the replication section).
+    seconds: f64,
+    /// QEMU's runs are measured for at least this long (see [`Guest::measure`]).
+    measured: Duration,
+    /// Repetitions of ftvmm's setups, back to back.
+    reps: usize,
+    /// The guest TSC rate (see [`kvm_tsc_khz`]).
+    tsc_khz: u64,
+}
+
 /// One size's rows: plain QEMU, COLO at each period, and ftvmm unreplicated and replicated
 /// at each period, back to back (this host's speed drifts over minutes).
-fn size_rows(
-    qemu: &Path,
-    dir: &Path,
-    n: usize,
-    seconds: f64,
-    measured: Duration,
-    tsc_khz: u64,
-    rows: &mut Vec<Row>,
-) -> Result<(), Error> {
-    let steps = steps_for(n, seconds);
+fn size_rows(plan: &Plan, n: usize, rows: &mut Vec<Row>) -> Result<(), Error> {
+    let (dir, reps) = (plan.dir, plan.reps);
+    let steps = steps_for(n, plan.seconds);
     let config = stencil_config(n, steps);
     let payload = crate::payloads::builtin("stencil").ok_or("payload missing")?;
     let kernel = dir.join(format!("stencil-{n}.elf"));
@@ -342,15 +369,15 @@ fn size_rows(
     ];
     std::fs::write(
         &kernel,
-        shim::image(payload, config.mem_size, tsc_khz, &args)?,
+        shim::image(payload, config.mem_size, plan.tsc_khz, &args)?,
     )?;
     let guest = Guest {
-        qemu,
+        qemu: plan.qemu,
         dir,
         kernel,
         mem_mib: config.mem_size >> 20,
-        measured,
-        tsc_khz,
+        measured: plan.measured,
+        tsc_khz: plan.tsc_khz,
     };
     let plain = guest.plain()?;
     let colo: Vec<QemuRun> = PERIODS
@@ -361,7 +388,7 @@ fn size_rows(
     setups.extend(PERIODS.iter().map(|&ms| Setup::Replicated {
         epochs: EpochBounds::fixed(ms),
     }));
-    let ftvmm = adjacent_runs(n, steps, &setups, 1)?;
+    let ftvmm = adjacent_runs(n, steps, &setups, reps)?;
     let ftvmm_plain = median_speed(&ftvmm, 0);
     let size = working_set_mib(n);
     rows.push(Row::new(
@@ -377,21 +404,29 @@ fn size_rows(
         "~1 (the same guest, natively at CPL3)",
     ));
     for (i, (period, c)) in PERIODS.iter().zip(&colo).enumerate() {
-        let report = ftvmm[0][i + 1]
-            .report
-            .as_ref()
-            .ok_or("no replicated ftvmm run")?;
-        let ftvmm_pauses = &report.pauses[steady_epochs(report)];
-        let dirty = steady(report, |e| report.dirty_pages[e] as f64 * PAGE / MIB);
+        // Every repetition's steady epochs, pooled.
+        let (mut ftvmm_pauses, mut lengths, mut dirty) = (Vec::new(), Vec::new(), Vec::new());
+        for r in ftvmm.iter().filter_map(|r| r[i + 1].report.as_ref()) {
+            ftvmm_pauses.extend_from_slice(&r.pauses[steady_epochs(r)]);
+            lengths.extend_from_slice(&r.lengths[steady_epochs(r)]);
+            dirty.push(steady(r, |e| r.dirty_pages[e] as f64 * PAGE / MIB));
+        }
+        if ftvmm_pauses.is_empty() {
+            return Err("no replicated ftvmm epochs".into());
+        }
+        let ftvmm_pauses = &ftvmm_pauses;
         let id = |what: &str| format!("peers_{what}_{size}mib_{period}ms");
         rows.push(Row {
             what: format!(
-                "{size} MiB, {period} ms: pause p50 / p99, COLO ({} checkpoints, {:.1} MiB \
-                 flushed into the secondary per checkpoint) / ftvmm ({} epochs, {dirty:.1} MiB \
-                 dirty per epoch)",
+                "{size} MiB, {period} ms: pause p50 / p99, COLO ({} checkpoints {:.0} ms apart, \
+                 {:.1} MiB flushed into the secondary per checkpoint) / ftvmm ({} epochs of \
+                 {:.0} ms, {:.1} MiB dirty per epoch)",
                 c.pauses.len(),
+                c.period.as_secs_f64() * 1e3,
                 c.flushed_pages * PAGE / MIB,
-                ftvmm_pauses.len()
+                ftvmm_pauses.len(),
+                ms(&lengths, 0.5),
+                median(dirty),
             ),
             figures: vec![
                 Figure::new(id("colo_pause_p50_ms"), ms(&c.pauses, 0.5), "ms", 2),
@@ -402,14 +437,15 @@ fn size_rows(
             target: "-",
         });
         let colo_ratio = c.steps_per_s / plain.steps_per_s;
-        let ftvmm_ratio = ftvmm[0][i + 1].steps_per_s / ftvmm_plain;
+        let ftvmm_ratio = median_ratio(&ftvmm, i + 1, 0);
         rows.push(Row {
             what: format!(
                 "{size} MiB, {period} ms: guest speed replicated / unreplicated, COLO {:.0} / \
-                 {:.0} steps/s, ftvmm {:.0} / {ftvmm_plain:.0}; ftvmm's over COLO's",
+                 {:.0} steps/s, ftvmm {:.0} / {ftvmm_plain:.0} (median of {reps}); ftvmm's \
+                 over COLO's",
                 c.steps_per_s,
                 plain.steps_per_s,
-                ftvmm[0][i + 1].steps_per_s
+                median_speed(&ftvmm, i + 1)
             ),
             figures: vec![
                 Figure::ratio(id("colo_speed_ratio"), colo_ratio),
@@ -426,6 +462,35 @@ fn size_rows(
             ),
             "-",
         ));
+    }
+    // The guest slowed down under COLO dirties less than its working set per 40 or 100 ms
+    // checkpoint at 16 and 64 MiB: a period it fills, for COLO's pause at the whole set.
+    if n >= 1024 {
+        let c = guest.colo(FULL_PERIOD_MS, Link::Unix)?;
+        rows.push(Row {
+            what: format!(
+                "{size} MiB, COLO every {FULL_PERIOD_MS} ms, so that its guest dirties its \
+                 working set: pause p50 / p99 ({} checkpoints, {:.1} MiB flushed into the \
+                 secondary per checkpoint)",
+                c.pauses.len(),
+                c.flushed_pages * PAGE / MIB,
+            ),
+            figures: vec![
+                Figure::new(
+                    format!("peers_colo_pause_p50_ms_{size}mib_{FULL_PERIOD_MS}ms"),
+                    ms(&c.pauses, 0.5),
+                    "ms",
+                    2,
+                ),
+                Figure::new(
+                    format!("peers_colo_pause_p99_ms_{size}mib_{FULL_PERIOD_MS}ms"),
+                    ms(&c.pauses, 0.99),
+                    "ms",
+                    2,
+                ),
+            ],
+            target: "-",
+        });
     }
     if n == 256 {
         let tcp = guest.colo(100, Link::Tcp)?;
@@ -460,13 +525,20 @@ fn size_rows(
 pub(super) fn rows(quick: bool) -> Result<Vec<Row>, Error> {
     let qemu = qemu::find()?;
     let dir = TempDir::new()?;
-    let tsc_khz = kvm_tsc_khz()?;
     // ftvmm's runs are `seconds` long unreplicated; QEMU's are measured for `measured`.
-    let (seconds, measured) = if quick { (0.4, 1.5) } else { (1.0, 4.0) };
-    let measured = Duration::from_secs_f64(measured);
+    // (Each repetition runs ftvmm's three setups back to back.)
+    let (seconds, measured, reps) = if quick { (0.4, 1.5, 1) } else { (1.0, 4.0, 3) };
+    let plan = Plan {
+        qemu: &qemu,
+        dir: &dir.0,
+        seconds,
+        measured: Duration::from_secs_f64(measured),
+        reps,
+        tsc_khz: kvm_tsc_khz()?,
+    };
     let mut rows = Vec::new();
     for n in [256, 512, 1024, 2048] {
-        size_rows(&qemu, &dir.0, n, seconds, measured, tsc_khz, &mut rows)?;
+        size_rows(&plan, n, &mut rows)?;
     }
     Ok(rows)
 }

@@ -83,13 +83,14 @@ impl Qemu {
         }
         if let Some(path) = spec.trace {
             // When a primary stops and restarts its VM, and what a secondary flushes from the
-            // primary's pages into its VM at each checkpoint.
-            cmd.args(["-msg", "timestamp=on", "-trace"])
+            // primary's pages into its VM at each checkpoint. (The file goes with the last
+            // `-trace`: one after it without a file would send all to stderr.)
+            cmd.args(["-msg", "timestamp=on"])
+                .args(["-trace", "enable=colo_flush_ram_cache_begin", "-trace"])
                 .arg(format!(
                     "enable=colo_vm_state_change,file={}",
                     path.display()
-                ))
-                .args(["-trace", "enable=colo_flush_ram_cache_begin"]);
+                ));
         }
         let mut node = Node(
             cmd.stdin(Stdio::null())
