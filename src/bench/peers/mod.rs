@@ -29,7 +29,7 @@ use serde_json::json;
 
 use super::replication::{
     adjacent_runs, median_ratio, median_speed, steady, steady_epochs, steady_speed, stencil_config,
-    steps_for, working_set_mib, Setup, MIB, PAGE,
+    steps_for, working_set_mib, Run, Setup, MIB, PAGE,
 };
 use super::{median, Figure, Row};
 use crate::pair::quantile_us;
@@ -337,6 +337,33 @@ fn ms(d: &[Duration], q: f64) -> f64 {
     quantile_us(d, q) as f64 / 1e3
 }
 
+/// ftvmm's steady epochs of one replicated setup, every repetition's pooled.
+struct Epochs {
+    pauses: Vec<Duration>,
+    lengths: Vec<Duration>,
+    /// The median over repetitions of the steady dirty MiB per epoch.
+    dirty_mib: f64,
+}
+
+impl Epochs {
+    fn pooled(runs: &[Vec<Run>], setup: usize) -> Result<Self, Error> {
+        let (mut pauses, mut lengths, mut dirty) = (Vec::new(), Vec::new(), Vec::new());
+        for r in runs.iter().filter_map(|r| r[setup].report.as_ref()) {
+            pauses.extend_from_slice(&r.pauses[steady_epochs(r)]);
+            lengths.extend_from_slice(&r.lengths[steady_epochs(r)]);
+            dirty.push(steady(r, |e| r.dirty_pages[e] as f64 * PAGE / MIB));
+        }
+        if pauses.is_empty() {
+            return Err("no replicated ftvmm epochs".into());
+        }
+        Ok(Self {
+            pauses,
+            lengths,
+            dirty_mib: median(dirty),
+        })
+    }
+}
+
 /// How the section runs, for every size.
 struct Plan<'a> {
     qemu: &'a Path,
@@ -403,18 +430,15 @@ fn size_rows(plan: &Plan, n: usize, rows: &mut Vec<Row>) -> Result<(), Error> {
         ),
         "~1 (the same guest, natively at CPL3)",
     ));
+    let epochs: Vec<Epochs> = (1..setups.len())
+        .map(|i| Epochs::pooled(&ftvmm, i))
+        .collect::<Result<_, _>>()?;
     for (i, (period, c)) in PERIODS.iter().zip(&colo).enumerate() {
-        // Every repetition's steady epochs, pooled.
-        let (mut ftvmm_pauses, mut lengths, mut dirty) = (Vec::new(), Vec::new(), Vec::new());
-        for r in ftvmm.iter().filter_map(|r| r[i + 1].report.as_ref()) {
-            ftvmm_pauses.extend_from_slice(&r.pauses[steady_epochs(r)]);
-            lengths.extend_from_slice(&r.lengths[steady_epochs(r)]);
-            dirty.push(steady(r, |e| r.dirty_pages[e] as f64 * PAGE / MIB));
-        }
-        if ftvmm_pauses.is_empty() {
-            return Err("no replicated ftvmm epochs".into());
-        }
-        let ftvmm_pauses = &ftvmm_pauses;
+        let Epochs {
+            pauses: ftvmm_pauses,
+            lengths,
+            dirty_mib,
+        } = &epochs[i];
         let id = |what: &str| format!("peers_{what}_{size}mib_{period}ms");
         rows.push(Row {
             what: format!(
@@ -425,8 +449,8 @@ fn size_rows(plan: &Plan, n: usize, rows: &mut Vec<Row>) -> Result<(), Error> {
                 c.period.as_secs_f64() * 1e3,
                 c.flushed_pages * PAGE / MIB,
                 ftvmm_pauses.len(),
-                ms(&lengths, 0.5),
-                median(dirty),
+                ms(lengths, 0.5),
+                dirty_mib,
             ),
             figures: vec![
                 Figure::new(id("colo_pause_p50_ms"), ms(&c.pauses, 0.5), "ms", 2),
@@ -467,26 +491,28 @@ fn size_rows(plan: &Plan, n: usize, rows: &mut Vec<Row>) -> Result<(), Error> {
     // checkpoint at 16 and 64 MiB: a period it fills, for COLO's pause at the whole set.
     if n >= 1024 {
         let c = guest.colo(FULL_PERIOD_MS, Link::Unix)?;
+        // ftvmm's 100 ms epochs, which hold the whole working set.
+        let f = epochs.last().ok_or("no replicated ftvmm setup")?;
+        let id = |what: &str| format!("peers_{what}_{size}mib_{FULL_PERIOD_MS}ms");
         rows.push(Row {
             what: format!(
                 "{size} MiB, COLO every {FULL_PERIOD_MS} ms, so that its guest dirties its \
                  working set: pause p50 / p99 ({} checkpoints, {:.1} MiB flushed into the \
-                 secondary per checkpoint)",
+                 secondary per checkpoint); over ftvmm's at 100 ms ({:.1} MiB dirty per epoch)",
                 c.pauses.len(),
                 c.flushed_pages * PAGE / MIB,
+                f.dirty_mib,
             ),
             figures: vec![
-                Figure::new(
-                    format!("peers_colo_pause_p50_ms_{size}mib_{FULL_PERIOD_MS}ms"),
-                    ms(&c.pauses, 0.5),
-                    "ms",
-                    2,
+                Figure::new(id("colo_pause_p50_ms"), ms(&c.pauses, 0.5), "ms", 2),
+                Figure::new(id("colo_pause_p99_ms"), ms(&c.pauses, 0.99), "ms", 2),
+                Figure::ratio(
+                    id("colo_over_ftvmm_pause_p50"),
+                    ms(&c.pauses, 0.5) / ms(&f.pauses, 0.5).max(1e-3),
                 ),
-                Figure::new(
-                    format!("peers_colo_pause_p99_ms_{size}mib_{FULL_PERIOD_MS}ms"),
-                    ms(&c.pauses, 0.99),
-                    "ms",
-                    2,
+                Figure::ratio(
+                    id("colo_over_ftvmm_pause_p99"),
+                    ms(&c.pauses, 0.99) / ms(&f.pauses, 0.99).max(1e-3),
                 ),
             ],
             target: "-",
