@@ -3,10 +3,11 @@
 //! section's sizes (1 / 4 / 16 / 64 MiB working sets), booted under QEMU `-machine microvm
 //! -accel kvm` through a PVH trampoline (`shim`) on ftvmm's own boot structures.
 //!
-//! For each size and checkpoint period (100 ms, what issue 20 quotes, and ftvmm's default
-//! 40 ms): COLO's pause per checkpoint, p50 / p99 (QEMU's own trace events: the time its
-//! primary holds the VM stopped, from `vm_stop` done to `vm_start` done, which covers saving
-//! the devices, sending the dirty RAM and the secondary loading it, but not the stop itself),
+//! For each size and checkpoint period (100 ms, what issue 20 quotes, and the replication
+//! section's fixed 40 ms): COLO's pause per checkpoint, p50 / p99 (QEMU's own trace events:
+//! the time its primary holds the VM stopped, from `vm_stop` done to `vm_start` done, which
+//! covers saving the devices, sending the dirty RAM and the secondary loading it, but not the
+//! stop itself),
 //! COLO's guest speed over the same guest under plain QEMU + KVM (guest-timed progress
 //! lines, as ftvmm's are), and beside them ftvmm's pause (from its pause request to resume)
 //! and replicated / unreplicated speed at the same size and fixed epoch length.
@@ -41,7 +42,7 @@ const MIN_LINES: usize = 3;
 /// The longest a measured stretch may take.
 const MEASURE_LIMIT: Duration = Duration::from_secs(40);
 
-/// Checkpoint periods measured, in ms: issue 20's 100 ms and ftvmm's default 40 ms.
+/// Checkpoint periods measured, in ms: issue 20's 100 ms and the replication section's 40 ms.
 const PERIODS: [u64; 2] = [40, 100];
 /// A COLO period long enough for its slowed guest to dirty a 16 or 64 MiB working set.
 const FULL_PERIOD_MS: u64 = 1000;
