@@ -103,7 +103,7 @@ struct Guest<'a> {
     dir: &'a Path,
     kernel: PathBuf,
     mem_mib: u64,
-    /// How long a run is measured for, from its mark (see [`Guest::measure`]).
+    /// How long a run is measured for at least, from its mark (see [`Guest::measure`]).
     measured: Duration,
     /// The TSC rate written into the boot block, to check against QEMU's.
     tsc_khz: u64,
@@ -191,8 +191,8 @@ impl Guest<'_> {
     }
 
     /// The guest under COLO with checkpoints every `period_ms`: a secondary waiting on a
-    /// loopback port, and a primary whose guest, once running, migrates to it and enters
-    /// COLO. (Not from the guest's first instruction: a secondary that starts from the reset
+    /// unix socket (or a loopback TCP port), and a primary whose guest, once running,
+    /// migrates to it and enters COLO. (Not from the guest's first instruction: a secondary that starts from the reset
     /// state fails under PVM in the trampoline's far jump to 64-bit code, "emulation failure";
     /// from a CPL3 state it runs.)
     fn colo(&self, period_ms: u64, link: Link) -> Result<QemuRun, Error> {
