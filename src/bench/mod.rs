@@ -7,6 +7,7 @@
 mod guest_io;
 mod page_streams;
 mod pair;
+mod peers;
 mod replication;
 
 use std::io::Read;
@@ -52,6 +53,10 @@ pub enum Section {
     GuestIo,
     /// The self-healing pair: resync, re-protection, idle VMs' cost, swap, drills.
     Pair,
+    /// QEMU's COLO checkpoints (pause, guest speed) next to ftvmm's on the same stencil
+    /// sizes and periods, in one run; needs qemu-system-x86_64 (scripts/install-peers.sh).
+    /// Not part of a run without `--only`.
+    Peers,
 }
 
 /// One row of the report: what was measured, its figures and the target.
@@ -355,6 +360,10 @@ pub fn bench(args: &BenchArgs) -> Result<ExitCode, Error> {
     }
     if wanted(Section::GuestIo) {
         rows.extend(guest_io::rows(args.quick)?);
+    }
+    // Only when asked for: it needs QEMU, which the project does not otherwise depend on.
+    if args.only == Some(Section::Peers) {
+        rows.extend(peers::rows(args.quick)?);
     }
     let mut md = String::from("| measure | value | target |\n|---|---|---|\n");
     for r in &rows {

@@ -33,14 +33,14 @@ use crate::run::Error;
 use crate::run::Node;
 
 const EPOCH_MS: u64 = 40;
-const PAGE: f64 = 4096.0;
-const MIB: f64 = (1 << 20) as f64;
+pub(super) const PAGE: f64 = 4096.0;
+pub(super) const MIB: f64 = (1 << 20) as f64;
 
 /// How the stencil runs: alone, with dirty logging harvested every 40 ms epoch as replication
 /// does it but nothing else (PVM's write-fault cost on its own), or protected by an
 /// in-process standby over loopback with epochs within `epochs`.
 #[derive(Clone, Copy, PartialEq)]
-enum Setup {
+pub(super) enum Setup {
     Unreplicated,
     TrackingOnly,
     Replicated { epochs: EpochBounds },
@@ -55,18 +55,18 @@ const FIXED_40: Setup = Setup::Replicated {
 };
 
 /// One stencil run: its steady speed and, when replicated, the primary's report.
-struct Run {
+pub(super) struct Run {
     /// Steps per second from a quarter of the run to its end, timed by the guest: what a long
     /// run sees, without the start (a replicated run pre-copies memory then).
-    steps_per_s: f64,
+    pub(super) steps_per_s: f64,
     /// The whole run, from building the VM to its end.
     took: Duration,
-    report: Option<PrimaryReport>,
+    pub(super) report: Option<PrimaryReport>,
 }
 
 /// Steps per second between the first progress line at or past a quarter of the run and the
 /// last one (`step S center V t_us T` lines).
-fn steady_speed(text: &str, steps: u64) -> Option<f64> {
+pub(super) fn steady_speed(text: &str, steps: u64) -> Option<f64> {
     let points: Vec<(u64, u64)> = text
         .lines()
         .filter_map(|l| {
@@ -86,11 +86,11 @@ fn steady_speed(text: &str, steps: u64) -> Option<f64> {
 /// (0.4 ns per cell and step).
 // A rough estimate: `as` saturates a float (NaN to 0), which is all it needs.
 #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-fn steps_for(n: usize, seconds: f64) -> u64 {
+pub(super) fn steps_for(n: usize, seconds: f64) -> u64 {
     ((seconds / (n * n) as f64 / 0.4e-9) as u64).max(50)
 }
 
-fn stencil_config(n: usize, steps: u64) -> VmConfig {
+pub(super) fn stencil_config(n: usize, steps: u64) -> VmConfig {
     // Both grids plus room for the runtime, in whole 64 MiB.
     let need = 2 * n * n * 8 + (16 << 20);
     VmConfig {
@@ -201,16 +201,16 @@ fn replicated(
 
 /// Median of `f(i)` over the checkpoints `i` of `r` but the first (it also carries what the
 /// last pre-copy round left): the steady state.
-fn steady(r: &PrimaryReport, f: impl Fn(usize) -> f64) -> f64 {
+pub(super) fn steady(r: &PrimaryReport, f: impl Fn(usize) -> f64) -> f64 {
     median(steady_epochs(r).map(f).collect())
 }
 
-fn steady_epochs(r: &PrimaryReport) -> std::ops::Range<usize> {
+pub(super) fn steady_epochs(r: &PrimaryReport) -> std::ops::Range<usize> {
     r.pauses.len().min(1)..r.pauses.len()
 }
 
 /// Size of an `n * n` stencil's working set, both grids, in MiB: how the ids name it.
-fn working_set_mib(n: usize) -> usize {
+pub(super) fn working_set_mib(n: usize) -> usize {
     (2 * n * n * 8) >> 20
 }
 
@@ -246,7 +246,7 @@ fn pause_rows(n: usize, epoch_ms: u64, r: &PrimaryReport, rows: &mut Vec<Row>) {
 /// drifts over minutes, so each repetition runs the setups back to back (in alternating
 /// order) and ratios are taken within a repetition. Returns each repetition's runs in the
 /// order of `setups`.
-fn adjacent_runs(
+pub(super) fn adjacent_runs(
     n: usize,
     steps: u64,
     setups: &[Setup],
@@ -268,7 +268,7 @@ fn adjacent_runs(
 }
 
 /// The median over repetitions of setup `a`'s speed over setup `b`'s.
-fn median_ratio(runs: &[Vec<Run>], a: usize, b: usize) -> f64 {
+pub(super) fn median_ratio(runs: &[Vec<Run>], a: usize, b: usize) -> f64 {
     median(
         runs.iter()
             .map(|r| r[a].steps_per_s / r[b].steps_per_s)
@@ -276,7 +276,7 @@ fn median_ratio(runs: &[Vec<Run>], a: usize, b: usize) -> f64 {
     )
 }
 
-fn median_speed(runs: &[Vec<Run>], i: usize) -> f64 {
+pub(super) fn median_speed(runs: &[Vec<Run>], i: usize) -> f64 {
     median(runs.iter().map(|r| r[i].steps_per_s).collect())
 }
 
