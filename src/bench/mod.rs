@@ -54,8 +54,8 @@ pub enum Section {
     /// The self-healing pair: resync, re-protection, idle VMs' cost, swap, drills.
     Pair,
     /// QEMU's COLO checkpoints (pause, guest speed) next to ftvmm's on the same stencil
-    /// sizes and periods, in one run; needs qemu-system-x86_64 (scripts/install-peers.sh).
-    /// Not part of a run without `--only`.
+    /// sizes and periods, in one run; needs qemu-system-x86_64 (scripts/install-peers.sh):
+    /// without it the bench stops and says so.
     Peers,
 }
 
@@ -361,8 +361,7 @@ pub fn bench(args: &BenchArgs) -> Result<ExitCode, Error> {
     if wanted(Section::GuestIo) {
         rows.extend(guest_io::rows(args.quick)?);
     }
-    // Only when asked for: it needs QEMU, which the project does not otherwise depend on.
-    if args.only == Some(Section::Peers) {
+    if wanted(Section::Peers) {
         rows.extend(peers::rows(args.quick)?);
     }
     let mut md = String::from("| measure | value | target |\n|---|---|---|\n");
