@@ -89,7 +89,7 @@ impl Outputs {
             return false;
         };
         let picker = EarlyAcks::new(through);
-        net.gate.release_early(|frame| picker.pick(frame))
+        net.gate.release_early(move |frame| picker.pick(frame))
     }
 
     /// When the running epoch's first console bytes or frames came, if any wait for it to end.

@@ -155,7 +155,15 @@ struct GateState<T> {
     on_first: Option<Arc<dyn Fn() + Send + Sync>>,
     /// Acknowledged output stays held (a swap: the node taking over releases it).
     held_back: bool,
+    /// The last [`Gate::release_early`] rule, for items pushed after it: an item it picks
+    /// leaves at once instead of waiting for the next call. Forgotten when the gate's mode
+    /// changes (a new standby holds none of the old one's input).
+    early: Option<EarlyRule<T>>,
 }
+
+/// Which held items may leave before their epoch's acknowledgement (see
+/// [`Gate::release_early`]).
+type EarlyRule<T> = Box<dyn Fn(&T) -> bool + Send>;
 
 impl<T: Output> GateState<T> {
     fn emit(&mut self, items: Vec<T>) {
@@ -169,6 +177,41 @@ impl<T: Output> GateState<T> {
     fn emit_held(&mut self, items: Vec<T>) {
         self.held -= items.iter().map(Output::held_bytes).sum::<usize>();
         self.emit(items);
+    }
+
+    /// Emits, in order, the held items `pick` chooses; whether any.
+    fn release_picked(&mut self, pick: &dyn Fn(&T) -> bool) -> bool {
+        let Self {
+            sealed,
+            running,
+            running_since,
+            out,
+            held,
+            released,
+            ..
+        } = self;
+        let mut any = false;
+        for items in sealed
+            .iter_mut()
+            .map(|(_, items)| items)
+            .chain(std::iter::once(&mut *running))
+        {
+            items.retain(|item| {
+                if !pick(item) {
+                    return true;
+                }
+                out.release(item);
+                *held -= item.held_bytes();
+                *released += item.units();
+                any = true;
+                false
+            });
+        }
+        if running.is_empty() {
+            // Nothing of the running epoch waits for it to end any more.
+            *running_since = None;
+        }
+        any
     }
 }
 
@@ -200,6 +243,7 @@ impl<T: Output> Gate<T> {
                 on_release: None,
                 on_first: None,
                 held_back: false,
+                early: None,
             })),
         }
     }
@@ -234,6 +278,9 @@ impl<T: Output> Gate<T> {
         let mut st = self.lock();
         let mut first = None;
         match st.mode {
+            Mode::Held if !st.held_back && st.early.as_ref().is_some_and(|pick| pick(&item)) => {
+                st.emit(vec![item]);
+            }
             Mode::Held => {
                 if st.running.is_empty() {
                     st.running_since = Some(Instant::now());
@@ -290,43 +337,17 @@ impl<T: Output> Gate<T> {
     }
 
     /// Releases at once, in order, the held items that `pick` chooses (it sees every held
-    /// item, oldest first, so that it can keep each item behind those it must follow);
-    /// whether any left. Only while protected and not holding back for a swap.
-    pub fn release_early(&self, mut pick: impl FnMut(&T) -> bool) -> bool {
+    /// item, oldest first); whether any left. Until the next call, an item pushed that `pick`
+    /// chooses leaves at once too: what it acknowledges may be held already when it comes, and
+    /// nothing else would release it before its epoch ends. Only while protected and not
+    /// holding back for a swap.
+    pub fn release_early(&self, pick: impl Fn(&T) -> bool + Send + 'static) -> bool {
         let mut st = self.lock();
-        if st.mode != Mode::Held || st.held_back {
+        if st.mode != Mode::Held {
             return false;
         }
-        let GateState {
-            sealed,
-            running,
-            running_since,
-            out,
-            held,
-            released,
-            ..
-        } = &mut *st;
-        let mut any = false;
-        for items in sealed
-            .iter_mut()
-            .map(|(_, items)| items)
-            .chain(std::iter::once(&mut *running))
-        {
-            items.retain(|item| {
-                if !pick(item) {
-                    return true;
-                }
-                out.release(item);
-                *held -= item.held_bytes();
-                *released += item.units();
-                any = true;
-                false
-            });
-        }
-        if running.is_empty() {
-            // Nothing of the running epoch waits for it to end any more.
-            *running_since = None;
-        }
+        let any = !st.held_back && st.release_picked(&pick);
+        st.early = Some(Box::new(pick));
         drop(st);
         if any {
             self.released_held();
@@ -341,6 +362,7 @@ impl<T: Output> Gate<T> {
             return;
         }
         st.mode = Mode::Open;
+        st.early = None;
         let mut items: Vec<T> = st.sealed.drain(..).flat_map(|(_, v)| v).collect();
         items.append(&mut st.running);
         st.running_since = None;
@@ -361,6 +383,7 @@ impl<T: Output> Gate<T> {
         let mut st = self.lock();
         if st.mode == Mode::Open {
             st.mode = Mode::Held;
+            st.early = None;
         }
     }
 
@@ -368,6 +391,7 @@ impl<T: Output> Gate<T> {
     pub fn close(&self) {
         let mut st = self.lock();
         st.mode = Mode::Closed;
+        st.early = None;
         st.sealed.clear();
         st.running.clear();
         st.running_since = None;

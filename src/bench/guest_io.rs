@@ -348,34 +348,6 @@ fn epochs_said(stats: &serde_json::Value) -> String {
 
 pub(super) fn rows(quick: bool) -> Result<Vec<Row>, Error> {
     let mut rows = Vec::new();
-    if let Ok(w) = std::env::var("XSTREAM") {
-        let way = if w == "in" {
-            StreamWay::In
-        } else {
-            StreamWay::Out
-        };
-        let chunks: u64 = std::env::var("XCHUNKS")
-            .ok()
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(1024);
-        for _ in 0..std::env::var("XREPS")
-            .ok()
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(1)
-        {
-            if std::env::var("XALONE").is_ok() {
-                eprintln!(
-                    "XSTREAM alone {w} {:.1}",
-                    kv_stream_rate(Mode::Alone, way, chunks)?
-                );
-            }
-            eprintln!(
-                "XSTREAM repl {w} {:.1}",
-                kv_stream_rate(REPLICATED, way, chunks)?
-            );
-        }
-        return Ok(rows);
-    }
     let count = if quick { 100 } else { 500 };
     let (trips, _) = kv_round_trips(Mode::Alone, Load::Light, count, Duration::ZERO)?;
     rows.push(p50_p99(
