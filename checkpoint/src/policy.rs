@@ -43,7 +43,7 @@ use serde::{Deserialize, Serialize};
 
 use vmm::cast::usize_to_u64;
 
-use crate::hot::HOT_EPOCHS;
+use crate::hot::MAX_HOT_EPOCHS;
 use crate::link::PeerConfig;
 use crate::wire::PAGE_SIZE;
 
@@ -226,8 +226,9 @@ impl ShipMeter {
     }
 }
 
-/// Averages the write faults the guest takes per epoch over a hot window (`HOT_EPOCHS` + 1
-/// epochs): a page the guest keeps writing stays writable for a window and then faults once,
+/// Averages the write faults the guest takes per epoch over the longest hot window
+/// (`MAX_HOT_EPOCHS` + 1 epochs): a page the guest keeps writing stays writable for a window
+/// and then faults once,
 /// and pages dirtied together fault in the same epoch, so one epoch's count swings between
 /// none and the whole working set.
 #[derive(Debug, Default)]
@@ -238,7 +239,7 @@ pub struct TrackingMeter {
 impl TrackingMeter {
     /// The guest took `faults` write faults in the epoch that just ended.
     pub fn epoch(&mut self, faults: usize) {
-        if self.recent.len() > usize::from(HOT_EPOCHS) {
+        if self.recent.len() > usize::from(MAX_HOT_EPOCHS) {
             self.recent.pop_front();
         }
         self.recent.push_back(faults);
@@ -1040,15 +1041,17 @@ mod tests {
     fn faults_are_averaged_over_a_hot_window() {
         let mut m = TrackingMeter::default();
         assert_eq!(m.per_epoch(), 0);
-        // A working set of 4000 pages faults every fourth epoch.
+        // A working set of 4900 pages, at the longest window, faults every 49th epoch.
+        let window = usize::from(MAX_HOT_EPOCHS) + 1;
         for _ in 0..3 {
-            for faults in [4000, 0, 0, 0] {
-                m.epoch(faults);
+            m.epoch(4900);
+            for _ in 1..window {
+                m.epoch(0);
             }
-            assert_eq!(m.per_epoch(), 1000);
+            assert_eq!(m.per_epoch(), 100);
         }
-        m.epoch(4000);
-        assert_eq!(m.per_epoch(), 1000, "the window slides");
+        m.epoch(4900);
+        assert_eq!(m.per_epoch(), 100, "the window slides");
     }
 
     #[test]
