@@ -228,9 +228,8 @@ impl ShipMeter {
 
 /// Averages the write faults the guest takes per epoch over the longest hot window
 /// (`MAX_HOT_EPOCHS` + 1 epochs): a page the guest keeps writing stays writable for a window
-/// and then faults once,
-/// and pages dirtied together fault in the same epoch, so one epoch's count swings between
-/// none and the whole working set.
+/// and then faults once, and pages dirtied together fault in the same epoch, so one epoch's
+/// count swings between none and the whole working set.
 #[derive(Debug, Default)]
 pub struct TrackingMeter {
     recent: VecDeque<usize>,
